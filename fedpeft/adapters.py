@@ -1,0 +1,195 @@
+"""Adapters through peft: build, read/write exactly the trainable tensors, PEFT-format I/O.
+
+Methods live in a registry (``register_adapter_method``/``create_adapter``) that also records
+whether Opacus can train them privately, so DP requests for an unsupported method fail fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import (
+    BeftConfig,
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+from transformers import PreTrainedModel
+
+from fedpeft.config import AdapterConfig
+from fedpeft.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+AdapterState = dict[str, torch.Tensor]
+METADATA_FILE = "fedpeft.json"
+
+
+class AdapterStateError(ValueError):
+    """Adapter tensors do not match the model's adapter (keys, shapes or dtype)."""
+
+
+class DPUnsupportedError(ValueError):
+    """DP was asked for with a PEFT method Opacus cannot train correctly."""
+
+
+@dataclass(frozen=True)
+class AdapterMethod:
+    name: str
+    build: Callable[[AdapterConfig], PeftConfig]
+    dp_capable: bool
+    dp_reason: str = ""
+
+
+_METHODS: dict[str, AdapterMethod] = {}
+
+
+def register_adapter_method(
+    name: str, build: Callable[[AdapterConfig], PeftConfig], *, dp_capable: bool, dp_reason: str = ""
+) -> None:
+    """Add a PEFT method; ``dp_capable`` says whether Opacus per-sample gradients are exact for it."""
+    _METHODS[name] = AdapterMethod(name, build, dp_capable, dp_reason)
+
+
+def adapter_method(name: str) -> AdapterMethod:
+    if name not in _METHODS:
+        raise ValueError(f"adapter={name!r}: unknown method; registered: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def _lora(cfg: AdapterConfig, *, dora: bool = False) -> PeftConfig:
+    return LoraConfig(
+        task_type="SEQ_CLS",
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_module_list,
+        layers_to_transform=cfg.layer_list,
+        use_rslora=cfg.use_rslora,
+        use_dora=dora,
+    )
+
+
+def _bitfit(cfg: AdapterConfig) -> PeftConfig:
+    # BitFit = train only biases (+ head). peft's BEFT adds a zero-initialised bias vector to each
+    # targeted Linear, which is the same function class and gives a loadable PEFT file format.
+    return BeftConfig(task_type="SEQ_CLS", target_modules=["query", "key", "value", "dense"])
+
+
+def _ia3(cfg: AdapterConfig) -> PeftConfig:
+    return IA3Config(task_type="SEQ_CLS", target_modules=["key", "value", "output.dense"],
+                     feedforward_modules=["output.dense"])
+
+
+register_adapter_method("lora", _lora, dp_capable=True)
+register_adapter_method(
+    "dora", lambda c: _lora(c, dora=True), dp_capable=False,
+    dp_reason="Opacus 1.6 cannot compute per-sample gradients through peft's DoRA layer "
+              "(DoraLinearLayer.forward signature; ghost clipping rejects its parameter tying)",
+)
+register_adapter_method(
+    "ia3", _ia3, dp_capable=False,
+    dp_reason="IA3 vectors live in a ParameterDict that no Opacus hook sees "
+              "('Per sample gradient is not initialized')",
+)
+register_adapter_method(
+    "bitfit", _bitfit, dp_capable=False,
+    dp_reason="peft's bias adapter (BEFT) keeps its vectors in a ParameterDict, like IA3, "
+              "so Opacus hooks never see them",
+)
+
+
+def create_adapter(model: PreTrainedModel, cfg: AdapterConfig, *, dp: bool, base_name: str) -> PeftModel:
+    """Wrap ``model`` with the configured adapter; the classifier head is trained (modules_to_save).
+
+    Raises ``DPUnsupportedError`` before touching the model when ``dp`` is asked for a method that
+    Opacus cannot train correctly.
+    """
+    method = adapter_method(cfg.method)
+    if dp and not method.dp_capable:
+        raise DPUnsupportedError(
+            f"adapter={cfg.method!r} with dp=true: {method.dp_reason}. "
+            "Use adapter='lora', or set dp=false for a non-private baseline."
+        )
+    peft_config = method.build(cfg)
+    peft_model = get_peft_model(model, peft_config)
+    peft_model.peft_config["default"].base_model_name_or_path = base_name  # peft overwrites it from the model
+    return peft_model
+
+
+def get_adapter_state(model: PeftModel) -> AdapterState:
+    """Exactly the adapter's trainable tensors (peft names, adapter name stripped), detached copies."""
+    state = get_peft_model_state_dict(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if len(state) != len(trainable):
+        raise AdapterStateError(
+            f"adapter state has {len(state)} tensors but the model has {len(trainable)} trainable ones"
+        )
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def check_adapter_state(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> None:
+    """Raise with the offending key when ``got`` is not exactly shaped like ``expected``."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing:
+        raise AdapterStateError(f"missing adapter keys ({len(missing)}): {missing[:5]}")
+    if unexpected:
+        raise AdapterStateError(f"unexpected adapter keys ({len(unexpected)}): {unexpected[:5]}")
+    for k, ref in expected.items():
+        t = got[k]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise AdapterStateError(f"{k}: shape {tuple(t.shape)} != expected {tuple(ref.shape)}")
+        if not torch.is_floating_point(t):
+            raise AdapterStateError(f"{k}: dtype {t.dtype} is not floating point")
+        if not torch.isfinite(t).all():
+            raise AdapterStateError(f"{k}: contains NaN or Inf")
+
+
+def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
+    """Load adapter tensors, rejecting missing/unexpected keys and shape mismatches."""
+    current = get_peft_model_state_dict(model)
+    check_adapter_state(current, state)
+    ref = next(iter(current.values()))
+    result = set_peft_model_state_dict(
+        model, {k: v.to(device=ref.device, dtype=current[k].dtype) for k, v in state.items()}
+    )
+    bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "beft" in k]
+    if bad:
+        raise AdapterStateError(f"peft did not place adapter keys: {bad[:5]}")
+
+
+def trainable_parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def save_adapter(model: PeftModel, path: str | Path, *, metadata: Mapping[str, object] | None = None) -> Path:
+    """Save in the Hugging Face PEFT format (adapter_config.json + adapter_model.safetensors).
+
+    Written into a temp folder then renamed, so a crash never leaves a half-written adapter.
+    ``metadata`` (labels, model name) goes to ``fedpeft.json`` beside the PEFT files.
+    """
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if metadata is not None:
+            (tmp / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, sort_keys=True))
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, object]:
+    p = Path(path) / METADATA_FILE
+    return json.loads(p.read_text()) if p.exists() else {}

@@ -1,0 +1,301 @@
+"""Typed configuration: dataclasses with help text and validation, and the one place that
+turns Flower's flat kebab-case run config into them (``from_run_config``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "AdapterConfig",
+    "PrivacyConfig",
+    "TrainConfig",
+    "DataConfig",
+    "FederationConfig",
+    "RunConfig",
+    "from_run_config",
+    "to_run_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+def _bad(field_name: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"{field_name}={value!r}: {why}")
+
+
+def _help(text: str, key: str) -> dict[str, str]:
+    return {"help": text, "key": key}
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(
+        default="minilm",
+        metadata=_help("'minilm' (embedded all-MiniLM-L6-v2), 'tiny' (random tiny BERT for tests), "
+                       "or a local model folder / hub name", "model"),
+    )
+    max_length: int = field(default=64, metadata=_help("tokens per note (truncation)", "max-length"))
+    seed: int = field(default=0, metadata=_help("seed for randomly initialised weights (tiny model, head)", "model-seed"))
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise _bad("model", self.name, "must name 'minilm', 'tiny' or a model path")
+        if self.max_length < 8:
+            raise _bad("max-length", self.max_length, "must be >= 8")
+
+
+@dataclass
+class AdapterConfig:
+    method: str = field(default="lora", metadata=_help("'lora', 'bitfit', 'dora' or 'ia3'", "adapter"))
+    rank: int = field(default=8, metadata=_help("LoRA rank r", "lora-rank"))
+    alpha: float = field(default=16.0, metadata=_help("LoRA scaling alpha", "lora-alpha"))
+    dropout: float = field(default=0.0, metadata=_help("LoRA dropout", "lora-dropout"))
+    target_modules: str = field(default="query,value", metadata=_help("comma-separated module names", "lora-target-modules"))
+    layers: str = field(default="", metadata=_help("comma-separated layer indices to adapt ('' = all)", "lora-layers"))
+    use_rslora: bool = field(default=False, metadata=_help("rank-stabilised LoRA scaling alpha/sqrt(r)", "rslora"))
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "bitfit", "dora", "ia3"):
+            raise _bad("adapter", self.method, "must be one of lora, bitfit, dora, ia3")
+        if self.rank < 1:
+            raise _bad("lora-rank", self.rank, "must be >= 1")
+        if self.alpha <= 0:
+            raise _bad("lora-alpha", self.alpha, "must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise _bad("lora-dropout", self.dropout, "must be in [0, 1)")
+        if self.method in ("lora", "dora", "ia3") and not self.target_module_list:
+            raise _bad("lora-target-modules", self.target_modules, "must name at least one module")
+        try:
+            self.layer_list
+        except ValueError:
+            raise _bad("lora-layers", self.layers, "must be comma-separated integers") from None
+
+    @property
+    def target_module_list(self) -> list[str]:
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+    @property
+    def layer_list(self) -> list[int] | None:
+        parts = [p.strip() for p in str(self.layers).split(",") if p.strip()]
+        return [int(p) for p in parts] or None
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = field(default=True, metadata=_help("train with DP-SGD (Opacus)", "dp"))
+    target_epsilon: float = field(default=8.0, metadata=_help("per-site epsilon for the whole planned training", "target-epsilon"))
+    target_delta: float = field(default=1e-5, metadata=_help("per-site delta", "target-delta"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("per-sample clipping norm C", "max-grad-norm"))
+    accountant: str = field(default="rdp", metadata=_help("Opacus accountant: 'rdp' or 'prv'", "accountant"))
+    grad_sample_mode: str = field(default="hooks", metadata=_help("Opacus per-sample-gradient mode", "grad-sample-mode"))
+
+    def __post_init__(self) -> None:
+        if not self.target_epsilon > 0:
+            raise _bad("target-epsilon", self.target_epsilon, "must be > 0")
+        if not 0.0 < self.target_delta < 1.0:
+            raise _bad("target-delta", self.target_delta, "must be in (0, 1)")
+        if not self.max_grad_norm > 0:
+            raise _bad("max-grad-norm", self.max_grad_norm, "must be > 0")
+        if self.accountant not in ("rdp", "prv"):
+            raise _bad("accountant", self.accountant, "must be 'rdp' or 'prv'")
+        if self.grad_sample_mode not in ("hooks", "functorch", "ew", "ghost"):
+            raise _bad("grad-sample-mode", self.grad_sample_mode, "must be hooks, functorch, ew or ghost")
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = field(default="adamw", metadata=_help("local optimizer: 'adamw' or 'sgd' (momentum 0.9)", "optimizer"))
+    lr: float = field(default=5e-3, metadata=_help("local learning rate (DP wants it larger)", "lr"))
+    batch_size: int = field(default=32, metadata=_help("expected (Poisson) batch size", "batch-size"))
+    local_epochs: int = field(default=1, metadata=_help("local epochs per round", "local-epochs"))
+    proximal_mu: float = field(default=0.0, metadata=_help("FedProx proximal weight (0 = off)", "proximal-mu"))
+    seed: int = field(default=0, metadata=_help("run seed: data order, DP noise, sampling", "seed"))
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "sgd"):
+            raise _bad("optimizer", self.optimizer, "must be 'adamw' or 'sgd'")
+        if not self.lr > 0:
+            raise _bad("lr", self.lr, "must be > 0")
+        if self.batch_size < 1:
+            raise _bad("batch-size", self.batch_size, "must be >= 1")
+        if self.local_epochs < 1:
+            raise _bad("local-epochs", self.local_epochs, "must be >= 1")
+        if self.proximal_mu < 0:
+            raise _bad("proximal-mu", self.proximal_mu, "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    source: str = field(default="notes", metadata=_help("'notes' (embedded generator) or a CSV/JSONL/datasets path", "data"))
+    notes_per_site: int = field(default=150, metadata=_help("mean training notes per site (generator)", "notes-per-site"))
+    test_per_site: int = field(default=40, metadata=_help("held-out notes per site (generator)", "test-per-site"))
+    global_test_size: int = field(default=400, metadata=_help("server-side global test notes", "global-test-size"))
+    dirichlet_alpha: float = field(default=1.0, metadata=_help("label skew: Dirichlet alpha (small = skewed)", "dirichlet-alpha"))
+    quantity_skew: float = field(default=0.5, metadata=_help("sigma of log-normal site sizes (0 = equal)", "quantity-skew"))
+    label_noise: float = field(default=0.06, metadata=_help("fraction of flipped labels", "label-noise"))
+    text_column: str = field(default="text", metadata=_help("text column/field of site files", "text-column"))
+    label_column: str = field(default="label", metadata=_help("label column/field of site files", "label-column"))
+    labels: str = field(default="", metadata=_help("comma-separated class names shared by all sites ('' = generator's)", "labels"))
+
+    def __post_init__(self) -> None:
+        if self.notes_per_site < 1:
+            raise _bad("notes-per-site", self.notes_per_site, "must be >= 1")
+        if self.test_per_site < 0:
+            raise _bad("test-per-site", self.test_per_site, "must be >= 0")
+        if self.global_test_size < 1:
+            raise _bad("global-test-size", self.global_test_size, "must be >= 1")
+        if not self.dirichlet_alpha > 0:
+            raise _bad("dirichlet-alpha", self.dirichlet_alpha, "must be > 0")
+        if self.quantity_skew < 0:
+            raise _bad("quantity-skew", self.quantity_skew, "must be >= 0")
+        if not 0.0 <= self.label_noise < 1.0:
+            raise _bad("label-noise", self.label_noise, "must be in [0, 1)")
+        if self.source != "notes" and not self.label_list:
+            raise _bad("labels", self.labels, "file data needs the shared class list, e.g. labels='a,b,c'")
+
+    @property
+    def label_list(self) -> list[str]:
+        from fedpeft.data.notes import LABELS
+
+        given = [x.strip() for x in self.labels.split(",") if x.strip()]
+        return given or (list(LABELS) if self.source == "notes" else [])
+
+
+@dataclass
+class FederationConfig:
+    num_sites: int = field(default=8, metadata=_help("virtual sites (SuperNodes) in a simulation", "num-sites"))
+    num_rounds: int = field(default=3, metadata=_help("server rounds", "num-server-rounds"))
+    fraction_train: float = field(default=1.0, metadata=_help("fraction of sites sampled per round", "fraction-train"))
+    fraction_evaluate: float = field(default=1.0, metadata=_help("fraction of sites for federated eval", "fraction-evaluate"))
+    min_train_sites: int = field(default=2, metadata=_help("fewest valid replies that make a round", "min-train-sites"))
+    strategy: str = field(default="fedavg", metadata=_help("Flower strategy: fedavg, fedprox, fedadam, fedyogi, fedadagrad", "strategy"))
+    merge: str = field(default="fedavg", metadata=_help("merge rule for adapter deltas (registry)", "merge"))
+    server_lr: float = field(default=1e-2, metadata=_help("server learning rate (FedAdam/FedYogi/FedAdagrad eta)", "server-lr"))
+    client_cpus: float = field(default=1.0, metadata=_help("CPUs per virtual client (Ray)", "client-cpus"))
+    out_dir: str = field(default="runs/latest", metadata=_help("where metrics, adapter and plots go", "out-dir"))
+
+    def __post_init__(self) -> None:
+        if self.num_sites < 1:
+            raise _bad("num-sites", self.num_sites, "must be >= 1")
+        if self.num_rounds < 1:
+            raise _bad("num-server-rounds", self.num_rounds, "must be >= 1")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise _bad("fraction-train", self.fraction_train, "must be in (0, 1]")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise _bad("fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
+        if self.min_train_sites < 1:
+            raise _bad("min-train-sites", self.min_train_sites, "must be >= 1")
+        if self.strategy not in ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"):
+            raise _bad("strategy", self.strategy, "must be fedavg, fedprox, fedadam, fedyogi or fedadagrad")
+        if self.client_cpus <= 0:
+            raise _bad("client-cpus", self.client_cpus, "must be > 0")
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "adapter": AdapterConfig,
+    "privacy": PrivacyConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "federation": FederationConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    preset: str = "hospitals"
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Flower run configs carry bool/int/float/str; accept the obvious conversions only."""
+    typ = {"bool": bool, "int": int, "float": float, "str": str}.get(typ, typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise _bad(key, value, "must be a boolean")
+    if typ is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise _bad(key, value, "must be an integer")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise _bad(key, value, "must be an integer") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise _bad(key, value, "must be a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise _bad(key, value, "must be a number") from None
+    if typ is str:
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        return str(value)
+    return value
+
+
+def known_keys() -> dict[str, tuple[str, str]]:
+    """kebab-case key -> (section, attribute)."""
+    out: dict[str, tuple[str, str]] = {"preset": ("", "preset")}
+    for section, cls in _SECTIONS.items():
+        for f in fields(cls):
+            out[f.metadata["key"]] = (section, f.name)
+    return out
+
+
+def from_run_config(flat: Mapping[str, Any], *, strict: bool = True) -> RunConfig:
+    """Build a validated ``RunConfig`` from Flower's flat kebab-case run config.
+
+    Unknown keys raise (``strict``) so a typo never silently falls back to a default;
+    Flower's own keys such as ``server-round`` are ignored.
+    """
+    keys = known_keys()
+    kwargs: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    preset = "hospitals"
+    for key, value in flat.items():
+        if key in ("server-round",):
+            continue
+        if key not in keys:
+            if strict:
+                raise _bad(key, value, f"unknown config key; known keys: {', '.join(sorted(keys))}")
+            continue
+        section, attr = keys[key]
+        if not section:
+            preset = str(value)
+            continue
+        ftype = {f.name: f.type for f in fields(_SECTIONS[section])}[attr]
+        kwargs[section][attr] = _coerce(key, value, ftype)
+    built = {s: _SECTIONS[s](**kw) for s, kw in kwargs.items()}
+    return RunConfig(preset=preset, **built)
+
+
+def to_run_config(cfg: RunConfig) -> dict[str, Any]:
+    """Inverse of ``from_run_config``: flat kebab-case dict (travels in a ConfigRecord)."""
+    out: dict[str, Any] = {"preset": cfg.preset}
+    for section in _SECTIONS:
+        obj = getattr(cfg, section)
+        for f in fields(obj):
+            out[f.metadata["key"]] = getattr(obj, f.name)
+    return out
+
+
+def replace(cfg: RunConfig, **sections: Any) -> RunConfig:
+    """Copy with some sections replaced (``replace(cfg, privacy=PrivacyConfig(enabled=False))``)."""
+    return dataclasses.replace(cfg, **sections)

@@ -1,0 +1,110 @@
+"""Per-site data for simulations: non-IID by label (Dirichlet), quantity (log-normal) and style.
+
+Synthetic notes are generated per site from (seed, site) alone, so a virtual client never needs
+the other sites' data and 1,000 sites cost nothing up front. Pooled file data is split with
+flwr-datasets' ``DirichletPartitioner``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedpeft.config import DataConfig
+from fedpeft.data.loaders import load_labelled_texts
+from fedpeft.data.notes import LABELS, class_mix, generate_notes, site_style
+
+MIN_SITE_NOTES = 16
+
+
+@dataclass
+class SiteData:
+    site: int
+    name: str
+    train_texts: list[str]
+    train_labels: list[int]
+    test_texts: list[str]
+    test_labels: list[int]
+
+
+def site_sizes(*, num_sites: int, mean: int, sigma: float, seed: int) -> np.ndarray:
+    """Quantity skew: log-normal sizes rescaled to the requested mean (at least MIN_SITE_NOTES)."""
+    if sigma == 0:
+        return np.full(num_sites, max(mean, MIN_SITE_NOTES))
+    rng = np.random.default_rng([seed, 7919])
+    raw = rng.lognormal(0.0, sigma, size=num_sites)
+    return np.maximum(np.round(raw / raw.mean() * mean), MIN_SITE_NOTES).astype(int)
+
+
+
+def make_site(site: int, num_sites: int, cfg: DataConfig, *, seed: int, data_path: str | None = None) -> SiteData:
+    """The data of one site. ``data_path`` (from the node config) points at the site's own file."""
+    if data_path:
+        return _file_site(site, Path(data_path), cfg, seed=seed)
+    if cfg.source != "notes":
+        return _pooled_site(site, num_sites, cfg, seed=seed)
+    style = site_style(site)
+    n = int(site_sizes(num_sites=num_sites, mean=cfg.notes_per_site, sigma=cfg.quantity_skew, seed=seed)[site])
+    mix = class_mix(np.random.default_rng(hash_seed(seed, site, 0)), style, cfg.dirichlet_alpha)
+    train = generate_notes(n=n, seed=hash_seed(seed, site, 1), style=style, mix=mix, label_noise=cfg.label_noise)
+    test = generate_notes(n=cfg.test_per_site, seed=hash_seed(seed, site, 2), style=style, mix=mix)
+    return SiteData(site, f"site{site:02d} ({style.name})", *train, *test)
+
+
+def hash_seed(seed: int, site: int, part: int) -> int:
+    return int(np.random.SeedSequence([seed, site, part]).generate_state(1)[0])
+
+
+def global_test_set(cfg: DataConfig, *, seed: int) -> tuple[list[str], list[int]]:
+    """Server-side held-out set: balanced classes, every site style mixed, no label noise."""
+    if cfg.source != "notes":
+        texts, labels = _pool(cfg.source, cfg)
+        idx = np.random.default_rng(seed).permutation(len(texts))[: max(1, len(texts) // 10)]
+        return [texts[i] for i in idx], [labels[i] for i in idx]
+    return generate_notes(n=cfg.global_test_size, seed=hash_seed(seed, 10**6, 3))
+
+
+def _split(texts: list[str], labels: list[int], *, seed: int, test_fraction: float = 0.2) -> tuple:
+    idx = np.random.default_rng(seed).permutation(len(texts))
+    n_test = int(round(len(texts) * test_fraction))
+    te, tr = idx[:n_test], idx[n_test:]
+    return [texts[i] for i in tr], [labels[i] for i in tr], [texts[i] for i in te], [labels[i] for i in te]
+
+
+def _file_site(site: int, path: Path, cfg: DataConfig, *, seed: int) -> SiteData:
+    texts, labels = load_labelled_texts(path, labels=cfg.label_list, text_column=cfg.text_column,
+                                        label_column=cfg.label_column)
+    return SiteData(site, f"site{site:02d} ({path.name})", *_split(texts, labels, seed=hash_seed(seed, site, 4)))
+
+
+@functools.lru_cache(maxsize=2)
+def _pool_cached(source: str, labels: tuple[str, ...], text_col: str, label_col: str) -> tuple[list[str], list[int]]:
+    return load_labelled_texts(source, labels=list(labels), text_column=text_col, label_column=label_col)
+
+
+def _pool(source: str, cfg: DataConfig) -> tuple[list[str], list[int]]:
+    return _pool_cached(source, tuple(cfg.label_list), cfg.text_column, cfg.label_column)
+
+
+def _pooled_site(site: int, num_sites: int, cfg: DataConfig, *, seed: int) -> SiteData:
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    texts, labels = _pool(cfg.source, cfg)
+    part = DirichletPartitioner(num_partitions=num_sites, partition_by="label", alpha=cfg.dirichlet_alpha,
+                                seed=seed, min_partition_size=0, self_balancing=True)
+    part.dataset = Dataset.from_dict({"text": texts, "label": labels})
+    p = part.load_partition(site)
+    return SiteData(site, f"site{site:02d}", *_split(list(p["text"]), list(p["label"]), seed=hash_seed(seed, site, 4)))
+
+
+def split_counts(sites: list[SiteData], num_labels: int = len(LABELS)) -> np.ndarray:
+    """classes x sites matrix of training-example counts."""
+    out = np.zeros((num_labels, len(sites)), dtype=int)
+    for j, s in enumerate(sites):
+        for y in s.train_labels:
+            out[y, j] += 1
+    return out

@@ -1,0 +1,100 @@
+"""Privacy state that travels: noise calibrated once for the whole planned training, and the
+accountant history ``[(sigma, q, steps)]`` kept so epsilon accumulates across rounds and restarts.
+
+Opacus does the maths (``get_noise_multiplier``, its accountants); this module only keeps the
+state explicit and serialisable, which Opacus leaves to the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+
+class PrivacyConfigError(ValueError):
+    """A DP parameter is out of range; the message names it and its value."""
+
+
+def validate_dp_params(
+    *, target_epsilon: float, target_delta: float, max_grad_norm: float, sample_rate: float
+) -> None:
+    """Refuse settings for which no DP guarantee holds."""
+    if not (isinstance(target_epsilon, (int, float)) and math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise PrivacyConfigError(f"target_epsilon={target_epsilon!r}: must be a finite number > 0")
+    if not 0.0 < target_delta < 1.0:
+        raise PrivacyConfigError(f"target_delta={target_delta!r}: must be in (0, 1)")
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise PrivacyConfigError(f"max_grad_norm={max_grad_norm!r}: must be > 0")
+    if not 0.0 < sample_rate <= 1.0:
+        raise PrivacyConfigError(f"sample_rate={sample_rate!r}: must be in (0, 1]")
+
+
+def calibrate_noise(
+    *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+) -> float:
+    """Smallest noise multiplier (Opacus' search) whose epsilon after ``steps`` stays <= target."""
+    if steps < 1:
+        raise PrivacyConfigError(f"steps={steps!r}: must be >= 1")
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
+            steps=steps, accountant=accountant,
+        )
+    )
+
+
+def compute_epsilon(*, history: list[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon spent by a composition of Gaussian steps ``[(sigma, q, steps)]``."""
+    if not history:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass
+class PrivacyState:
+    """Everything needed to continue private training later, anywhere: JSON-serialisable."""
+
+    noise_multiplier: float
+    sample_rate: float
+    max_grad_norm: float
+    target_epsilon: float
+    target_delta: float
+    planned_steps: int
+    accountant: str = "rdp"
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    @property
+    def steps_taken(self) -> int:
+        return int(sum(h[2] for h in self.history))
+
+    def epsilon(self) -> float:
+        return compute_epsilon(history=self.history, delta=self.target_delta, accountant=self.accountant)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrivacyState":
+        data = json.loads(text)
+        data["history"] = [tuple(h) for h in data.get("history", [])]
+        return cls(**data)
+
+
+def new_privacy_state(
+    *, target_epsilon: float, target_delta: float, max_grad_norm: float, sample_rate: float,
+    planned_steps: int, accountant: str = "rdp",
+) -> PrivacyState:
+    """Validate, then calibrate sigma once for all ``planned_steps`` the site will ever take."""
+    validate_dp_params(target_epsilon=target_epsilon, target_delta=target_delta,
+                       max_grad_norm=max_grad_norm, sample_rate=sample_rate)
+    sigma = calibrate_noise(target_epsilon=target_epsilon, target_delta=target_delta,
+                            sample_rate=sample_rate, steps=planned_steps, accountant=accountant)
+    return PrivacyState(noise_multiplier=sigma, sample_rate=sample_rate, max_grad_norm=max_grad_norm,
+                        target_epsilon=target_epsilon, target_delta=target_delta,
+                        planned_steps=planned_steps, accountant=accountant)

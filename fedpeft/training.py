@@ -1,0 +1,214 @@
+"""Site-side training and evaluation loops (no Flower here).
+
+DP-SGD is Opacus: Poisson sampling, per-sample clipping and Gaussian noise with a sigma that was
+calibrated once for the whole planned training (``PrivacyState``); the accountant is restored from
+that state on every call, so epsilon accumulates across rounds instead of restarting.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedpeft.config import PrivacyConfig, TrainConfig
+from fedpeft.privacy.accountant import PrivacyState, new_privacy_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    steps: int
+    examples: int
+    epsilon: float  # cumulative epsilon for this site after this call (0 without DP)
+    privacy_state: PrivacyState | None
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    macro_f1: float
+    examples: int
+
+
+def encode(texts: Sequence[str], labels: Sequence[int], tokenizer, *, max_length: int) -> TensorDataset:
+    """Tokenise once, padded to the longest note (capped at ``max_length``)."""
+    if len(texts) != len(labels):
+        raise ValueError(f"texts ({len(texts)}) and labels ({len(labels)}) differ in length")
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+    return TensorDataset(enc["input_ids"], enc["attention_mask"], torch.tensor(list(labels), dtype=torch.long))
+
+
+def expected_sample_rate(*, num_examples: int, batch_size: int) -> float:
+    """Poisson rate q as Opacus' DPDataLoader derives it (1 / batches per epoch)."""
+    return 1.0 / max(1, math.ceil(num_examples / batch_size))
+
+
+def steps_per_round(*, num_examples: int, batch_size: int, local_epochs: int) -> int:
+    return local_epochs * max(1, math.ceil(num_examples / batch_size))
+
+
+def plan_privacy(
+    *, num_examples: int, train: TrainConfig, privacy: PrivacyConfig, num_rounds: int
+) -> PrivacyState:
+    """Calibrate sigma for every step this site may take (all rounds: a site sampled in every
+    round still stays within its budget)."""
+    q = expected_sample_rate(num_examples=num_examples, batch_size=train.batch_size)
+    steps = num_rounds * steps_per_round(num_examples=num_examples, batch_size=train.batch_size,
+                                         local_epochs=train.local_epochs)
+    return new_privacy_state(target_epsilon=privacy.target_epsilon, target_delta=privacy.target_delta,
+                             max_grad_norm=privacy.max_grad_norm, sample_rate=q, planned_steps=steps,
+                             accountant=privacy.accountant)
+
+
+def _forward_loss(model: nn.Module, batch: Sequence[torch.Tensor], device: torch.device,
+                  criterion: nn.Module) -> tuple[torch.Tensor, int]:
+    ids, mask, y = (t.to(device) for t in batch)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return criterion(logits, y), int(y.shape[0])
+
+
+def train_local(
+    model: nn.Module,
+    data: TensorDataset,
+    *,
+    train: TrainConfig,
+    privacy: PrivacyConfig,
+    privacy_state: PrivacyState | None,
+    device: torch.device,
+    seed: int,
+    anchor: Mapping[str, torch.Tensor] | None = None,
+) -> TrainResult:
+    """Train the adapter in place for ``train.local_epochs``.
+
+    With ``privacy.enabled`` a ``privacy_state`` is required (see ``plan_privacy``); the returned
+    state carries the extended accountant history. ``anchor`` (parameter name -> global value)
+    turns on FedProx's proximal step, applied after the private step since it touches no data.
+    """
+    torch.manual_seed(seed)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=train.lr, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
+    loader = DataLoader(data, batch_size=train.batch_size, shuffle=not privacy.enabled)
+    criterion: nn.Module = nn.CrossEntropyLoss()
+    engine = hooks = None
+    if privacy.enabled:
+        if privacy_state is None:
+            raise ValueError("privacy_state is required when dp is enabled (see plan_privacy)")
+        from opacus import PrivacyEngine
+
+        q = expected_sample_rate(num_examples=len(data), batch_size=train.batch_size)
+        if not math.isclose(q, privacy_state.sample_rate, rel_tol=1e-9):
+            raise ValueError(f"sample_rate={q!r} differs from the calibrated {privacy_state.sample_rate!r}: "
+                             "the site's data size or batch size changed since calibration")
+        if privacy_state.steps_taken >= privacy_state.planned_steps:
+            raise ValueError(f"privacy budget exhausted: {privacy_state.steps_taken} of "
+                             f"{privacy_state.planned_steps} planned steps taken (epsilon={privacy_state.epsilon():.3f})")
+        engine = PrivacyEngine(accountant=privacy_state.accountant)
+        engine.accountant.load_state_dict(
+            {"history": list(privacy_state.history), "mechanism": engine.accountant.mechanism()}
+        )
+        gen = torch.Generator().manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+                noise_multiplier=privacy_state.noise_multiplier, max_grad_norm=privacy_state.max_grad_norm,
+                poisson_sampling=True, grad_sample_mode=privacy.grad_sample_mode, wrap_model=False,
+                noise_generator=gen,
+            )
+        if privacy.grad_sample_mode == "ghost":
+            hooks, optimizer, criterion, loader = out
+        else:
+            hooks, optimizer, loader = out
+    named = dict(model.named_parameters())
+    total, steps, seen = 0.0, 0, 0
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(Secure RNG|Full backward hook).*")
+            for _ in range(train.local_epochs):
+                for batch in loader:
+                    if batch[0].shape[0] == 0:  # Poisson sampling drew nobody: release noise only
+                        optimizer.zero_grad(set_to_none=True)
+                        for p in params:  # an empty per-sample gradient; Opacus adds the noise and counts the step
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                        optimizer.step()
+                        steps += 1
+                        continue
+                    optimizer.zero_grad(set_to_none=True)
+                    loss, n = _forward_loss(model, batch, device, criterion)
+                    loss.backward()
+                    optimizer.step()
+                    if anchor is not None and train.proximal_mu > 0:
+                        _proximal_step(named, anchor, lr=train.lr, mu=train.proximal_mu)
+                    total += float(loss.item()) * n
+                    seen += n
+                    steps += 1
+    finally:
+        if hooks is not None and hasattr(hooks, "cleanup"):
+            hooks.cleanup()
+    new_state = None
+    eps = 0.0
+    if engine is not None and privacy_state is not None:
+        new_state = PrivacyState(**{**privacy_state.__dict__, "history": list(engine.accountant.history)})
+        eps = new_state.epsilon()
+    model.eval()
+    return TrainResult(loss=total / max(seen, 1), steps=steps, examples=len(data), epsilon=eps,
+                       privacy_state=new_state)
+
+
+@torch.no_grad()
+def _proximal_step(named: Mapping[str, torch.nn.Parameter], anchor: Mapping[str, torch.Tensor],
+                   *, lr: float, mu: float) -> None:
+    for name, ref in anchor.items():
+        p = named[name]
+        p.sub_(lr * mu * (p - ref.to(p.device)))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: TensorDataset, *, device: torch.device, batch_size: int = 128
+            ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(predicted labels, true labels, mean loss)."""
+    model.to(device).eval()
+    preds, ys, total = [], [], 0.0
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    for ids, mask, y in DataLoader(data, batch_size=batch_size):
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        total += float(criterion(logits, y.to(device)))
+        preds.append(logits.argmax(-1).cpu())
+        ys.append(y)
+    return torch.cat(preds), torch.cat(ys), total / max(len(data), 1)
+
+
+def macro_f1(pred: torch.Tensor, true: torch.Tensor, num_labels: int) -> float:
+    """Unweighted mean of per-class F1 over classes present in truth or prediction."""
+    f1s = []
+    for c in range(num_labels):
+        tp = int(((pred == c) & (true == c)).sum())
+        fp = int(((pred == c) & (true != c)).sum())
+        fn = int(((pred != c) & (true == c)).sum())
+        if tp + fp + fn == 0:
+            continue
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    return float(sum(f1s) / len(f1s)) if f1s else 0.0
+
+
+def evaluate(model: nn.Module, data: TensorDataset, *, device: torch.device, num_labels: int) -> EvalResult:
+    """Loss, accuracy and macro-F1 on held-out data."""
+    if len(data) == 0:
+        return EvalResult(loss=float("nan"), accuracy=float("nan"), macro_f1=float("nan"), examples=0)
+    pred, true, loss = predict(model, data, device=device)
+    acc = float((pred == true).float().mean())
+    return EvalResult(loss=loss, accuracy=acc, macro_f1=macro_f1(pred, true, num_labels), examples=len(data))

@@ -1,0 +1,46 @@
+"""Config dataclasses: bad values named with their value; flat Flower config round trip."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedpeft.config import ConfigError, RunConfig, from_run_config, to_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("target-epsilon", 0, "target-epsilon=0.0: must be > 0"),
+        ("target-delta", 1.5, "target-delta=1.5"),
+        ("max-grad-norm", -1, "max-grad-norm=-1.0"),
+        ("lora-rank", 0, "lora-rank=0"),
+        ("adapter", "prefix", "adapter='prefix'"),
+        ("fraction-train", 0.0, "fraction-train=0.0"),
+        ("lora-layers", "a,b", "lora-layers='a,b'"),
+        ("lr", "fast", "lr='fast': must be a number"),
+        ("dp", "maybe", "dp='maybe': must be a boolean"),
+        ("no-such-key", 1, "no-such-key=1: unknown config key"),
+    ],
+)
+def test_bad_values_are_named(key, value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        from_run_config({key: value})
+
+
+def test_flat_round_trip():
+    cfg = from_run_config({"lora-rank": 4, "dp": False, "num-server-rounds": 5, "lora-layers": "4,5"})
+    assert cfg.adapter.rank == 4 and not cfg.privacy.enabled and cfg.federation.num_rounds == 5
+    assert cfg.adapter.layer_list == [4, 5]
+    assert from_run_config(to_run_config(cfg)) == cfg
+
+
+def test_pyproject_flower_config_lists_every_key_with_the_library_defaults():
+    # `flwr run` only accepts overrides for keys the app declares; they must not drift from the dataclasses.
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(declared) == set(to_run_config(RunConfig()))
+    assert from_run_config(declared) == from_run_config({"preset": "hospitals"})

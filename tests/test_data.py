@@ -1,0 +1,95 @@
+"""Generator, non-IID sites and file loaders (each error names file, row/line and field)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedpeft.config import DataConfig
+from fedpeft.data.loaders import DataLoadError, load_labelled_texts
+from fedpeft.data.notes import LABELS, generate_notes, site_style
+from fedpeft.data.sites import global_test_set, make_site, site_sizes, split_counts
+
+LAB = ["cardiology", "neurology", "dermatology"]
+
+
+def test_generator_is_deterministic_and_seed_sensitive():
+    a = generate_notes(n=50, seed=1)
+    assert a == generate_notes(n=50, seed=1)
+    assert a != generate_notes(n=50, seed=2)
+    assert len(set(a[1])) == len(LABELS)  # every class appears in a uniform mix of 50
+
+
+def test_sites_are_non_iid_in_labels_quantity_and_style():
+    # Prepare
+    cfg = DataConfig(notes_per_site=150, dirichlet_alpha=0.3, quantity_skew=0.8, label_noise=0.0)
+    sites = [make_site(s, 8, cfg, seed=0) for s in range(8)]
+    counts = split_counts(sites)
+    # Assert: label skew (class mixes differ a lot), quantity skew, and style (children's hospital wording)
+    props = counts / counts.sum(axis=0, keepdims=True)
+    assert np.abs(props[:, 0] - props[:, 3]).sum() > 0.3
+    sizes = counts.sum(axis=0)
+    assert sizes.max() > 2 * sizes.min()
+    kids = " ".join(sites[2].train_texts)
+    assert site_style(2).paediatric and "brought in by" in kids
+    assert "brought in by" not in " ".join(sites[1].train_texts)
+    cardio = LABELS.index("cardiology")
+    assert props[cardio, 1] > props[cardio].mean()  # the cardiology centre sees more cardiology
+
+
+def test_site_sizes_mean_and_floor():
+    s = site_sizes(num_sites=1000, mean=100, sigma=0.5, seed=0)
+    assert abs(s.mean() - 100) < 5 and s.min() >= 16
+    assert (site_sizes(num_sites=4, mean=50, sigma=0.0, seed=0) == 50).all()
+
+
+def test_global_test_set_is_balanced_and_clean():
+    texts, labels = global_test_set(DataConfig(global_test_size=700), seed=0)
+    counts = np.bincount(labels, minlength=len(LABELS))
+    assert len(texts) == 700 and counts.min() > 60
+
+
+def test_csv_and_jsonl_load_with_stable_label_ids(tmp_path):
+    # Prepare: two sites listing labels in different orders
+    (tmp_path / "a.csv").write_text("note,dx\nchest pain,cardiology\nrash,dermatology\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"note": "seizure", "dx": "neurology"}) + "\n"
+                                      + json.dumps({"note": "angina", "dx": "cardiology"}) + "\n")
+    # Execute
+    ta, ya = load_labelled_texts(tmp_path / "a.csv", labels=LAB, text_column="note", label_column="dx")
+    tb, yb = load_labelled_texts(tmp_path / "b.jsonl", labels=LAB, text_column="note", label_column="dx")
+    # Assert
+    assert ta == ["chest pain", "rash"] and ya == [0, 2]
+    assert tb == ["seizure", "angina"] and yb == [1, 0]
+
+
+def test_saved_datasets_folder_loads(tmp_path):
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    feats = Features({"text": Value("string"), "label": ClassLabel(names=["dermatology", "cardiology"])})
+    Dataset.from_dict({"text": ["rash", "cp"], "label": [0, 1]}, features=feats).save_to_disk(str(tmp_path / "ds"))
+    texts, ys = load_labelled_texts(tmp_path / "ds", labels=LAB)
+    assert texts == ["rash", "cp"] and ys == [2, 0]  # mapped by name, not by the file's own numbering
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.csv", "txt,label\nhello,cardiology\n", r"missing.csv: header: missing column 'text'"),
+        ("empty.csv", "", r"empty.csv: file is empty"),
+        ("bad.csv", b"text,label\nok,cardiology\n\xff\xfe,neurology\n", r"bad.csv: line 3: not UTF-8"),
+        ("unknown.csv", "text,label\nhello,oncology\n", r"unknown.csv: row 2: field 'label': unknown label 'oncology'"),
+        ("blank.csv", "text,label\nfine,cardiology\n  ,neurology\n", r"blank.csv: row 3: field 'text' is empty"),
+        ("missing.jsonl", '{"text": "a", "label": "cardiology"}\n{"label": "neurology"}\n',
+         r"missing.jsonl: line 2: missing field 'text'"),
+        ("broken.jsonl", '{"text": "a", "label": "cardiology"}\n{oops\n', r"broken.jsonl: line 2: invalid JSON"),
+        ("unknown.jsonl", '{"text": "a", "label": "x"}\n', r"unknown.jsonl: line 1: field 'label': unknown label 'x'"),
+        ("empty.jsonl", "\n\n", r"empty.jsonl: file is empty"),
+    ],
+)
+def test_loader_errors_name_file_row_and_field(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataLoadError, match=message):
+        load_labelled_texts(path, labels=LAB)

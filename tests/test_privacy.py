@@ -1,0 +1,152 @@
+"""Accountant and calibration against published values; DP clipping against a brute-force loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedpeft.privacy.accountant import (
+    PrivacyConfigError,
+    PrivacyState,
+    calibrate_noise,
+    compute_epsilon,
+    new_privacy_state,
+    validate_dp_params,
+)
+from fedpeft import training
+from tests.conftest import CPU, make_tiny_lora
+
+
+def test_rdp_epsilon_matches_opacus_published_value():
+    # Source: opacus/tests/accountants_test.py (shared/ORACLES.md): sigma=1.5, q=0.04,
+    # 2250 steps (90 epochs), delta=1e-5 -> eps = 7.32911117143
+    eps = compute_epsilon(history=[(1.5, 0.04, 2250)], delta=1e-5, accountant="rdp")
+    assert eps == pytest.approx(7.32911117143, rel=1e-6)
+
+
+def test_rdp_epsilon_matches_tensorflow_privacy_value():
+    # Source: TF Privacy compute_dp_sgd_privacy_test.py: n=60000, batch 150, sigma=1.3,
+    # 15 epochs, delta=1e-5 -> eps = 0.7242234026109595 (different order grid: ~1e-3 relative)
+    q = 150 / 60000
+    steps = 15 * 60000 // 150
+    eps = compute_epsilon(history=[(1.3, q, steps)], delta=1e-5, accountant="rdp")
+    assert eps == pytest.approx(0.7242234026109595, rel=2e-3)
+
+
+def test_calibration_matches_opacus_published_sigma():
+    # Source: opacus/tests (shared/ORACLES.md): target eps=8, delta=1e-5, q=0.04, 90 epochs -> sigma 1.416
+    sigma = calibrate_noise(target_epsilon=8.0, target_delta=1e-5, sample_rate=0.04, steps=90 * 25)
+    assert sigma == pytest.approx(1.416, abs=5e-4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    eps=st.floats(0.5, 20.0),
+    q=st.floats(0.005, 0.5),
+    steps=st.integers(1, 500),
+)
+def test_calibration_never_overshoots_target(eps: float, q: float, steps: int):
+    sigma = calibrate_noise(target_epsilon=eps, target_delta=1e-5, sample_rate=q, steps=steps)
+    spent = compute_epsilon(history=[(sigma, q, steps)], delta=1e-5)
+    assert spent <= eps + 1e-9
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(target_epsilon=0.0, target_delta=1e-5, max_grad_norm=1.0, sample_rate=0.1), "target_epsilon=0.0"),
+        (dict(target_epsilon=-1.0, target_delta=1e-5, max_grad_norm=1.0, sample_rate=0.1), "target_epsilon=-1.0"),
+        (dict(target_epsilon=1.0, target_delta=1.0, max_grad_norm=1.0, sample_rate=0.1), "target_delta=1.0"),
+        (dict(target_epsilon=1.0, target_delta=0.0, max_grad_norm=1.0, sample_rate=0.1), "target_delta=0.0"),
+        (dict(target_epsilon=1.0, target_delta=1e-5, max_grad_norm=0.0, sample_rate=0.1), "max_grad_norm=0.0"),
+        (dict(target_epsilon=1.0, target_delta=1e-5, max_grad_norm=1.0, sample_rate=0.0), "sample_rate=0.0"),
+        (dict(target_epsilon=1.0, target_delta=1e-5, max_grad_norm=1.0, sample_rate=1.5), "sample_rate=1.5"),
+    ],
+)
+def test_invalid_dp_settings_are_refused_with_the_value(kwargs, field):
+    with pytest.raises(PrivacyConfigError, match=field.replace(".", r"\.")):
+        validate_dp_params(**kwargs)
+
+
+def test_privacy_state_json_round_trip_keeps_epsilon():
+    # Prepare
+    state = new_privacy_state(target_epsilon=3.0, target_delta=1e-5, max_grad_norm=1.0, sample_rate=0.1,
+                              planned_steps=100)
+    state.history = [(state.noise_multiplier, 0.1, 40)]
+    # Execute
+    back = PrivacyState.from_json(state.to_json())
+    # Assert
+    assert back == state
+    assert back.epsilon() == pytest.approx(state.epsilon(), rel=0, abs=0)
+    assert json.loads(state.to_json())["history"] == [[state.noise_multiplier, 0.1, 40]]
+
+
+def test_epsilon_accumulates_across_calls_and_restarts(tiny_dataset, fast_train, dp_on):
+    # Prepare: the same 3 local rounds, once continuously and once through JSON "restarts"
+    state = training.plan_privacy(num_examples=len(tiny_dataset), train=fast_train, privacy=dp_on, num_rounds=3)
+    model = make_tiny_lora()
+    eps = []
+    s = state
+    for r in range(3):
+        res = training.train_local(model, tiny_dataset, train=fast_train, privacy=dp_on, privacy_state=s,
+                                   device=CPU, seed=r)
+        s = PrivacyState.from_json(res.privacy_state.to_json())  # as if the process restarted
+        eps.append(res.epsilon)
+    # Assert: strictly increasing, ends at (not over) the target, matches one composed history
+    assert eps[0] < eps[1] < eps[2] <= dp_on.target_epsilon
+    assert eps[2] > 0.9 * dp_on.target_epsilon
+    assert s.steps_taken == state.planned_steps
+    whole = compute_epsilon(history=[(state.noise_multiplier, state.sample_rate, state.planned_steps)], delta=1e-5)
+    assert eps[2] == pytest.approx(whole, rel=1e-9)
+    # A fourth round would overspend: refused
+    with pytest.raises(ValueError, match="budget exhausted"):
+        training.train_local(model, tiny_dataset, train=fast_train, privacy=dp_on, privacy_state=s, device=CPU, seed=9)
+
+
+def test_dp_step_clipped_gradients_equal_brute_force_loop(tiny_dataset):
+    """Guards against silent peft/Opacus breakage (opacus#820): float64, sigma=0."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    # Prepare
+    torch.manual_seed(0)
+    model = make_tiny_lora().double().train()  # Opacus records activations in train mode only
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # same function in the brute-force loop and the Opacus step
+    for n, p in model.named_parameters():  # make lora_B non-zero so every LoRA path carries gradient
+        if p.requires_grad:
+            with torch.no_grad():
+                p.add_(0.05 * torch.randn_like(p))
+    data = TensorDataset(*(t[:6] for t in tiny_dataset.tensors))
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = 0.05
+    ce = torch.nn.CrossEntropyLoss()
+    brute = [torch.zeros_like(p) for p in params]
+    for i in range(len(data)):
+        ids, mask, y = (t[i : i + 1] for t in data.tensors)
+        grads = torch.autograd.grad(ce(model(input_ids=ids, attention_mask=mask).logits, y), params)
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        factor = (clip / (norm + 1e-6)).clamp(max=1.0)
+        for acc, g in zip(brute, grads):
+            acc.add_(g * factor)
+    brute = [b / len(data) for b in brute]
+    # Execute: one Opacus step with the same batch, no noise
+    opt = torch.optim.SGD(params, lr=0.0)
+    engine = PrivacyEngine(accountant="rdp")
+    hooks, opt, loader = engine.make_private(
+        module=model, optimizer=opt, data_loader=DataLoader(data, batch_size=len(data)), noise_multiplier=0.0,
+        max_grad_norm=clip, poisson_sampling=False, wrap_model=False,
+    )
+    ids, mask, y = next(iter(loader))
+    ce(model(input_ids=ids, attention_mask=mask).logits, y).backward()
+    opt.pre_step()
+    # Assert
+    assert len(params) > 2
+    for p, b in zip(params, brute):
+        torch.testing.assert_close(p.grad, b, rtol=1e-9, atol=1e-12)
+    hooks.cleanup()
