@@ -1,0 +1,1 @@
+"""Flower ClientApp for fedpeft sites (thin: all logic is in ``fedpeft``)."""

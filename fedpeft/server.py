@@ -1,0 +1,124 @@
+"""Server side of a run: strategy start, server-side evaluation, per-round checkpoints,
+``metrics.json`` (rewritten atomically every round), final PEFT-format adapter and plots."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from fedpeft import adapters, models, training
+from fedpeft.config import RunConfig, from_run_config, to_run_config
+from fedpeft.data.sites import global_test_set, make_site, split_counts
+from fedpeft.federation import config_record, from_arrays, to_arrays
+from fedpeft.io import atomic_write_json
+from fedpeft.site import build_model, initial_adapter_state
+from fedpeft.strategy import DeltaMerge, RoundLog, make_strategy
+
+log = logging.getLogger(__name__)
+MAX_SPLIT_SITES = 40  # the split plot stays readable; 1,000-site runs plot the first 40
+
+
+class RunRecorder:
+    """Accumulates per-round metrics and rewrites metrics.json atomically after each round."""
+
+    def __init__(self, out: Path, cfg: RunConfig, *, adapter_bytes: int, full_model_bytes: int) -> None:
+        self.out = out
+        self.t0 = time.time()
+        self.data: dict[str, Any] = {
+            "config": to_run_config(cfg), "adapter_bytes": adapter_bytes, "full_model_bytes": full_model_bytes,
+            "labels": cfg.data.label_list, "rounds": [],
+        }
+
+    def record(self, rnd: int, ev: training.EvalResult, rlog: RoundLog | None) -> None:
+        row: dict[str, Any] = {"round": rnd, "global": {"accuracy": ev.accuracy, "loss": ev.loss,
+                                                         "macro_f1": ev.macro_f1}}
+        if rlog is not None:
+            sites: dict[str, dict[str, float]] = {}
+            for s, m in rlog.train.items():
+                sites.setdefault(str(s), {}).update(
+                    {"epsilon": m.get("epsilon", 0.0), "train_loss": m.get("train-loss"),
+                     "bytes_up": m.get("bytes-up"), "steps": m.get("steps"), "num_examples": m.get("num-examples")})
+            for s, m in rlog.evaluate.items():
+                sites.setdefault(str(s), {}).update({"accuracy": m.get("accuracy"), "eval_loss": m.get("loss")})
+            row.update({
+                "sites": dict(sorted(sites.items(), key=lambda kv: int(kv[0]))),
+                "bytes_up": int(sum(m.get("bytes-up", 0.0) for m in rlog.train.values())),
+                "bytes_down": rlog.bytes_down, "rejected": rlog.rejected, "skipped": rlog.skipped,
+            })
+        self.data["rounds"].append(row)
+        self.data["wall_s"] = time.time() - self.t0
+        atomic_write_json(self.out / "metrics.json", self.data)
+
+
+def _progress(total: int):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]federated rounds"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.description}"), TimeElapsedColumn(), transient=False)
+
+
+def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Run the whole federation described by ``run_config``; return the metrics dict."""
+    cfg = from_run_config(dict(run_config))
+    out = Path(cfg.federation.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = cfg.data.label_list
+    device = models.select_device()
+
+    # Prepare: global adapter, server-side test set, strategy
+    init = initial_adapter_state(cfg)
+    model = build_model(cfg, dp=False)
+    tok = models.load_tokenizer(cfg.model.name)
+    tt, ty = global_test_set(cfg.data, seed=cfg.train.seed)
+    test_ds = training.encode(tt, ty, tok, max_length=cfg.model.max_length)
+    strategy: DeltaMerge = make_strategy(cfg)
+    rec = RunRecorder(out, cfg, adapter_bytes=adapters.state_bytes(init),
+                      full_model_bytes=models.model_bytes(build_model(cfg, dp=False).get_base_model()))
+    meta = {"labels": labels, "model": cfg.model.name, "adapter": cfg.adapter.method}
+    progress = _progress(cfg.federation.num_rounds)
+    task = progress.add_task("", total=cfg.federation.num_rounds)
+
+    def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+        adapters.set_adapter_state(model, from_arrays(arrays))
+        ev = training.evaluate(model, test_ds, device=device, num_labels=len(labels))
+        adapters.save_adapter(model, out / "checkpoints" / f"round-{rnd:03d}", metadata={**meta, "round": rnd})
+        rec.record(rnd, ev, strategy.rounds.get(rnd))
+        log.info("round %d: global accuracy %.4f loss %.4f", rnd, ev.accuracy, ev.loss)
+        if rnd > 0:
+            progress.update(task, advance=1, description=f"acc {ev.accuracy:.3f}")
+        return MetricRecord({"accuracy": ev.accuracy, "loss": ev.loss, "macro-f1": ev.macro_f1})
+
+    # Execute
+    flat = config_record(to_run_config(cfg))
+    with progress:
+        result = strategy.start(grid=grid, initial_arrays=to_arrays(init), num_rounds=cfg.federation.num_rounds,
+                                train_config=flat, evaluate_config=config_record(to_run_config(cfg)),
+                                evaluate_fn=evaluate_fn)
+
+    # Export: final adapter in PEFT format, plots
+    adapters.set_adapter_state(model, from_arrays(result.arrays))
+    adapters.save_adapter(model, out / "adapter", metadata=meta)
+    try:
+        write_plots(out, rec.data, cfg)
+    except Exception as e:  # a plot must never lose the run's results
+        log.warning("plots failed: %s", e)
+    return rec.data
+
+
+def write_plots(out: Path, metrics: dict[str, Any], cfg: RunConfig) -> None:
+    from fedpeft import plots
+
+    n = min(cfg.federation.num_sites, MAX_SPLIT_SITES)
+    if cfg.data.source == "notes":
+        sites = [make_site(s, cfg.federation.num_sites, cfg.data, seed=cfg.train.seed) for s in range(n)]
+        plots.plot_split(split_counts(sites, len(cfg.data.label_list)), cfg.data.label_list,
+                         [s.name for s in sites], out / "plots" / "split.png")
+    plots.plot_accuracy(metrics, out / "plots" / "accuracy.png")
+    plots.plot_epsilon(metrics, out / "plots" / "epsilon.png", target=cfg.privacy.target_epsilon
+                       if cfg.privacy.enabled else None)

@@ -1,0 +1,142 @@
+"""Flower strategies over adapter deltas.
+
+``DeltaMerge`` replaces FedAvg's aggregation step: it validates every reply in one place
+(``federation.validate_train_reply``), drops malformed ones (the round goes on), merges the deltas
+with a registered pure rule and returns ``global + merged delta``. Mixed in *below* Flower's own
+strategies (FedProx, FedAdam, FedYogi, FedAdagrad), their server logic runs on top unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi
+
+from fedpeft.adapters import state_bytes
+from fedpeft.aggregation import create_merge
+from fedpeft.config import RunConfig
+from fedpeft.federation import METRICS, ReplyError, from_arrays, to_arrays, validate_train_reply
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundLog:
+    """What the server saw in one round (per-site metrics keyed by site id)."""
+
+    train: dict[int, dict[str, float]] = field(default_factory=dict)
+    evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
+    rejected: list[str] = field(default_factory=list)
+    bytes_down: int = 0
+    skipped: bool = False
+
+
+class DeltaMerge(FedAvg):
+    """FedAvg's plumbing with adapter-delta validation and a pluggable merge rule."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rounds: dict[int, RoundLog] = {}
+        self._global: dict[str, torch.Tensor] | None = None
+        self.set_merge("fedavg", min_valid_replies=1)
+
+    def set_merge(self, name: str, *, min_valid_replies: int) -> None:
+        """Choose the merge rule (registry name) and the fewest valid replies that make a round."""
+        self.merge_name = name
+        self.merge_fn = create_merge(name)
+        self.min_valid_replies = min_valid_replies
+
+    def _log(self, server_round: int) -> RoundLog:
+        return self.rounds.setdefault(server_round, RoundLog())
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        self._global = from_arrays(arrays)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._log(server_round).bytes_down = len(messages) * state_bytes(self._global)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate each reply on its own, merge the valid deltas, return global + merged delta."""
+        assert self._global is not None, "configure_train must run before aggregate_train"
+        rlog = self._log(server_round)
+        valid = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                rlog.rejected.append(f"node {node}: {msg.error.reason}")
+                log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                continue
+            try:
+                valid.append(validate_train_reply(msg.content, expected=self._global))
+            except ReplyError as e:
+                rlog.rejected.append(f"node {node}: {e}")
+                log.warning("round %d: rejected reply from node %d: %s", server_round, node, e)
+        if len(valid) < self.min_valid_replies:
+            log.warning("round %d: %d valid replies < min-train-sites=%d; global adapter unchanged",
+                        server_round, len(valid), self.min_valid_replies)
+            rlog.skipped = True
+            return None, None
+        valid.sort(key=lambda r: r.site)  # fixed order: bitwise-repeatable merges
+        merged = self.merge_fn([r.delta for r in valid], [float(r.num_examples) for r in valid])
+        new_global = {k: self._global[k] + merged[k].to(self._global[k].dtype) for k in self._global}
+        for r in valid:
+            rlog.train[r.site] = r.metrics
+        total = sum(r.num_examples for r in valid)
+        metrics = MetricRecord({
+            "train-loss": sum(r.metrics.get("train-loss", 0.0) * r.num_examples for r in valid) / total,
+            "num-examples": total, "sites": len(valid),
+        })
+        return to_arrays(new_global), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        rlog = self._log(server_round)
+        ok = []
+        for msg in replies:
+            if msg.has_error():
+                rlog.rejected.append(f"evaluate node {msg.metadata.src_node_id}: {msg.error.reason}")
+                continue
+            m = dict(msg.content.metric_records.get(METRICS, {}))
+            if "site" in m and "accuracy" in m:
+                rlog.evaluate[int(m["site"])] = {k: float(v) for k, v in m.items()}
+                ok.append(m)
+        if not ok:
+            return None
+        n = sum(m["num-examples"] for m in ok)
+        return MetricRecord({"accuracy": sum(m["accuracy"] * m["num-examples"] for m in ok) / n,
+                             "loss": sum(m["loss"] * m["num-examples"] for m in ok) / n})
+
+
+_FLOWER = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
+
+
+def make_strategy(cfg: RunConfig) -> DeltaMerge:
+    """Flower's named strategy with ``DeltaMerge`` doing the aggregation underneath it."""
+    fed = cfg.federation
+    base = _FLOWER[fed.strategy]
+    common = dict(
+        fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=min(fed.min_train_sites, fed.num_sites), min_evaluate_nodes=1 if fed.fraction_evaluate else 0,
+        min_available_nodes=min(fed.num_sites, max(fed.min_train_sites, 1)),
+    )
+    extra: dict[str, object] = {}
+    if base is FedProx:
+        extra["proximal_mu"] = cfg.train.proximal_mu
+    if base in (FedAdam, FedYogi, FedAdagrad):
+        extra["eta"] = fed.server_lr
+        extra["eta_l"] = cfg.train.lr
+    if base is FedAvg:
+        cls = DeltaMerge
+    else:
+        cls = type(f"{base.__name__}OverDeltas", (base, DeltaMerge), {})
+
+    strategy = cls(**common, **extra)
+    strategy.set_merge(fed.merge, min_valid_replies=fed.min_train_sites)
+    return strategy

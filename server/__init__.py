@@ -1,0 +1,1 @@
+"""Flower ServerApp for fedpeft (thin: all logic is in ``fedpeft``)."""

@@ -1,0 +1,17 @@
+"""ServerApp: read the run config and hand the Grid to fedpeft's server loop."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeft.runtime import quiet_libraries
+from fedpeft.server import run_server
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    quiet_libraries()
+    run_server(grid, dict(context.run_config))
