@@ -56,7 +56,7 @@ class RunRecorder:
         atomic_write_json(self.out / "metrics.json", self.data)
 
 
-def _progress(total: int):
+def _progress():
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("[bold]federated rounds"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -75,13 +75,13 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     init = initial_adapter_state(cfg)
     model = build_model(cfg, dp=False)
     tok = models.load_tokenizer(cfg.model.name)
-    tt, ty = global_test_set(cfg.data, seed=cfg.train.seed)
+    tt, ty = global_test_set(cfg.data, seed=cfg.train.seed, num_sites=cfg.federation.num_sites)
     test_ds = training.encode(tt, ty, tok, max_length=cfg.model.max_length)
     strategy: DeltaMerge = make_strategy(cfg)
     rec = RunRecorder(out, cfg, adapter_bytes=adapters.state_bytes(init),
                       full_model_bytes=models.model_bytes(build_model(cfg, dp=False).get_base_model()))
     meta = {"labels": labels, "model": cfg.model.name, "adapter": cfg.adapter.method}
-    progress = _progress(cfg.federation.num_rounds)
+    progress = _progress()
     task = progress.add_task("", total=cfg.federation.num_rounds)
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:

@@ -42,6 +42,8 @@ def site_sizes(*, num_sites: int, mean: int, sigma: float, seed: int) -> np.ndar
 
 def make_site(site: int, num_sites: int, cfg: DataConfig, *, seed: int, data_path: str | None = None) -> SiteData:
     """The data of one site. ``data_path`` (from the node config) points at the site's own file."""
+    if not data_path and "{site}" in cfg.source:  # one file per site: data="sites/site{site}.csv"
+        data_path = cfg.source.format(site=site)
     if data_path:
         return _file_site(site, Path(data_path), cfg, seed=seed)
     if cfg.source != "notes":
@@ -58,8 +60,18 @@ def hash_seed(seed: int, site: int, part: int) -> int:
     return int(np.random.SeedSequence([seed, site, part]).generate_state(1)[0])
 
 
-def global_test_set(cfg: DataConfig, *, seed: int) -> tuple[list[str], list[int]]:
+def global_test_set(cfg: DataConfig, *, seed: int, num_sites: int = 1) -> tuple[list[str], list[int]]:
     """Server-side held-out set: balanced classes, every site style mixed, no label noise."""
+    if "{site}" in cfg.source:  # simulation with per-site files: the union of their held-out splits
+        texts, labels = [], []
+        for site in range(num_sites):
+            try:
+                d = make_site(site, num_sites, cfg, seed=seed)
+            except (OSError, ValueError):
+                continue  # that site's own run reports the error
+            texts += d.test_texts
+            labels += d.test_labels
+        return texts, labels
     if cfg.source != "notes":
         texts, labels = _pool(cfg.source, cfg)
         idx = np.random.default_rng(seed).permutation(len(texts))[: max(1, len(texts) // 10)]

@@ -1,0 +1,116 @@
+"""Merge rules against hand-computed values; the strategy drops malformed replies and goes on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from types import SimpleNamespace
+
+from flwr.app import MetricRecord, RecordDict
+
+from fedpeft.aggregation import available_merges, create_merge
+from fedpeft.config import RunConfig
+from fedpeft.federation import ReplyError, to_arrays, validate_train_reply
+from fedpeft.strategy import DeltaMerge, make_strategy
+
+GLOBAL = {"a.lora_A.weight": torch.zeros(2, 3), "head.bias": torch.zeros(2)}
+
+
+def test_fedavg_weighted_mean_hand_computed():
+    # Prepare: weights 1 and 3 -> 0.25 * d1 + 0.75 * d2
+    d1 = {"w": torch.tensor([4.0, 0.0]), "b": torch.tensor([1.0])}
+    d2 = {"w": torch.tensor([0.0, 8.0]), "b": torch.tensor([-1.0])}
+    # Execute
+    out = create_merge("fedavg")([d1, d2], [1.0, 3.0])
+    # Assert
+    torch.testing.assert_close(out["w"], torch.tensor([1.0, 6.0]), rtol=0, atol=0)
+    torch.testing.assert_close(out["b"], torch.tensor([-0.5]), rtol=0, atol=0)
+
+
+def test_merge_registry_names_unknown_rule():
+    assert "fedavg" in available_merges()
+    with pytest.raises(ValueError, match="merge='svd-magic'"):
+        create_merge("svd-magic")
+
+
+class _Reply:
+    """The part of flwr's Message the strategy reads (building real Messages needs a live run)."""
+
+    def __init__(self, content=None, *, node: int = 1, error: str | None = None) -> None:
+        self.content = content
+        self.metadata = SimpleNamespace(src_node_id=node)
+        self.error = SimpleNamespace(reason=error)
+
+    def has_error(self) -> bool:
+        return self.error.reason is not None
+
+
+def _reply(delta, *, site=0, n=10, node=1, error: str | None = None) -> _Reply:
+    if error:
+        return _Reply(node=node, error=error)
+    return _Reply(RecordDict({"arrays": to_arrays(delta), "metrics": MetricRecord({"num-examples": n, "site": site})}),
+                  node=node)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"a.lora_A.weight": torch.zeros(2, 3)}, "missing adapter keys"),
+        ({**GLOBAL, "bert.pooler.dense.weight": torch.zeros(2, 2)}, "unexpected adapter keys"),
+        ({"a.lora_A.weight": torch.zeros(3, 3), "head.bias": torch.zeros(2)}, r"shape \(3, 3\)"),
+        ({"a.lora_A.weight": torch.full((2, 3), float("inf")), "head.bias": torch.zeros(2)}, "NaN or Inf"),
+    ],
+)
+def test_validate_rejects_malformed_updates(bad, message):
+    content = RecordDict({"arrays": to_arrays(bad), "metrics": MetricRecord({"num-examples": 5, "site": 0})})
+    with pytest.raises(ReplyError, match=message):
+        validate_train_reply(content, expected=GLOBAL)
+
+
+def test_validate_rejects_bad_example_count():
+    content = RecordDict({"arrays": to_arrays(GLOBAL), "metrics": MetricRecord({"num-examples": 0, "site": 0})})
+    with pytest.raises(ReplyError, match="num-examples=0"):
+        validate_train_reply(content, expected=GLOBAL)
+
+
+def _strategy(min_valid: int = 1) -> DeltaMerge:
+    s = DeltaMerge(min_train_nodes=1, min_available_nodes=1)
+    s.set_merge("fedavg", min_valid_replies=min_valid)
+    s._global = {k: v.clone() for k, v in GLOBAL.items()}
+    return s
+
+
+def test_strategy_drops_malformed_and_failed_replies_and_merges_the_rest():
+    # Prepare
+    good1 = {k: torch.ones_like(v) for k, v in GLOBAL.items()}
+    good2 = {k: 3 * torch.ones_like(v) for k, v in GLOBAL.items()}
+    bad = {"a.lora_A.weight": torch.zeros(9, 9), "head.bias": torch.zeros(2)}
+    replies = [_reply(good2, site=2, n=30), _reply(bad, site=1), _reply(good1, site=0, n=10),
+               _reply(good1, error="site 3: cannot load data (missing.csv): file not found")]
+    strategy = _strategy()
+    # Execute
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    # Assert: (10*1 + 30*3)/40 = 2.5 on every element; two rejections recorded with reasons
+    new = arrays.to_torch_state_dict()
+    torch.testing.assert_close(new["head.bias"], torch.full((2,), 2.5), rtol=0, atol=0)
+    log = strategy.rounds[1]
+    assert sorted(log.train) == [0, 2] and len(log.rejected) == 2
+    assert any("shape (9, 9)" in r for r in log.rejected)
+    assert any("site 3: cannot load data" in r for r in log.rejected)
+    assert metrics["sites"] == 2
+
+
+def test_strategy_skips_round_below_minimum():
+    strategy = _strategy(min_valid=2)
+    arrays, metrics = strategy.aggregate_train(1, [_reply(GLOBAL, site=0)])
+    assert arrays is None and metrics is None and strategy.rounds[1].skipped
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"])
+def test_make_strategy_builds_flower_strategies_over_deltas(name):
+    from fedpeft.config import FederationConfig
+
+    cfg = RunConfig(federation=FederationConfig(strategy=name, num_sites=3))
+    s = make_strategy(cfg)
+    assert isinstance(s, DeltaMerge)
+    assert s.merge_name == "fedavg"

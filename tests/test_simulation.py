@@ -1,0 +1,93 @@
+"""End to end on the `smoke` preset in Flower's Simulation Engine (Ray): slow, still in the suite."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from fedpeft import models
+from fedpeft.cli import simulate, simulation_config
+from fedpeft.config import from_run_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    flat = simulation_config("smoke", None, str(out))
+    return out, flat, simulate(flat)
+
+
+def test_smoke_learns_and_writes_every_artifact(smoke_run):
+    out, flat, metrics = smoke_run
+    cfg = from_run_config(flat)
+    rounds = metrics["rounds"]
+    # metrics.json: round 0 (initial) + every round, every site with accuracy and epsilon
+    assert [r["round"] for r in rounds] == list(range(cfg.federation.num_rounds + 1))
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    for r in rounds[1:]:
+        assert sorted(r["sites"], key=int) == [str(s) for s in range(cfg.federation.num_sites)]
+        for m in r["sites"].values():
+            assert 0 < m["epsilon"] <= cfg.privacy.target_epsilon and 0 <= m["accuracy"] <= 1
+        assert r["bytes_up"] == cfg.federation.num_sites * metrics["adapter_bytes"] == r["bytes_down"]
+    # epsilon grows round over round for every site
+    for s in rounds[1]["sites"]:
+        assert rounds[-1]["sites"][s]["epsilon"] > rounds[1]["sites"][s]["epsilon"]
+    # learning: the last round beats round 0 on the global test set
+    assert rounds[-1]["global"]["accuracy"] > rounds[0]["global"]["accuracy"] + 0.05
+    for name in ("accuracy.png", "epsilon.png", "split.png"):
+        assert (out / "plots" / name).stat().st_size > 5_000
+
+
+def test_smoke_adapter_loads_with_peft(smoke_run):
+    out, flat, metrics = smoke_run
+    cfg = from_run_config(flat)
+    base = models.load_base_model(cfg.model, num_labels=len(cfg.data.label_list), labels=cfg.data.label_list)
+    model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    tok = models.load_tokenizer(cfg.model.name)
+    enc = tok(["45 year old man presenting with chest pain, palpitations."], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+    assert logits.shape == (1, len(cfg.data.label_list)) and torch.isfinite(logits).all()
+    ckpt = sorted((out / "checkpoints").iterdir())
+    assert [p.name for p in ckpt] == [f"round-{r:03d}" for r in range(cfg.federation.num_rounds + 1)]
+    # the final adapter is the last checkpoint
+    a = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert a == (ckpt[-1] / "adapter_model.safetensors").read_bytes()
+
+
+def test_same_seed_gives_bitwise_the_same_global_adapter(tmp_path, smoke_run):
+    out, flat, metrics = smoke_run
+    again = simulate({**flat, "out-dir": str(tmp_path / "again")})
+    assert again["rounds"][-1]["global"] == metrics["rounds"][-1]["global"]
+    assert (tmp_path / "again" / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (out / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_site_with_malformed_data_is_reported_and_the_run_goes_on(tmp_path):
+    # Prepare: per-site CSV files; site 1's file has a label no site agreed on
+    import csv
+
+    from fedpeft.data.notes import LABELS, generate_notes
+
+    for site in (0, 2):
+        texts, ys = generate_notes(n=60, seed=site)
+        with open(tmp_path / f"site{site}.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["text", "label"])
+            w.writerows((t, LABELS[y]) for t, y in zip(texts, ys))
+    (tmp_path / "site1.csv").write_text("text,label\nchest pain,oncology\n")
+    flat = simulation_config("smoke", [f"data='{tmp_path}/site{{site}}.csv'", f"labels='{','.join(LABELS)}'",
+                                       "num-server-rounds=1", "min-train-sites=2"], str(tmp_path / "out"))
+    # Execute
+    metrics = simulate(flat)
+    # Assert: the round merged sites 0 and 2; site 1's error names the site, its file and the field
+    r1 = metrics["rounds"][1]
+    assert not r1["skipped"]
+    assert {s for s, m in r1["sites"].items() if "epsilon" in m} == {"0", "2"}
+    assert any("site 1: cannot load data" in r and "site1.csv" in r and "oncology" in r for r in r1["rejected"])
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
