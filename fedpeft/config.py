@@ -43,8 +43,12 @@ class ModelConfig:
     )
     max_length: int = field(default=64, metadata=_help("tokens per note (truncation)", "max-length"))
     seed: int = field(default=0, metadata=_help("seed for randomly initialised weights (tiny model, head)", "model-seed"))
+    layers: int = field(default=0, metadata=_help("keep only the first N encoder layers (0 = all): a small, "
+                                                  "still pretrained model for smoke runs", "model-layers"))
 
     def __post_init__(self) -> None:
+        if self.layers < 0:
+            raise _bad("model-layers", self.layers, "must be >= 0")
         if not self.name:
             raise _bad("model", self.name, "must name 'minilm', 'tiny' or a model path")
         if self.max_length < 8:
@@ -113,6 +117,9 @@ class PrivacyConfig:
 class TrainConfig:
     optimizer: str = field(default="adamw", metadata=_help("local optimizer: 'adamw' or 'sgd' (momentum 0.9)", "optimizer"))
     lr: float = field(default=5e-3, metadata=_help("local learning rate (DP wants it larger)", "lr"))
+    adapter_lr_scale: float = field(default=1.0, metadata=_help(
+        "adapter (LoRA) learning rate = lr x this; the head keeps lr. Under DP a smaller value keeps "
+        "noise from eroding pretrained features while the head learns", "adapter-lr-scale"))
     batch_size: int = field(default=32, metadata=_help("expected (Poisson) batch size", "batch-size"))
     local_epochs: int = field(default=1, metadata=_help("local epochs per round", "local-epochs"))
     proximal_mu: float = field(default=0.0, metadata=_help("FedProx proximal weight (0 = off)", "proximal-mu"))
@@ -123,6 +130,8 @@ class TrainConfig:
             raise _bad("optimizer", self.optimizer, "must be 'adamw' or 'sgd'")
         if not self.lr > 0:
             raise _bad("lr", self.lr, "must be > 0")
+        if not self.adapter_lr_scale > 0:
+            raise _bad("adapter-lr-scale", self.adapter_lr_scale, "must be > 0")
         if self.batch_size < 1:
             raise _bad("batch-size", self.batch_size, "must be >= 1")
         if self.local_epochs < 1:

@@ -89,7 +89,9 @@ def load_base_model(
                 config.id2label, config.label2id = id2label, label2id
             model = BertForSequenceClassification(config)
         else:
-            extra = {"id2label": id2label, "label2id": label2id} if labels else {}
+            extra: dict = {"id2label": id2label, "label2id": label2id} if labels else {}
+            if cfg.layers:
+                extra["num_hidden_layers"] = cfg.layers
             model = AutoModelForSequenceClassification.from_pretrained(
                 resolve_model_path(cfg.name), num_labels=num_labels, **extra
             )

@@ -70,6 +70,19 @@ def plan_privacy(
                              accountant=privacy.accountant)
 
 
+def _optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """Two groups: the classification head at ``lr``, adapter tensors at ``lr * adapter_lr_scale``."""
+    head, adapter = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if "modules_to_save" in name else adapter).append(p)
+    groups = [g for g in ({"params": head, "lr": train.lr},
+                          {"params": adapter, "lr": train.lr * train.adapter_lr_scale}) if g["params"]]
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train.lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=0.0)
+
+
 def _forward_loss(model: nn.Module, batch: Sequence[torch.Tensor], device: torch.device,
                   criterion: nn.Module) -> tuple[torch.Tensor, int]:
     ids, mask, y = (t.to(device) for t in batch)
@@ -97,10 +110,7 @@ def train_local(
     torch.manual_seed(seed)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    if train.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=train.lr, momentum=0.9)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
+    optimizer = _optimizer(model, train)
     loader = DataLoader(data, batch_size=train.batch_size, shuffle=not privacy.enabled)
     criterion: nn.Module = nn.CrossEntropyLoss()
     engine = hooks = None
