@@ -43,10 +43,15 @@ class ModelConfig:
     )
     max_length: int = field(default=64, metadata=_help("tokens per note (truncation)", "max-length"))
     seed: int = field(default=0, metadata=_help("seed for randomly initialised weights (tiny model, head)", "model-seed"))
+    pooling: str = field(default="mean", metadata=_help(
+        "'mean' (masked mean of token states, as sentence-transformers trained MiniLM) or 'cls' "
+        "(transformers' standard [CLS] pooler classifier)", "pooling"))
     layers: int = field(default=0, metadata=_help("keep only the first N encoder layers (0 = all): a small, "
                                                   "still pretrained model for smoke runs", "model-layers"))
 
     def __post_init__(self) -> None:
+        if self.pooling not in ("mean", "cls"):
+            raise _bad("pooling", self.pooling, "must be 'mean' or 'cls'")
         if self.layers < 0:
             raise _bad("model-layers", self.layers, "must be >= 0")
         if not self.name:

@@ -69,4 +69,6 @@ def validate_train_reply(content: RecordDict, *, expected: Mapping[str, torch.Te
 
 
 def metric_record(values: Mapping[str, float | int]) -> MetricRecord:
-    return MetricRecord({k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    """Numbers only; non-finite values (an empty test split's accuracy) are left out, not sent as NaN."""
+    return MetricRecord({k: v for k, v in values.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})

@@ -11,14 +11,19 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    BertModel,
+    BertPreTrainedModel,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fedpeft.config import ModelConfig
 
@@ -70,6 +75,35 @@ def tiny_bert_config(num_labels: int, vocab_size: int = 30522) -> BertConfig:
     )
 
 
+class BertMeanPoolForSequenceClassification(BertPreTrainedModel):
+    """BERT with a linear head on the masked mean of the last hidden states.
+
+    transformers' BERT classifier reads the [CLS] pooler, which sentence-transformers models such
+    as all-MiniLM-L6-v2 never trained; their mean-pooled features are what they were trained for
+    (a linear probe on them needs ~4x smaller weights), which matters under DP where every
+    step is noisy. Written here because transformers has no mean-pooling BERT classifier.
+    """
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                           token_type_ids=token_type_ids).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        logits = self.classifier(self.dropout(pooled))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
 def load_base_model(
     cfg: ModelConfig, *, num_labels: int, labels: list[str] | None = None
 ) -> PreTrainedModel:
@@ -83,18 +117,22 @@ def load_base_model(
     label2id = {lab: i for i, lab in enumerate(labels)} if labels else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
+        mean_pool = cfg.pooling == "mean"
         if cfg.name == TINY:
             config = tiny_bert_config(num_labels)
             if labels:
                 config.id2label, config.label2id = id2label, label2id
-            model = BertForSequenceClassification(config)
+            model = (BertMeanPoolForSequenceClassification if mean_pool else BertForSequenceClassification)(config)
         else:
             extra: dict = {"id2label": id2label, "label2id": label2id} if labels else {}
             if cfg.layers:
                 extra["num_hidden_layers"] = cfg.layers
-            model = AutoModelForSequenceClassification.from_pretrained(
-                resolve_model_path(cfg.name), num_labels=num_labels, **extra
-            )
+            path = resolve_model_path(cfg.name)
+            if mean_pool and AutoConfig.from_pretrained(path).model_type != "bert":
+                raise ValueError(f"pooling='mean' supports BERT-family models; model={cfg.name!r} is not one "
+                                 "(use pooling='cls')")
+            cls = BertMeanPoolForSequenceClassification if mean_pool else AutoModelForSequenceClassification
+            model = cls.from_pretrained(path, num_labels=num_labels, **extra)
     model.eval()
     return model
 

@@ -17,7 +17,7 @@ from fedpeft.config import RunConfig, from_run_config, to_run_config
 from fedpeft.data.sites import global_test_set, make_site, split_counts
 from fedpeft.federation import config_record, from_arrays, to_arrays
 from fedpeft.io import atomic_write_json
-from fedpeft.site import build_model, initial_adapter_state
+from fedpeft.site import base_model, build_model, initial_adapter_state
 from fedpeft.strategy import DeltaMerge, RoundLog, make_strategy
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class RunRecorder:
             for s, m in rlog.train.items():
                 sites.setdefault(str(s), {}).update(
                     {"epsilon": m.get("epsilon", 0.0), "train_loss": m.get("train-loss"),
+                     "local_accuracy": m.get("local-accuracy"),
                      "bytes_up": m.get("bytes-up"), "steps": m.get("steps"), "num_examples": m.get("num-examples")})
             for s, m in rlog.evaluate.items():
                 sites.setdefault(str(s), {}).update({"accuracy": m.get("accuracy"), "eval_loss": m.get("loss")})
@@ -79,7 +80,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     test_ds = training.encode(tt, ty, tok, max_length=cfg.model.max_length)
     strategy: DeltaMerge = make_strategy(cfg)
     rec = RunRecorder(out, cfg, adapter_bytes=adapters.state_bytes(init),
-                      full_model_bytes=models.model_bytes(build_model(cfg, dp=False).get_base_model()))
+                      full_model_bytes=models.model_bytes(base_model(cfg)))
     meta = {"labels": labels, "model": cfg.model.name, "adapter": cfg.adapter.method}
     progress = _progress()
     task = progress.add_task("", total=cfg.federation.num_rounds)
@@ -102,7 +103,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
                                 evaluate_fn=evaluate_fn)
 
     # Export: final adapter in PEFT format, plots
-    adapters.set_adapter_state(model, from_arrays(result.arrays))
+    final = from_arrays(result.arrays) if len(result.arrays) else init  # every round skipped: keep round 0
+    adapters.set_adapter_state(model, final)
     adapters.save_adapter(model, out / "adapter", metadata=meta)
     try:
         write_plots(out, rec.data, cfg)

@@ -28,16 +28,21 @@ class SiteError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=2)
-def _base_model(name: str, seed: int, labels: tuple[str, ...]) -> torch.nn.Module:
+def _base_model(name: str, seed: int, layers: int, pooling: str, labels: tuple[str, ...]) -> torch.nn.Module:
     from fedpeft.config import ModelConfig
 
-    return models.load_base_model(ModelConfig(name=name, seed=seed), num_labels=len(labels), labels=list(labels))
+    cfg = ModelConfig(name=name, seed=seed, layers=layers, pooling=pooling)
+    return models.load_base_model(cfg, num_labels=len(labels), labels=list(labels))
+
+
+def base_model(cfg: RunConfig) -> torch.nn.Module:
+    """This process's cached base model: read-only, copy it before wrapping."""
+    return _base_model(cfg.model.name, cfg.model.seed, cfg.model.layers, cfg.model.pooling, tuple(cfg.data.label_list))
 
 
 def build_model(cfg: RunConfig, *, dp: bool) -> adapters.PeftModel:
-    """A fresh adapter on the (cached, read-only) base model of this process."""
-    base = _base_model(cfg.model.name, cfg.model.seed, tuple(cfg.data.label_list))
-    return adapters.create_adapter(copy.deepcopy(base), cfg.adapter, dp=dp, base_name=cfg.model.name)
+    """A fresh adapter on a copy of the cached base model."""
+    return adapters.create_adapter(copy.deepcopy(base_model(cfg)), cfg.adapter, dp=dp, base_name=cfg.model.name)
 
 
 def initial_adapter_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
@@ -86,8 +91,13 @@ def site_train(
                                device=device, seed=round_seed(cfg.train.seed, site, server_round), anchor=anchor)
     local = adapters.get_adapter_state(model)
     delta = {k: local[k] - global_state[k].to(local[k].dtype) for k in local}
+    local_acc = float("nan")
+    if data.test_texts:  # the locally trained adapter on this site's own held-out notes
+        test = training.encode(data.test_texts, data.test_labels, tok, max_length=cfg.model.max_length)
+        local_acc = training.evaluate(model, test, device=device, num_labels=len(cfg.data.label_list)).accuracy
     metrics = {
         "site": float(site), "num-examples": float(len(ds)), "train-loss": res.loss, "steps": float(res.steps),
+        "local-accuracy": local_acc,
         "epsilon": res.epsilon, "bytes-up": float(adapters.state_bytes(delta)),
         "noise-multiplier": state.noise_multiplier if state else 0.0,
     }
