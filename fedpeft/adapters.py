@@ -121,7 +121,11 @@ def create_adapter(model: PreTrainedModel, cfg: AdapterConfig, *, dp: bool, base
             "Use adapter='lora', or set dp=false for a non-private baseline."
         )
     peft_config = method.build(cfg)
-    peft_model = get_peft_model(model, peft_config)
+    try:
+        peft_model = get_peft_model(model, peft_config)
+    except ValueError as e:  # peft's NoMatchingPeftModuleError: say which of our keys to change
+        raise ValueError(f"lora-target-modules={cfg.target_modules!r} lora-layers={cfg.layers!r}: "
+                         f"no module of this model matches ({e})") from e
     peft_model.peft_config["default"].base_model_name_or_path = base_name  # peft overwrites it from the model
     return peft_model
 

@@ -67,7 +67,8 @@ class AdapterConfig:
     alpha: float = field(default=16.0, metadata=_help("LoRA scaling alpha", "lora-alpha"))
     dropout: float = field(default=0.0, metadata=_help("LoRA dropout", "lora-dropout"))
     target_modules: str = field(default="query,value", metadata=_help("comma-separated module names", "lora-target-modules"))
-    layers: str = field(default="", metadata=_help("comma-separated layer indices to adapt ('' = all)", "lora-layers"))
+    layers: str = field(default="4,5", metadata=_help("comma-separated layer indices to adapt ('' = all); "
+                        "the top layers of MiniLM by default: backward stops there (faster)", "lora-layers"))
     use_rslora: bool = field(default=False, metadata=_help("rank-stabilised LoRA scaling alpha/sqrt(r)", "rslora"))
 
     def __post_init__(self) -> None:
@@ -121,12 +122,12 @@ class PrivacyConfig:
 @dataclass
 class TrainConfig:
     optimizer: str = field(default="adamw", metadata=_help("local optimizer: 'adamw' or 'sgd' (momentum 0.9)", "optimizer"))
-    lr: float = field(default=5e-3, metadata=_help("local learning rate (DP wants it larger)", "lr"))
-    adapter_lr_scale: float = field(default=1.0, metadata=_help(
+    lr: float = field(default=0.1, metadata=_help("local learning rate of the head (DP wants it large)", "lr"))
+    adapter_lr_scale: float = field(default=0.1, metadata=_help(
         "adapter (LoRA) learning rate = lr x this; the head keeps lr. Under DP a smaller value keeps "
         "noise from eroding pretrained features while the head learns", "adapter-lr-scale"))
-    batch_size: int = field(default=32, metadata=_help("expected (Poisson) batch size", "batch-size"))
-    local_epochs: int = field(default=1, metadata=_help("local epochs per round", "local-epochs"))
+    batch_size: int = field(default=128, metadata=_help("expected (Poisson) batch size; large batches cut DP noise per step", "batch-size"))
+    local_epochs: int = field(default=2, metadata=_help("local epochs per round", "local-epochs"))
     proximal_mu: float = field(default=0.0, metadata=_help("FedProx proximal weight (0 = off)", "proximal-mu"))
     seed: int = field(default=0, metadata=_help("run seed: data order, DP noise, sampling", "seed"))
 

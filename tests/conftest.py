@@ -32,7 +32,7 @@ def tokenizer():
 
 def make_tiny_lora(*, dp: bool = True, rank: int = 4, seed: int = 0, method: str = "lora"):
     base = models.load_base_model(ModelConfig(name="tiny", seed=seed), num_labels=NUM_LABELS)
-    return adapters.create_adapter(base, AdapterConfig(method=method, rank=rank), dp=dp, base_name="tiny")
+    return adapters.create_adapter(base, AdapterConfig(method=method, rank=rank, layers=""), dp=dp, base_name="tiny")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from fedpeft.config import from_run_config
 from fedpeft.privacy.accountant import PrivacyState
 from fedpeft.site import SiteError, build_model, initial_adapter_state, site_evaluate, site_train
 
-TINY = {"model": "tiny", "notes-per-site": 40, "test-per-site": 10, "num-server-rounds": 2, "batch-size": 16}
+TINY = {"model": "tiny", "lora-layers": "", "lr": 0.01, "adapter-lr-scale": 1.0, "notes-per-site": 40, "test-per-site": 10, "num-server-rounds": 2, "batch-size": 16}
 
 
 def test_only_adapter_delta_leaves_the_site():
