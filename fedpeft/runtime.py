@@ -17,7 +17,8 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*(Secure RNG|Full backward hook|Optimal order|renamed from).*")
+    noise = "Secure RNG|Full backward hook|Optimal order|renamed from|Could not find a config file"
+    warnings.filterwarnings("ignore", message=f".*({noise}).*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("peft").setLevel(logging.ERROR)
 

@@ -81,7 +81,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     strategy: DeltaMerge = make_strategy(cfg)
     rec = RunRecorder(out, cfg, adapter_bytes=adapters.state_bytes(init),
                       full_model_bytes=models.model_bytes(base_model(cfg)))
-    meta = {"labels": labels, "model": cfg.model.name, "adapter": cfg.adapter.method}
+    meta = {"labels": labels, "model": cfg.model.name, "model-layers": cfg.model.layers,
+            "pooling": cfg.model.pooling, "adapter": cfg.adapter.method}
     progress = _progress()
     task = progress.add_task("", total=cfg.federation.num_rounds)
 

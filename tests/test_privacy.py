@@ -150,3 +150,20 @@ def test_dp_step_clipped_gradients_equal_brute_force_loop(tiny_dataset):
     for p, b in zip(params, brute):
         torch.testing.assert_close(p.grad, b, rtol=1e-9, atol=1e-12)
     hooks.cleanup()
+
+
+def test_privacy_state_store_round_trip_and_refuses_corrupt_file(tmp_path):
+    from fedpeft.privacy.store import load_state_json, save_state_json, state_path
+
+    # Prepare
+    state = new_privacy_state(target_epsilon=2.0, target_delta=1e-5, max_grad_norm=1.0, sample_rate=0.5,
+                              planned_steps=4)
+    state.history = [(state.noise_multiplier, 0.5, 2)]
+    # Execute / Assert
+    assert load_state_json(tmp_path, 3) is None
+    save_state_json(tmp_path, 3, state.to_json())
+    assert PrivacyState.from_json(load_state_json(tmp_path, 3)) == state
+    assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
+    state_path(tmp_path, 3).write_text('{"noise_multiplier": 1.0')
+    with pytest.raises(ValueError, match="privacy-site3.json: privacy state is unreadable"):
+        load_state_json(tmp_path, 3)

@@ -11,6 +11,7 @@ from peft import PeftModel
 from fedpeft import models
 from fedpeft.cli import simulate, simulation_config
 from fedpeft.config import from_run_config
+from fedpeft.export import load_classifier
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +54,8 @@ def test_smoke_adapter_loads_with_peft(smoke_run):
     with torch.no_grad():
         logits = model(**enc).logits
     assert logits.shape == (1, len(cfg.data.label_list)) and torch.isfinite(logits).all()
+    with torch.no_grad():  # the one-line loader builds the same model from fedpeft.json
+        torch.testing.assert_close(load_classifier(out / "adapter")(**enc).logits, logits, rtol=0, atol=0)
     ckpt = sorted((out / "checkpoints").iterdir())
     assert [p.name for p in ckpt] == [f"round-{r:03d}" for r in range(cfg.federation.num_rounds + 1)]
     # the final adapter is the last checkpoint

@@ -37,7 +37,7 @@ def main() -> None:
     base = models.load_base_model(ModelConfig(name="minilm"), num_labels=7)
     full_bytes = models.model_bytes(base)
     train = TrainConfig(batch_size=batch, local_epochs=1, lr=5e-3)
-    acfg = AdapterConfig(rank=8, target_modules="query,value")
+    acfg = AdapterConfig(rank=8, target_modules="query,value", layers="")  # all 6 layers, as the issue asks
 
     def run(dp: bool) -> float:
         model = adapters.create_adapter(models.load_base_model(ModelConfig(name="minilm"), num_labels=7), acfg,
