@@ -57,6 +57,7 @@ def simulate(flat: dict[str, Any]) -> dict[str, Any]:
     from server.server_app import app as server_app
 
     quiet_libraries()
+    logging.getLogger("flwr").propagate = False  # Flower prints its own lines; no second copy via root
     cfg = from_run_config(flat)
     gpus = 0.0
     if torch.cuda.is_available():

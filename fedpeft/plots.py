@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 MAX_LINES = 12  # per-site lines beyond this would be unreadable
 
@@ -36,6 +37,7 @@ def plot_accuracy(metrics: dict[str, Any], path: Path) -> None:
         xs, ys = zip(*per_site[s])
         ax.plot(xs, ys, "-", alpha=0.6, lw=1, label=f"site {s} (local test)")
     ax.set(xlabel="round", ylabel="accuracy", title="Accuracy per round", ylim=(0, 1))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     _save(fig, path)
@@ -53,7 +55,8 @@ def plot_epsilon(metrics: dict[str, Any], path: Path, *, target: float | None) -
         ax.plot(xs, ys, "-o", ms=3, label=f"site {s}")
     if target is not None:
         ax.axhline(target, color="r", ls="--", label=f"budget eps={target:g}")
-    ax.set(xlabel="round", ylabel="epsilon spent (cumulative)", title="Privacy spent per site")
+    ax.set(xlabel="round", ylabel="epsilon spent (cumulative)", title="Privacy spent per site", ylim=(0, None))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     _save(fig, path)

@@ -72,6 +72,11 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     labels = cfg.data.label_list
     device = models.select_device()
 
+    nodes = len(list(grid.get_node_ids()))
+    if nodes and nodes != cfg.federation.num_sites:  # `flwr run` sizes the federation separately
+        log.warning("num-sites=%d but %d SuperNodes are connected; sites use their own node config "
+                    "(with `flwr run`, pass --federation-config \"num-supernodes=%d\")",
+                    cfg.federation.num_sites, nodes, cfg.federation.num_sites)
     # Prepare: global adapter, server-side test set, strategy
     init = initial_adapter_state(cfg)
     model = build_model(cfg, dp=False)
