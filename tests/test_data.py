@@ -93,3 +93,25 @@ def test_loader_errors_name_file_row_and_field(tmp_path, name, content, message)
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(DataLoadError, match=message):
         load_labelled_texts(path, labels=LAB)
+
+
+def test_pooled_file_is_dirichlet_partitioned_without_leaking_the_server_test_set(tmp_path):
+    # Prepare: one pooled CSV of generated notes
+    import csv
+
+    texts, ys = generate_notes(n=400, seed=5)
+    with open(tmp_path / "pool.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        w.writerows((f"{t} ref{i}", LABELS[y]) for i, (t, y) in enumerate(zip(texts, ys)))  # unique texts
+    cfg = DataConfig(source=str(tmp_path / "pool.csv"), labels=",".join(LABELS), dirichlet_alpha=0.3)
+    # Execute
+    sites = [make_site(s, 4, cfg, seed=0) for s in range(4)]
+    test_texts, _ = global_test_set(cfg, seed=0)
+    # Assert: disjoint partitions covering the 90 % pool; server test set is the other 10 %
+    site_texts = [t for s in sites for t in s.train_texts + s.test_texts]
+    assert len(site_texts) == 360 and len(test_texts) == 40
+    assert len(set(site_texts)) == 360 and not set(test_texts) & set(site_texts)
+    counts = split_counts(sites)
+    assert (counts.sum(axis=0) > 0).all()
+    assert np.abs(counts[:, 0] / counts[:, 0].sum() - counts[:, 1] / counts[:, 1].sum()).sum() > 0.2

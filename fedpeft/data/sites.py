@@ -73,9 +73,7 @@ def global_test_set(cfg: DataConfig, *, seed: int, num_sites: int = 1) -> tuple[
             labels += d.test_labels
         return texts, labels
     if cfg.source != "notes":
-        texts, labels = _pool(cfg.source, cfg)
-        idx = np.random.default_rng(seed).permutation(len(texts))[: max(1, len(texts) // 10)]
-        return [texts[i] for i in idx], [labels[i] for i in idx]
+        return _pool_split(cfg, seed=seed)[1]
     return generate_notes(n=cfg.global_test_size, seed=hash_seed(seed, 10**6, 3))
 
 
@@ -101,11 +99,20 @@ def _pool(source: str, cfg: DataConfig) -> tuple[list[str], list[int]]:
     return _pool_cached(source, tuple(cfg.label_list), cfg.text_column, cfg.label_column)
 
 
+def _pool_split(cfg: DataConfig, *, seed: int) -> tuple[tuple[list[str], list[int]], tuple[list[str], list[int]]]:
+    """A pooled file split once: 90 % for the sites to partition, 10 % held out for the server."""
+    texts, labels = _pool(cfg.source, cfg)
+    idx = np.random.default_rng(hash_seed(seed, 10**6, 5)).permutation(len(texts))
+    n_test = max(1, len(texts) // 10)
+    pick = lambda ids: ([texts[i] for i in ids], [labels[i] for i in ids])  # noqa: E731
+    return pick(idx[n_test:]), pick(idx[:n_test])
+
+
 def _pooled_site(site: int, num_sites: int, cfg: DataConfig, *, seed: int) -> SiteData:
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner
 
-    texts, labels = _pool(cfg.source, cfg)
+    (texts, labels), _ = _pool_split(cfg, seed=seed)
     part = DirichletPartitioner(num_partitions=num_sites, partition_by="label", alpha=cfg.dirichlet_alpha,
                                 seed=seed, min_partition_size=0, self_balancing=True)
     part.dataset = Dataset.from_dict({"text": texts, "label": labels})
