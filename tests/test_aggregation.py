@@ -114,3 +114,29 @@ def test_make_strategy_builds_flower_strategies_over_deltas(name):
     s = make_strategy(cfg)
     assert isinstance(s, DeltaMerge)
     assert s.merge_name == "fedavg"
+
+
+def test_flower_fedadam_runs_on_top_of_the_delta_merge(monkeypatch):
+    """MRO check: FedAdam's server optimiser sees global + merged delta as its aggregate."""
+    from flwr.app import ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # what a live run sets
+        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
+
+    from fedpeft.config import FederationConfig
+    from fedpeft.federation import to_arrays
+
+    # Prepare
+    cfg = RunConfig(federation=FederationConfig(strategy="fedadam", num_sites=2, min_train_sites=1, server_lr=0.1))
+    strategy = make_strategy(cfg)
+    grid = SimpleNamespace(get_node_ids=lambda: [11, 12])
+    messages = list(strategy.configure_train(1, to_arrays(GLOBAL), ConfigRecord(), grid))
+    delta = {k: torch.full_like(v, 0.5) for k, v in GLOBAL.items()}
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, [_reply(delta, site=0), _reply(delta, site=1, node=2)])
+    new = arrays.to_torch_state_dict()
+    # Assert: Adam's first step moves each coordinate by about eta (0.1) along the delta's sign,
+    # not by the raw merged delta (0.5): the FedAdam logic ran over our merge
+    assert len(messages) == 2 and strategy.rounds[1].bytes_down == 2 * sum(v.numel() * 4 for v in GLOBAL.values())
+    assert torch.all(new["head.bias"] > 0) and torch.all(new["head.bias"] < 0.5)
