@@ -3,7 +3,6 @@ turns Flower's flat kebab-case run config into them (``from_run_config``)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -310,7 +309,3 @@ def to_run_config(cfg: RunConfig) -> dict[str, Any]:
             out[f.metadata["key"]] = getattr(obj, f.name)
     return out
 
-
-def replace(cfg: RunConfig, **sections: Any) -> RunConfig:
-    """Copy with some sections replaced (``replace(cfg, privacy=PrivacyConfig(enabled=False))``)."""
-    return dataclasses.replace(cfg, **sections)
