@@ -44,3 +44,21 @@ def test_pyproject_flower_config_lists_every_key_with_the_library_defaults():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert set(declared) == set(to_run_config(RunConfig()))
     assert from_run_config(declared) == from_run_config({"preset": "hospitals"})
+
+
+def test_cli_rejects_a_bad_override_before_starting_anything(capsys):
+    from fedpeft.cli import main
+
+    code = main(["simulate", "--preset", "smoke", "--run-config", "lora-rank=0"])
+    assert code == 2
+    assert "lora-rank=0: must be >= 1" in capsys.readouterr().err
+
+
+def test_presets_are_valid_configs():
+    from fedpeft.cli import PRESET_DIR, simulation_config
+
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+    assert names == ["devices", "hospitals", "smoke"]
+    for name in names:
+        cfg = from_run_config(simulation_config(name, None, None))
+        assert cfg.preset == name and cfg.federation.out_dir == f"runs/{name}"
