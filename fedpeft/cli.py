@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -78,8 +79,6 @@ def simulate(flat: dict[str, Any]) -> dict[str, Any]:
 
         if ray.is_initialized():
             ray.shutdown()
-    import json
-
     return json.loads((Path(cfg.federation.out_dir) / "metrics.json").read_text())
 
 

@@ -102,10 +102,10 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         return MetricRecord({"accuracy": ev.accuracy, "loss": ev.loss, "macro-f1": ev.macro_f1})
 
     # Execute
-    flat = config_record(to_run_config(cfg))
-    with progress:
+    flat = to_run_config(cfg)
+    with progress:  # two records: Flower writes "server-round" into each
         result = strategy.start(grid=grid, initial_arrays=to_arrays(init), num_rounds=cfg.federation.num_rounds,
-                                train_config=flat, evaluate_config=config_record(to_run_config(cfg)),
+                                train_config=config_record(flat), evaluate_config=config_record(flat),
                                 evaluate_fn=evaluate_fn)
 
     # Export: final adapter in PEFT format, plots

@@ -126,13 +126,13 @@ def train_local(
         if privacy_state.steps_taken >= privacy_state.planned_steps:
             raise ValueError(f"privacy budget exhausted: {privacy_state.steps_taken} of "
                              f"{privacy_state.planned_steps} planned steps taken (epsilon={privacy_state.epsilon():.3f})")
-        engine = PrivacyEngine(accountant=privacy_state.accountant)
-        engine.accountant.load_state_dict(
-            {"history": list(privacy_state.history), "mechanism": engine.accountant.mechanism()}
-        )
         gen = torch.Generator().manual_seed(seed)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # "Secure RNG turned off": seeded noise is what reruns need
             warnings.simplefilter("ignore")
+            engine = PrivacyEngine(accountant=privacy_state.accountant)
+            engine.accountant.load_state_dict(
+                {"history": list(privacy_state.history), "mechanism": engine.accountant.mechanism()}
+            )
             out = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
                 noise_multiplier=privacy_state.noise_multiplier, max_grad_norm=privacy_state.max_grad_norm,
