@@ -47,6 +47,11 @@ class ModelConfig:
         "(transformers' standard [CLS] pooler classifier)", "pooling"))
     layers: int = field(default=0, metadata=_help("keep only the first N encoder layers (0 = all): a small, "
                                                   "still pretrained model for smoke runs", "model-layers"))
+    head_init: str = field(default="label-names", metadata=_help(
+        "'label-names' (zero-shot head: each class row is the encoder's embedding of head-template "
+        "filled with the label name; public, so it costs no privacy) or 'random'", "head-init"))
+    head_template: str = field(default="a clinical note from {label}", metadata=_help(
+        "text embedded per class for head-init='label-names'; must contain {label}", "head-template"))
 
     def __post_init__(self) -> None:
         if self.pooling not in ("mean", "cls"):
@@ -57,6 +62,10 @@ class ModelConfig:
             raise _bad("model", self.name, "must name 'minilm', 'tiny' or a model path")
         if self.max_length < 8:
             raise _bad("max-length", self.max_length, "must be >= 8")
+        if self.head_init not in ("label-names", "random"):
+            raise _bad("head-init", self.head_init, "must be 'label-names' or 'random'")
+        if "{label}" not in self.head_template:
+            raise _bad("head-template", self.head_template, "must contain {label}")
 
 
 @dataclass

@@ -134,7 +134,31 @@ def load_base_model(
             cls = BertMeanPoolForSequenceClassification if mean_pool else AutoModelForSequenceClassification
             model = cls.from_pretrained(path, num_labels=num_labels, **extra)
     model.eval()
+    if cfg.head_init == "label-names" and labels:
+        if not mean_pool:
+            raise ValueError(f"head-init='label-names' needs pooling='mean'; got pooling={cfg.pooling!r}")
+        label_name_head(model, load_tokenizer(cfg.name), [cfg.head_template.format(label=lab) for lab in labels])
     return model
+
+
+# Hand-written: neither transformers nor peft initialises a classifier head from label text.
+@torch.no_grad()
+def label_name_head(model: BertMeanPoolForSequenceClassification, tokenizer: PreTrainedTokenizerBase,
+                    texts: list[str], *, temperature: float = 20.0) -> None:
+    """Zero-shot head: row c is the model's own mean-pooled embedding of ``texts[c]``.
+
+    Label names are public, so this start costs no privacy, and DP fine-tuning that starts near a
+    good classifier loses far less accuracy to noise than one that starts from a random head. Rows
+    are scaled to temperature x unit / norm, so logits ~ temperature x cosine for a note embedding
+    whose norm is like the label's (sentence-transformers' similarity scale is 20).
+    """
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    hidden = model.bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    norm2 = emb.pow(2).sum(1, keepdim=True).clamp(min=1e-12)
+    model.classifier.weight.copy_(temperature * emb / norm2)
+    model.classifier.bias.zero_()
 
 
 def model_bytes(model: torch.nn.Module) -> int:

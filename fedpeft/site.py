@@ -28,16 +28,19 @@ class SiteError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=2)
-def _base_model(name: str, seed: int, layers: int, pooling: str, labels: tuple[str, ...]) -> torch.nn.Module:
+def _base_model(name: str, seed: int, layers: int, pooling: str, head_init: str, head_template: str,
+                labels: tuple[str, ...]) -> torch.nn.Module:
     from fedpeft.config import ModelConfig
 
-    cfg = ModelConfig(name=name, seed=seed, layers=layers, pooling=pooling)
+    cfg = ModelConfig(name=name, seed=seed, layers=layers, pooling=pooling, head_init=head_init,
+                      head_template=head_template)
     return models.load_base_model(cfg, num_labels=len(labels), labels=list(labels))
 
 
 def base_model(cfg: RunConfig) -> torch.nn.Module:
     """This process's cached base model: read-only, copy it before wrapping."""
-    return _base_model(cfg.model.name, cfg.model.seed, cfg.model.layers, cfg.model.pooling, tuple(cfg.data.label_list))
+    m = cfg.model
+    return _base_model(m.name, m.seed, m.layers, m.pooling, m.head_init, m.head_template, tuple(cfg.data.label_list))
 
 
 def build_model(cfg: RunConfig, *, dp: bool) -> adapters.PeftModel:

@@ -135,3 +135,43 @@ def test_lora_options_reach_peft():
     assert sum("lora_A" in k for k in keys) == 3
     pc = model.peft_config["default"]
     assert pc.r == 2 and pc.use_rslora and pc.lora_alpha == 4
+
+
+def test_label_name_head_scores_each_template_at_the_temperature(tokenizer):
+    """Oracle by hand: row c = T * e_c / |e_c|^2 and bias 0, so class c's logit on its own template is T."""
+    # Prepare
+    labels = ["cardiology", "neurology", "dermatology"]
+    cfg = ModelConfig(name="tiny", seed=0, head_init="label-names", head_template="notes on {label}")
+    model = models.load_base_model(cfg, num_labels=len(labels), labels=labels)
+    enc = tokenizer([f"notes on {lab}" for lab in labels], padding=True, return_tensors="pt")
+    # Execute
+    with torch.no_grad():
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    # Assert
+    assert torch.allclose(torch.diagonal(logits), torch.full((3,), 20.0), atol=1e-4)
+    assert torch.count_nonzero(model.classifier.bias) == 0
+    random_head = models.load_base_model(ModelConfig(name="tiny", seed=0, head_init="random"),
+                                         num_labels=len(labels), labels=labels)
+    assert not torch.equal(random_head.classifier.weight, model.classifier.weight)
+
+
+def test_label_name_head_needs_mean_pooling():
+    with pytest.raises(ValueError, match="head-init='label-names' needs pooling='mean'"):
+        models.load_base_model(ModelConfig(name="tiny", pooling="cls"), num_labels=2, labels=["a", "b"])
+
+
+def test_label_name_head_on_minilm_is_a_zero_shot_classifier():
+    """The embedded MiniLM with the label-name head, before any training, beats chance (1/7) by far."""
+    # Prepare
+    from fedpeft.config import DataConfig
+    from fedpeft.data.sites import global_test_set
+
+    data = DataConfig()
+    texts, labels = global_test_set(data, seed=0)
+    model = models.load_base_model(ModelConfig(name="minilm"), num_labels=len(data.label_list),
+                                   labels=data.label_list)
+    test = training.encode(texts[:120], labels[:120], models.load_tokenizer("minilm"), max_length=64)
+    # Execute
+    result = training.evaluate(model, test, device=CPU, num_labels=len(data.label_list))
+    # Assert
+    assert result.accuracy > 0.35

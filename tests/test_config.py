@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
         ("lora-layers", "a,b", "lora-layers='a,b'"),
         ("lr", "fast", "lr='fast': must be a number"),
         ("dp", "maybe", "dp='maybe': must be a boolean"),
+        ("head-init", "lucky", "head-init='lucky'"),
+        ("head-template", "a note", "head-template='a note': must contain {label}"),
         ("no-such-key", 1, "no-such-key=1: unknown config key"),
     ],
 )
