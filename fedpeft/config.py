@@ -64,6 +64,9 @@ class ModelConfig:
             raise _bad("max-length", self.max_length, "must be >= 8")
         if self.head_init not in ("label-names", "random"):
             raise _bad("head-init", self.head_init, "must be 'label-names' or 'random'")
+        if self.head_init == "label-names" and self.pooling != "mean":
+            raise ConfigError(f"head-init={self.head_init!r} needs pooling='mean'; got pooling={self.pooling!r} "
+                              "(set head-init='random')")
         if "{label}" not in self.head_template:
             raise _bad("head-template", self.head_template, "must contain {label}")
 

@@ -19,6 +19,6 @@ def load_classifier(path: str | Path) -> PeftModel:
                          "PeftModel.from_pretrained(base, path)")
     labels = list(meta["labels"])
     cfg = ModelConfig(name=str(meta.get("model", "minilm")), layers=int(meta.get("model-layers", 0)),
-                      pooling=str(meta.get("pooling", "mean")))
+                      pooling=str(meta.get("pooling", "mean")), head_init="random")  # the adapter holds the head
     base = load_base_model(cfg, num_labels=len(labels), labels=labels)
     return PeftModel.from_pretrained(base, str(path)).eval()

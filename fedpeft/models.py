@@ -75,6 +75,12 @@ def tiny_bert_config(num_labels: int, vocab_size: int = 30522) -> BertConfig:
     )
 
 
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean of token states (sentence-transformers' pooling for MiniLM)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
 class BertMeanPoolForSequenceClassification(BertPreTrainedModel):
     """BERT with a linear head on the masked mean of the last hidden states.
 
@@ -97,8 +103,7 @@ class BertMeanPoolForSequenceClassification(BertPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
                            token_type_ids=token_type_ids).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        pooled = mean_pool(hidden, attention_mask)
         logits = self.classifier(self.dropout(pooled))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
@@ -130,13 +135,11 @@ def load_base_model(
             path = resolve_model_path(cfg.name)
             if mean_pool and AutoConfig.from_pretrained(path).model_type != "bert":
                 raise ValueError(f"pooling='mean' supports BERT-family models; model={cfg.name!r} is not one "
-                                 "(use pooling='cls')")
+                                 "(use pooling='cls' head-init='random')")
             cls = BertMeanPoolForSequenceClassification if mean_pool else AutoModelForSequenceClassification
             model = cls.from_pretrained(path, num_labels=num_labels, **extra)
     model.eval()
     if cfg.head_init == "label-names" and labels:
-        if not mean_pool:
-            raise ValueError(f"head-init='label-names' needs pooling='mean'; got pooling={cfg.pooling!r}")
         label_name_head(model, load_tokenizer(cfg.name), [cfg.head_template.format(label=lab) for lab in labels])
     return model
 
@@ -154,8 +157,7 @@ def label_name_head(model: BertMeanPoolForSequenceClassification, tokenizer: Pre
     """
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     hidden = model.bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    emb = mean_pool(hidden, enc["attention_mask"])
     norm2 = emb.pow(2).sum(1, keepdim=True).clamp(min=1e-12)
     model.classifier.weight.copy_(temperature * emb / norm2)
     model.classifier.bias.zero_()

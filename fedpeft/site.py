@@ -8,6 +8,7 @@ The ClientApp calls these; privacy state goes in and out as JSON so it can live 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from fedpeft import adapters, models, training
-from fedpeft.config import RunConfig
+from fedpeft.config import ModelConfig, RunConfig
 from fedpeft.data.sites import SiteData, make_site
 from fedpeft.privacy.accountant import PrivacyState
 
@@ -28,19 +29,14 @@ class SiteError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=2)
-def _base_model(name: str, seed: int, layers: int, pooling: str, head_init: str, head_template: str,
-                labels: tuple[str, ...]) -> torch.nn.Module:
-    from fedpeft.config import ModelConfig
-
-    cfg = ModelConfig(name=name, seed=seed, layers=layers, pooling=pooling, head_init=head_init,
-                      head_template=head_template)
+def _base_model(model_fields: tuple, labels: tuple[str, ...]) -> torch.nn.Module:
+    cfg = ModelConfig(*model_fields)  # the config's fields as a hashable cache key
     return models.load_base_model(cfg, num_labels=len(labels), labels=list(labels))
 
 
 def base_model(cfg: RunConfig) -> torch.nn.Module:
     """This process's cached base model: read-only, copy it before wrapping."""
-    m = cfg.model
-    return _base_model(m.name, m.seed, m.layers, m.pooling, m.head_init, m.head_template, tuple(cfg.data.label_list))
+    return _base_model(dataclasses.astuple(cfg.model), tuple(cfg.data.label_list))
 
 
 def build_model(cfg: RunConfig, *, dp: bool) -> adapters.PeftModel:
