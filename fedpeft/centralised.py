@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from fedpeft import adapters, models, training
+from fedpeft import models, site, training
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import global_test_set, make_site
 
@@ -17,9 +17,9 @@ def pooled_data(cfg: RunConfig) -> tuple[list[str], list[int]]:
     texts: list[str] = []
     labels: list[int] = []
     for s in range(cfg.federation.num_sites):
-        site = make_site(s, cfg.federation.num_sites, cfg.data, seed=cfg.train.seed)
-        texts += site.train_texts
-        labels += site.train_labels
+        data = make_site(s, cfg.federation.num_sites, cfg.data, seed=cfg.train.seed)
+        texts += data.train_texts
+        labels += data.train_labels
     return texts, labels
 
 
@@ -27,13 +27,11 @@ def train_centralised(cfg: RunConfig, *, epochs: int, device: torch.device | Non
     """Train one adapter on the pooled data (DP per ``cfg.privacy``) and score it on the global test set."""
     device = device or models.select_device()
     labels = cfg.data.label_list
-    tok = models.load_tokenizer(cfg.model.name)
     texts, ys = pooled_data(cfg)
-    train_ds = training.encode(texts, ys, tok, max_length=cfg.model.max_length)
+    train_ds = site.dataset(cfg, texts, ys)
     tt, ty = global_test_set(cfg.data, seed=cfg.train.seed)
-    test_ds = training.encode(tt, ty, tok, max_length=cfg.model.max_length)
-    base = models.load_base_model(cfg.model, num_labels=len(labels), labels=labels)
-    model = adapters.create_adapter(base, cfg.adapter, dp=cfg.privacy.enabled, base_name=cfg.model.name)
+    test_ds = site.dataset(cfg, tt, ty)
+    model = site.build_model(cfg, dp=cfg.privacy.enabled)
     state = None
     if cfg.privacy.enabled:
         state = training.plan_privacy(num_examples=len(train_ds), train=cfg.train, privacy=cfg.privacy,

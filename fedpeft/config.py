@@ -139,6 +139,10 @@ class TrainConfig:
         "noise from eroding pretrained features while the head learns", "adapter-lr-scale"))
     batch_size: int = field(default=256, metadata=_help("expected (Poisson) batch size; large batches cut DP noise per step", "batch-size"))
     local_epochs: int = field(default=1, metadata=_help("local epochs per round", "local-epochs"))
+    max_physical_batch_size: int = field(default=64, metadata=_help(
+        "notes per forward pass: a batch is split, shortest notes together, into passes of at most "
+        "this many (same gradients, less padding and memory; Opacus' BatchMemoryManager idea)",
+        "max-physical-batch-size"))
     proximal_mu: float = field(default=0.0, metadata=_help("FedProx proximal weight (0 = off)", "proximal-mu"))
     seed: int = field(default=0, metadata=_help("run seed: data order, DP noise, sampling", "seed"))
 
@@ -153,6 +157,8 @@ class TrainConfig:
             raise _bad("batch-size", self.batch_size, "must be >= 1")
         if self.local_epochs < 1:
             raise _bad("local-epochs", self.local_epochs, "must be >= 1")
+        if self.max_physical_batch_size < 1:
+            raise _bad("max-physical-batch-size", self.max_physical_batch_size, "must be >= 1")
         if self.proximal_mu < 0:
             raise _bad("proximal-mu", self.proximal_mu, "must be >= 0")
 

@@ -98,15 +98,38 @@ class BertMeanPoolForSequenceClassification(BertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                           token_type_ids=token_type_ids).last_hidden_state
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
+                prefix_hidden=None, start_layer: int = 0, **kwargs):
+        """``prefix_hidden`` (the input of layer ``start_layer``, from ``prefix_states``) skips the
+        frozen layers below it; the result equals the full forward."""
+        if prefix_hidden is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones(prefix_hidden.shape[:2], dtype=torch.long, device=prefix_hidden.device)
+            hidden = self.run_layers(prefix_hidden, attention_mask, start=start_layer)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                               token_type_ids=token_type_ids).last_hidden_state
         pooled = mean_pool(hidden, attention_mask)
         logits = self.classifier(self.dropout(pooled))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, *, start: int = 0,
+                   stop: int | None = None) -> torch.Tensor:
+        """Encoder layers ``start:stop`` on ``hidden`` (BERT's additive padding mask, as its eager path)."""
+        additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for layer in self.bert.encoder.layer[start:stop]:
+            out = layer(hidden, attention_mask=additive)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    @torch.no_grad()
+    def prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, stop: int) -> torch.Tensor:
+        """Input of layer ``stop``: embeddings then the frozen layers below it (eval mode, no dropout)."""
+        hidden = self.bert.embeddings(input_ids=input_ids)
+        return self.run_layers(hidden, attention_mask, start=0, stop=stop)
 
 
 def load_base_model(

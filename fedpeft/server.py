@@ -17,7 +17,7 @@ from fedpeft.config import RunConfig, from_run_config, to_run_config
 from fedpeft.data.sites import global_test_set, make_site, split_counts
 from fedpeft.federation import config_record, from_arrays, to_arrays
 from fedpeft.io import atomic_write_json
-from fedpeft.site import base_model, build_model, initial_adapter_state
+from fedpeft.site import base_model, build_model, dataset, initial_adapter_state
 from fedpeft.strategy import DeltaMerge, RoundLog, make_strategy
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     # Prepare: global adapter, server-side test set, strategy
     init = initial_adapter_state(cfg)
     model = build_model(cfg, dp=False)
-    tok = models.load_tokenizer(cfg.model.name)
     tt, ty = global_test_set(cfg.data, seed=cfg.train.seed, num_sites=cfg.federation.num_sites)
-    test_ds = training.encode(tt, ty, tok, max_length=cfg.model.max_length)
+    test_ds = dataset(cfg, tt, ty)
     strategy: DeltaMerge = make_strategy(cfg)
     rec = RunRecorder(out, cfg, adapter_bytes=adapters.state_bytes(init),
                       full_model_bytes=models.model_bytes(base_model(cfg)))

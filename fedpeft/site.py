@@ -15,8 +15,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from torch.utils.data import TensorDataset
 
-from fedpeft import adapters, models, training
+from fedpeft import adapters, models, prefix, training
 from fedpeft.config import ModelConfig, RunConfig
 from fedpeft.data.sites import SiteData, make_site
 from fedpeft.privacy.accountant import PrivacyState
@@ -51,6 +52,25 @@ def initial_adapter_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
         return adapters.get_adapter_state(build_model(cfg, dp=False))
 
 
+_PREFIX_CACHE = prefix.PrefixCache()
+
+
+def dataset(cfg: RunConfig, texts: list[str], labels: list[int]) -> TensorDataset:
+    """Token dataset, or, when the adapter leaves the bottom layers frozen, their cached output
+    (computed once per note set in this process; see ``fedpeft.prefix``)."""
+    tok = models.load_tokenizer(cfg.model.name)
+    start = prefix.prefix_start(cfg.model, cfg.adapter)
+    if start == 0:
+        return training.encode(texts, labels, tok, max_length=cfg.model.max_length)
+    key = prefix.fingerprint(texts, labels, (dataclasses.astuple(cfg.model), tuple(cfg.data.label_list), start))
+    ds = _PREFIX_CACHE.get(key)
+    if ds is None:
+        tokens = training.encode(texts, labels, tok, max_length=cfg.model.max_length)
+        ds = prefix.compute_prefix(base_model(cfg), tokens, start_layer=start)
+        _PREFIX_CACHE.put(key, ds)
+    return ds
+
+
 def load_site(cfg: RunConfig, *, site: int, num_sites: int, data_path: str | None = None) -> SiteData:
     try:
         data = make_site(site, num_sites, cfg.data, seed=cfg.train.seed, data_path=data_path)
@@ -72,8 +92,7 @@ def site_train(
     """Train from the global adapter; return (delta = local - global, metrics, new privacy JSON)."""
     data = load_site(cfg, site=site, num_sites=num_sites, data_path=data_path)
     device = models.select_device()
-    tok = models.load_tokenizer(cfg.model.name)
-    ds = training.encode(data.train_texts, data.train_labels, tok, max_length=cfg.model.max_length)
+    ds = dataset(cfg, data.train_texts, data.train_labels)
     model = build_model(cfg, dp=cfg.privacy.enabled)
     adapters.set_adapter_state(model, global_state)
     state = None
@@ -92,7 +111,7 @@ def site_train(
     delta = {k: local[k] - global_state[k].to(local[k].dtype) for k in local}
     local_acc = float("nan")
     if data.test_texts:  # the locally trained adapter on this site's own held-out notes
-        test = training.encode(data.test_texts, data.test_labels, tok, max_length=cfg.model.max_length)
+        test = dataset(cfg, data.test_texts, data.test_labels)
         local_acc = training.evaluate(model, test, device=device, num_labels=len(cfg.data.label_list)).accuracy
     metrics = {
         "site": float(site), "num-examples": float(len(ds)), "train-loss": res.loss, "steps": float(res.steps),
@@ -109,9 +128,7 @@ def site_evaluate(
 ) -> dict[str, float]:
     """Score the global adapter on this site's own held-out notes."""
     data = load_site(cfg, site=site, num_sites=num_sites, data_path=data_path)
-    tok = models.load_tokenizer(cfg.model.name)
-    ds = training.encode(data.test_texts or data.train_texts, data.test_labels or data.train_labels, tok,
-                         max_length=cfg.model.max_length)
+    ds = dataset(cfg, data.test_texts or data.train_texts, data.test_labels or data.train_labels)
     model = build_model(cfg, dp=False)
     adapters.set_adapter_state(model, global_state)
     ev = training.evaluate(model, ds, device=models.select_device(), num_labels=len(cfg.data.label_list))

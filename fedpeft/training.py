@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedpeft.config import PrivacyConfig, TrainConfig
+from fedpeft.prefix import trim
 from fedpeft.privacy.accountant import PrivacyState, new_privacy_state
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,18 @@ def _optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=train.lr, weight_decay=0.0)
 
 
+def logits_of(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, *, start_layer: int = 0) -> torch.Tensor:
+    """Logits for token ids, or for cached layer-``start_layer`` inputs (``PrefixDataset``)."""
+    x, mask = trim(x, mask)
+    if start_layer:
+        return model(prefix_hidden=x, attention_mask=mask, start_layer=start_layer).logits
+    return model(input_ids=x, attention_mask=mask).logits
+
+
 def _forward_loss(model: nn.Module, batch: Sequence[torch.Tensor], device: torch.device,
-                  criterion: nn.Module) -> tuple[torch.Tensor, int]:
-    ids, mask, y = (t.to(device) for t in batch)
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    return criterion(logits, y), int(y.shape[0])
+                  criterion: nn.Module, start_layer: int) -> tuple[torch.Tensor, int]:
+    x, mask, y = (t.to(device) for t in batch)
+    return criterion(logits_of(model, x, mask, start_layer=start_layer), y), int(y.shape[0])
 
 
 def train_local(
@@ -144,6 +152,9 @@ def train_local(
         else:
             hooks, optimizer, loader = out
     named = dict(model.named_parameters())
+    start_layer = getattr(data, "start_layer", 0)
+    # Ghost clipping needs the whole batch in one backward pass.
+    physical = None if privacy.enabled and privacy.grad_sample_mode == "ghost" else train.max_physical_batch_size
     total, steps, seen = 0.0, 0, 0
     try:
         with warnings.catch_warnings():
@@ -158,13 +169,25 @@ def train_local(
                         steps += 1
                         continue
                     optimizer.zero_grad(set_to_none=True)
-                    loss, n = _forward_loss(model, batch, device, criterion)
-                    loss.backward()
+                    n_batch = int(batch[-1].shape[0])
+                    chunks = _length_chunks(batch, physical)
+                    for j, chunk in enumerate(chunks):
+                        loss, n = _forward_loss(model, chunk, device, criterion, start_layer)
+                        total += float(loss.item()) * n
+                        if engine is None:  # plain accumulation: weight each pass's mean into the batch mean
+                            (loss * (n / n_batch)).backward()
+                            continue
+                        # Opacus (as its BatchMemoryManager): clip this pass's per-sample grads into the
+                        # running sum and skip the step; noise is added once, on the batch's last pass.
+                        loss.backward()
+                        if j < len(chunks) - 1:
+                            optimizer.signal_skip_step(do_skip=True)
+                            optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
                     optimizer.step()
                     if anchor is not None and train.proximal_mu > 0:
                         _proximal_step(named, anchor, lr=train.lr, mu=train.proximal_mu)
-                    total += float(loss.item()) * n
-                    seen += n
+                    seen += n_batch
                     steps += 1
     finally:
         if hooks is not None and hasattr(hooks, "cleanup"):
@@ -179,6 +202,14 @@ def train_local(
                        privacy_state=new_state)
 
 
+def _length_chunks(batch: Sequence[torch.Tensor], size: int | None) -> list[tuple[torch.Tensor, ...]]:
+    """Split a batch into passes of at most ``size`` notes (None: one pass), shortest notes together."""
+    if size is None or batch[0].shape[0] <= size:
+        return [tuple(batch)]
+    order = torch.argsort(batch[1].sum(1), stable=True)
+    return [tuple(t[order[i:i + size]] for t in batch) for i in range(0, len(order), size)]
+
+
 @torch.no_grad()
 def _proximal_step(named: Mapping[str, torch.nn.Parameter], anchor: Mapping[str, torch.Tensor],
                    *, lr: float, mu: float) -> None:
@@ -190,16 +221,20 @@ def _proximal_step(named: Mapping[str, torch.nn.Parameter], anchor: Mapping[str,
 @torch.no_grad()
 def predict(model: nn.Module, data: TensorDataset, *, device: torch.device, batch_size: int = 128
             ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(predicted labels, true labels, mean loss)."""
+    """(predicted labels, true labels, mean loss), in ``data``'s order."""
     model.to(device).eval()
-    preds, ys, total = [], [], 0.0
+    x_all, mask_all, y_all = data.tensors
+    start_layer = getattr(data, "start_layer", 0)
+    order = torch.argsort(mask_all.sum(1), stable=True)  # similar lengths together: less padding
+    preds = torch.empty(len(y_all), dtype=torch.long)
+    total = 0.0
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    for ids, mask, y in DataLoader(data, batch_size=batch_size):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        total += float(criterion(logits, y.to(device)))
-        preds.append(logits.argmax(-1).cpu())
-        ys.append(y)
-    return torch.cat(preds), torch.cat(ys), total / max(len(data), 1)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        logits = logits_of(model, x_all[idx].to(device), mask_all[idx].to(device), start_layer=start_layer)
+        total += float(criterion(logits, y_all[idx].to(device)))
+        preds[idx] = logits.argmax(-1).cpu()
+    return preds, y_all.clone(), total / max(len(data), 1)
 
 
 def macro_f1(pred: torch.Tensor, true: torch.Tensor, num_labels: int) -> float:

@@ -1,0 +1,107 @@
+"""Frozen-prefix cache: the encoder layers below the first adapted layer never change during a
+run, so their output for a set of notes is computed once and reused by every epoch, round and
+evaluation.
+
+Hand-written: neither peft nor transformers caches frozen-layer activations across training
+calls. It is what lets a hospital train on ~1,000 notes for several epochs on a CPU, and DP
+accuracy grows with the notes per site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import TensorDataset
+
+from fedpeft.config import AdapterConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+CACHE_BUDGET_BYTES = 1 << 30  # per process; a 900-note site at 48 tokens x 384 dims takes ~66 MB
+PREFIX_METHODS = ("lora", "dora", "ia3")  # adapters that touch only the layers they name
+
+
+class PrefixDataset(TensorDataset):
+    """(hidden states entering layer ``start_layer``, attention mask, labels)."""
+
+    def __init__(self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *, start_layer: int) -> None:
+        super().__init__(hidden, mask, labels)
+        self.start_layer = start_layer
+
+
+def prefix_start(model: ModelConfig, adapter: AdapterConfig) -> int:
+    """First adapted layer when everything below it is frozen and cacheable, else 0 (no cache)."""
+    layers = adapter.layer_list
+    if model.pooling != "mean" or adapter.method not in PREFIX_METHODS or not layers:
+        return 0
+    return min(layers)
+
+
+def trim(ids_or_hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns no row of this batch uses (exact: padded keys are masked out)."""
+    length = max(1, int(mask.sum(1).max())) if mask.numel() else 1
+    return ids_or_hidden[:, :length], mask[:, :length]
+
+
+@torch.no_grad()
+def compute_prefix(model: torch.nn.Module, data: TensorDataset, *, start_layer: int,
+                   batch_size: int = 128) -> PrefixDataset:
+    """Run the frozen layers once over token data, batching notes of similar length together."""
+    ids, mask, labels = data.tensors
+    order = torch.argsort(mask.sum(1), stable=True)
+    hidden: torch.Tensor | None = None
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        b_ids, b_mask = trim(ids[idx], mask[idx])
+        h = model.prefix_states(b_ids, b_mask, stop=start_layer)
+        if hidden is None:
+            hidden = torch.zeros((len(ids), ids.shape[1], h.shape[-1]), dtype=h.dtype)
+        hidden[idx, :h.shape[1]] = h.cpu()
+    if hidden is None:
+        hidden = torch.zeros((0, ids.shape[1], int(model.config.hidden_size)))
+    return PrefixDataset(hidden, mask, labels, start_layer=start_layer)
+
+
+def fingerprint(texts: Sequence[str], labels: Sequence[int], key: tuple) -> str:
+    h = hashlib.sha256(repr(key).encode())
+    for t, y in zip(texts, labels, strict=True):
+        h.update(f"{y}\x00{t}\x01".encode())
+    return h.hexdigest()
+
+
+class PrefixCache:
+    """LRU of ``PrefixDataset`` by content fingerprint, bounded in bytes (one per process)."""
+
+    def __init__(self, budget_bytes: int = CACHE_BUDGET_BYTES) -> None:
+        self.budget = budget_bytes
+        self._items: OrderedDict[str, PrefixDataset] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> PrefixDataset | None:
+        with self._lock:
+            ds = self._items.get(key)
+            if ds is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
+            return ds
+
+    def put(self, key: str, ds: PrefixDataset) -> None:
+        size = ds.tensors[0].numel() * ds.tensors[0].element_size()
+        if size > self.budget:
+            return
+        with self._lock:
+            self._items[key] = ds
+            while sum(d.tensors[0].numel() * d.tensors[0].element_size() for d in self._items.values()) > self.budget:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()

@@ -1,0 +1,83 @@
+"""Frozen-prefix cache and length-split passes: the fast paths must give the slow paths' results."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fedpeft import adapters, models, prefix, training
+from fedpeft.config import AdapterConfig, ModelConfig, PrivacyConfig
+from fedpeft.privacy.accountant import new_privacy_state
+from tests.conftest import CPU, NUM_LABELS
+
+
+def _no_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # same function with and without the fast path
+    return model
+
+
+def _tiny_top_lora(*, dp: bool) -> adapters.PeftModel:
+    """LoRA on layer 1 only of the 2-layer tiny BERT: layer 0 is a cacheable frozen prefix."""
+    base = models.load_base_model(ModelConfig(name="tiny", seed=0), num_labels=NUM_LABELS)
+    torch.manual_seed(0)  # peft draws lora_A from the global generator
+    model = adapters.create_adapter(base, AdapterConfig(rank=4, layers="1"), dp=dp, base_name="tiny")
+    with torch.no_grad():  # non-zero lora_B so the adapter changes the forward pass
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+    return _no_dropout(model)
+
+
+def test_prefix_start_only_when_everything_below_is_frozen():
+    mean = ModelConfig(name="tiny")
+    assert prefix.prefix_start(mean, AdapterConfig(layers="4,5")) == 4
+    assert prefix.prefix_start(mean, AdapterConfig(layers="")) == 0  # all layers adapted
+    assert prefix.prefix_start(mean, AdapterConfig(method="bitfit", layers="4,5")) == 0  # biases everywhere
+    assert prefix.prefix_start(ModelConfig(name="tiny", pooling="cls", head_init="random"),
+                               AdapterConfig(layers="1")) == 0
+
+
+def test_cached_prefix_forward_equals_full_forward(tiny_dataset):
+    # Prepare
+    model = _tiny_top_lora(dp=False).eval()
+    ids, mask, _ = tiny_dataset.tensors
+    # Execute
+    cached = prefix.compute_prefix(model.base_model.model, tiny_dataset, start_layer=1, batch_size=5)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        fast = training.logits_of(model, cached.tensors[0], cached.tensors[1], start_layer=1)
+    # Assert: the cache holds layer 1's input for every note, in the dataset's order
+    assert cached.start_layer == 1 and cached.tensors[0].shape == (*ids.shape, 32)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    ev_full = training.evaluate(model, tiny_dataset, device=CPU, num_labels=NUM_LABELS)
+    ev_fast = training.evaluate(model, cached, device=CPU, num_labels=NUM_LABELS)
+    assert ev_fast.accuracy == ev_full.accuracy
+    assert ev_fast.loss == pytest.approx(ev_full.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_split_passes_and_prefix_give_the_same_training_step(tiny_dataset, fast_train, dp_on, dp):
+    """One logical batch as 1 pass over tokens == 3 length-sorted passes over the cached prefix
+    (same Poisson sample, same noise under DP): the split and the cache change speed, not maths."""
+    # Prepare
+    privacy = dp_on if dp else PrivacyConfig(enabled=False)
+    train = dataclasses.replace(fast_train, batch_size=len(tiny_dataset), optimizer="sgd", lr=0.5)
+    cached = prefix.compute_prefix(_tiny_top_lora(dp=False).base_model.model, tiny_dataset, start_layer=1)
+    results = []
+    for data, physical in ((tiny_dataset, 10_000), (cached, 17)):
+        model = _tiny_top_lora(dp=dp)
+        state = new_privacy_state(target_epsilon=8.0, target_delta=1e-5, max_grad_norm=0.5, sample_rate=1.0,
+                                  planned_steps=1) if dp else None
+        # Execute
+        training.train_local(model, data, train=dataclasses.replace(train, max_physical_batch_size=physical),
+                             privacy=privacy, privacy_state=state, device=CPU, seed=4)
+        results.append(adapters.get_adapter_state(model))
+    # Assert: the step moved the adapter, identically on both paths
+    moved = _tiny_top_lora(dp=False)
+    assert any(not torch.equal(results[0][k], v) for k, v in adapters.get_adapter_state(moved).items())
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-4, atol=1e-5, msg=k)
