@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,7 @@ def simulate(flat: dict[str, Any]) -> dict[str, Any]:
 
     from clients.client_app import app as client_app
     from fedpeft.config import from_run_config
+    from fedpeft.prefix import CACHE_DIR_ENV
     from fedpeft.runtime import quiet_libraries
     from server.server_app import app as server_app
 
@@ -68,6 +71,10 @@ def simulate(flat: dict[str, Any]) -> dict[str, Any]:
         "init_args": {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": True},
     }
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(flat))
+    # One frozen-prefix cache folder for every Ray worker of this run (fedpeft.prefix), removed after.
+    cache_dir = tempfile.mkdtemp(prefix="fedpeft-prefix-")
+    previous_cache = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = cache_dir
     try:
         _run_simulation(
             num_supernodes=cfg.federation.num_sites, client_app=client_app, server_app=server_app,
@@ -79,6 +86,11 @@ def simulate(flat: dict[str, Any]) -> dict[str, Any]:
 
         if ray.is_initialized():
             ray.shutdown()
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        if previous_cache is None:
+            os.environ.pop(CACHE_DIR_ENV, None)
+        else:
+            os.environ[CACHE_DIR_ENV] = previous_cache
     return json.loads((Path(cfg.federation.out_dir) / "metrics.json").read_text())
 
 

@@ -11,18 +11,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 from torch.utils.data import TensorDataset
 
 from fedpeft.config import AdapterConfig, ModelConfig
+from fedpeft.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 CACHE_BUDGET_BYTES = 1 << 30  # per process; a 900-note site at 48 tokens x 384 dims takes ~66 MB
+CACHE_DIR_ENV = "FEDPEFT_PREFIX_CACHE"
 PREFIX_METHODS = ("lora", "dora", "ia3")  # adapters that touch only the layers they name
 
 
@@ -74,8 +80,18 @@ def fingerprint(texts: Sequence[str], labels: Sequence[int], key: tuple) -> str:
     return h.hexdigest()
 
 
+def _nbytes(ds: PrefixDataset) -> int:
+    return ds.tensors[0].numel() * ds.tensors[0].element_size()
+
+
 class PrefixCache:
-    """LRU of ``PrefixDataset`` by content fingerprint, bounded in bytes (one per process)."""
+    """LRU of ``PrefixDataset`` by content fingerprint, bounded in bytes (one per process).
+
+    With ``$FEDPEFT_PREFIX_CACHE`` set to a folder, entries are also kept there as safetensors
+    (atomic writes), so processes that share the folder share the work: ``fedpeft simulate``
+    points its Ray workers at one temporary folder and deletes it afterwards. The files hold
+    activations of the site's own notes: keep such a folder on the site, like the notes.
+    """
 
     def __init__(self, budget_bytes: int = CACHE_BUDGET_BYTES) -> None:
         self.budget = budget_bytes
@@ -83,23 +99,49 @@ class PrefixCache:
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
+    @staticmethod
+    def _file(key: str) -> Path | None:
+        folder = os.environ.get(CACHE_DIR_ENV)
+        return Path(folder) / f"{key}.safetensors" if folder else None
+
     def get(self, key: str) -> PrefixDataset | None:
         with self._lock:
             ds = self._items.get(key)
             if ds is not None:
                 self._items.move_to_end(key)
                 self.hits += 1
+                return ds
+        path = self._file(key)
+        if path is not None and path.exists():
+            try:
+                t = load_file(str(path))
+                with safe_open(str(path), framework="pt") as fh:
+                    start = int(fh.metadata()["start_layer"])
+                ds = PrefixDataset(t["hidden"], t["mask"], t["labels"], start_layer=start)
+            except Exception as e:  # a damaged cache file is recomputed, never trusted
+                log.warning("prefix cache %s unreadable (%s); recomputing", path, e)
             else:
-                self.misses += 1
-            return ds
+                self._remember(key, ds)
+                self.hits += 1
+                return ds
+        self.misses += 1
+        return None
 
     def put(self, key: str, ds: PrefixDataset) -> None:
-        size = ds.tensors[0].numel() * ds.tensors[0].element_size()
-        if size > self.budget:
+        self._remember(key, ds)
+        path = self._file(key)
+        if path is not None:
+            hidden, mask, labels = (t.contiguous() for t in ds.tensors)
+            data = save({"hidden": hidden, "mask": mask, "labels": labels},
+                        metadata={"start_layer": str(ds.start_layer)})
+            atomic_write_bytes(path, data)
+
+    def _remember(self, key: str, ds: PrefixDataset) -> None:
+        if _nbytes(ds) > self.budget:
             return
         with self._lock:
             self._items[key] = ds
-            while sum(d.tensors[0].numel() * d.tensors[0].element_size() for d in self._items.values()) > self.budget:
+            while sum(_nbytes(d) for d in self._items.values()) > self.budget:
                 self._items.popitem(last=False)
 
     def clear(self) -> None:

@@ -81,3 +81,20 @@ def test_split_passes_and_prefix_give_the_same_training_step(tiny_dataset, fast_
     assert any(not torch.equal(results[0][k], v) for k, v in adapters.get_adapter_state(moved).items())
     for k in results[0]:
         torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_disk_cache_is_shared_between_processes_and_damage_is_recomputed(tmp_path, monkeypatch, tiny_dataset):
+    # Prepare: one process computes and stores
+    monkeypatch.setenv(prefix.CACHE_DIR_ENV, str(tmp_path))
+    cached = prefix.compute_prefix(_tiny_top_lora(dp=False).base_model.model, tiny_dataset, start_layer=1)
+    prefix.PrefixCache().put("k1", cached)
+    # Execute: a fresh cache (another process) reads it back
+    other = prefix.PrefixCache()
+    got = other.get("k1")
+    # Assert
+    assert got is not None and got.start_layer == 1 and other.hits == 1
+    for a, b in zip(got.tensors, cached.tensors):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.glob("*.tmp"))  # atomic write left no temp file
+    (tmp_path / "k1.safetensors").write_bytes(b"not safetensors")
+    assert prefix.PrefixCache().get("k1") is None  # damaged: recomputed by the caller, never trusted

@@ -13,9 +13,10 @@ from fedpeft.site import SiteError, build_model, initial_adapter_state, site_eva
 TINY = {"model": "tiny", "lora-layers": "", "lr": 0.01, "adapter-lr-scale": 1.0, "notes-per-site": 40, "test-per-site": 10, "num-server-rounds": 2, "batch-size": 16}
 
 
-def test_only_adapter_delta_leaves_the_site():
+@pytest.mark.parametrize("layers", ["", "1"])  # "1": layer 0 is a frozen prefix, served from the cache
+def test_only_adapter_delta_leaves_the_site(layers):
     # Prepare
-    cfg = from_run_config(TINY)
+    cfg = from_run_config({**TINY, "lora-layers": layers})
     glob = initial_adapter_state(cfg)
     model = build_model(cfg, dp=True)
     trainable = {n.replace(".default", "") for n, p in model.named_parameters() if p.requires_grad}
