@@ -78,8 +78,9 @@ class AdapterConfig:
     alpha: float = field(default=16.0, metadata=_help("LoRA scaling alpha", "lora-alpha"))
     dropout: float = field(default=0.0, metadata=_help("LoRA dropout", "lora-dropout"))
     target_modules: str = field(default="query,value", metadata=_help("comma-separated module names", "lora-target-modules"))
-    layers: str = field(default="4,5", metadata=_help("comma-separated layer indices to adapt ('' = all); "
-                        "the top layers of MiniLM by default: backward stops there (faster)", "lora-layers"))
+    layers: str = field(default="5", metadata=_help("comma-separated layer indices to adapt ('' = all); "
+                        "MiniLM's top layer by default: the frozen layers below it run once per note set "
+                        "(fedpeft.prefix) and backward stops there", "lora-layers"))
     use_rslora: bool = field(default=False, metadata=_help("rank-stabilised LoRA scaling alpha/sqrt(r)", "rslora"))
 
     def __post_init__(self) -> None:
@@ -138,7 +139,7 @@ class TrainConfig:
         "adapter (LoRA) learning rate = lr x this; the head keeps lr. Under DP a smaller value keeps "
         "noise from eroding pretrained features while the head learns", "adapter-lr-scale"))
     batch_size: int = field(default=256, metadata=_help("expected (Poisson) batch size; large batches cut DP noise per step", "batch-size"))
-    local_epochs: int = field(default=1, metadata=_help("local epochs per round", "local-epochs"))
+    local_epochs: int = field(default=2, metadata=_help("local epochs per round", "local-epochs"))
     max_physical_batch_size: int = field(default=64, metadata=_help(
         "notes per forward pass: a batch is split, shortest notes together, into passes of at most "
         "this many (same gradients, less padding and memory; Opacus' BatchMemoryManager idea)",
@@ -166,7 +167,7 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     source: str = field(default="notes", metadata=_help("'notes' (embedded generator) or a CSV/JSONL/datasets path", "data"))
-    notes_per_site: int = field(default=300, metadata=_help("mean training notes per site (generator)", "notes-per-site"))
+    notes_per_site: int = field(default=900, metadata=_help("mean training notes per site (generator)", "notes-per-site"))
     test_per_site: int = field(default=40, metadata=_help("held-out notes per site (generator)", "test-per-site"))
     global_test_size: int = field(default=400, metadata=_help("server-side global test notes", "global-test-size"))
     dirichlet_alpha: float = field(default=1.0, metadata=_help("label skew: Dirichlet alpha (small = skewed)", "dirichlet-alpha"))
@@ -203,7 +204,7 @@ class DataConfig:
 @dataclass
 class FederationConfig:
     num_sites: int = field(default=8, metadata=_help("virtual sites (SuperNodes) in a simulation", "num-sites"))
-    num_rounds: int = field(default=3, metadata=_help("server rounds", "num-server-rounds"))
+    num_rounds: int = field(default=5, metadata=_help("server rounds", "num-server-rounds"))
     fraction_train: float = field(default=1.0, metadata=_help("fraction of sites sampled per round", "fraction-train"))
     fraction_evaluate: float = field(default=1.0, metadata=_help("fraction of sites for federated eval", "fraction-evaluate"))
     min_train_sites: int = field(default=2, metadata=_help("fewest valid replies that make a round", "min-train-sites"))
