@@ -48,6 +48,12 @@ def prefix_start(model: ModelConfig, adapter: AdapterConfig) -> int:
     return min(layers)
 
 
+def length_batches(mask: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Row indices in batches of at most ``size``, shortest notes first (less padding per batch)."""
+    order = torch.argsort(mask.sum(1), stable=True)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
 def trim(ids_or_hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the padding columns no row of this batch uses (exact: padded keys are masked out)."""
     length = max(1, int(mask.sum(1).max())) if mask.numel() else 1
@@ -59,10 +65,8 @@ def compute_prefix(model: torch.nn.Module, data: TensorDataset, *, start_layer: 
                    batch_size: int = 128) -> PrefixDataset:
     """Run the frozen layers once over token data, batching notes of similar length together."""
     ids, mask, labels = data.tensors
-    order = torch.argsort(mask.sum(1), stable=True)
     hidden: torch.Tensor | None = None
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
+    for idx in length_batches(mask, batch_size):
         b_ids, b_mask = trim(ids[idx], mask[idx])
         h = model.prefix_states(b_ids, b_mask, stop=start_layer)
         if hidden is None:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedpeft.config import PrivacyConfig, TrainConfig
-from fedpeft.prefix import trim
+from fedpeft.prefix import length_batches, trim
 from fedpeft.privacy.accountant import PrivacyState, new_privacy_state
 
 log = logging.getLogger(__name__)
@@ -206,8 +206,7 @@ def _length_chunks(batch: Sequence[torch.Tensor], size: int | None) -> list[tupl
     """Split a batch into passes of at most ``size`` notes (None: one pass), shortest notes together."""
     if size is None or batch[0].shape[0] <= size:
         return [tuple(batch)]
-    order = torch.argsort(batch[1].sum(1), stable=True)
-    return [tuple(t[order[i:i + size]] for t in batch) for i in range(0, len(order), size)]
+    return [tuple(t[idx] for t in batch) for idx in length_batches(batch[1], size)]
 
 
 @torch.no_grad()
@@ -225,12 +224,10 @@ def predict(model: nn.Module, data: TensorDataset, *, device: torch.device, batc
     model.to(device).eval()
     x_all, mask_all, y_all = data.tensors
     start_layer = getattr(data, "start_layer", 0)
-    order = torch.argsort(mask_all.sum(1), stable=True)  # similar lengths together: less padding
     preds = torch.empty(len(y_all), dtype=torch.long)
     total = 0.0
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
+    for idx in length_batches(mask_all, batch_size):
         logits = logits_of(model, x_all[idx].to(device), mask_all[idx].to(device), start_layer=start_layer)
         total += float(criterion(logits, y_all[idx].to(device)))
         preds[idx] = logits.argmax(-1).cpu()
