@@ -77,7 +77,8 @@ class AdapterConfig:
     rank: int = field(default=8, metadata=_help("LoRA rank r", "lora-rank"))
     alpha: float = field(default=16.0, metadata=_help("LoRA scaling alpha", "lora-alpha"))
     dropout: float = field(default=0.0, metadata=_help("LoRA dropout", "lora-dropout"))
-    target_modules: str = field(default="query,value", metadata=_help("comma-separated module names", "lora-target-modules"))
+    target_modules: str = field(default="query,key,value", metadata=_help(
+        "comma-separated module names (attention query, key and value by default)", "lora-target-modules"))
     layers: str = field(default="5", metadata=_help("comma-separated layer indices to adapt ('' = all); "
                         "MiniLM's top layer by default: the frozen layers below it run once per note set "
                         "(fedpeft.prefix) and backward stops there", "lora-layers"))

@@ -24,10 +24,10 @@ def test_adapter_state_is_exactly_the_trainable_tensors():
     model = make_tiny_lora(rank=4)
     # Execute
     state = adapters.get_adapter_state(model)
-    # Assert: LoRA A/B on query/value of 2 layers + classifier weight/bias; no frozen base weight
+    # Assert: LoRA A/B on query/key/value (the default) of 2 layers + classifier weight/bias; no frozen base weight
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(t.numel() for t in state.values()) == trainable
-    assert len(state) == 2 * 2 * 2 + 2
+    assert len(state) == 2 * 3 * 2 + 2
     assert all(("lora_" in k) or ("classifier" in k) for k in state)
     assert not any(".default." in k for k in state)  # adapter name stripped
     assert adapters.state_bytes(state) == trainable * 4
