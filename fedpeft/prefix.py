@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch.utils.data import TensorDataset
 
 from fedpeft.config import AdapterConfig, ModelConfig
@@ -118,10 +118,9 @@ class PrefixCache:
         path = self._file(key)
         if path is not None and path.exists():
             try:
-                t = load_file(str(path))
-                with safe_open(str(path), framework="pt") as fh:
-                    start = int(fh.metadata()["start_layer"])
-                ds = PrefixDataset(t["hidden"], t["mask"], t["labels"], start_layer=start)
+                with safe_open(str(path), framework="pt") as fh:  # one read: tensors and metadata
+                    ds = PrefixDataset(fh.get_tensor("hidden"), fh.get_tensor("mask"), fh.get_tensor("labels"),
+                                       start_layer=int(fh.metadata()["start_layer"]))
             except Exception as e:  # a damaged cache file is recomputed, never trusted
                 log.warning("prefix cache %s unreadable (%s); recomputing", path, e)
             else:

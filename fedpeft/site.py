@@ -62,7 +62,7 @@ def dataset(cfg: RunConfig, texts: list[str], labels: list[int]) -> TensorDatase
     start = prefix.prefix_start(cfg.model, cfg.adapter)
     if start == 0:
         return training.encode(texts, labels, tok, max_length=cfg.model.max_length)
-    key = prefix.fingerprint(texts, labels, (dataclasses.astuple(cfg.model), tuple(cfg.data.label_list), start))
+    key = prefix.fingerprint(texts, labels, (dataclasses.astuple(cfg.model), start))  # the head is not cached
     ds = _PREFIX_CACHE.get(key)
     if ds is None:
         tokens = training.encode(texts, labels, tok, max_length=cfg.model.max_length)

@@ -177,8 +177,9 @@ def train_local(
                         if engine is None:  # plain accumulation: weight each pass's mean into the batch mean
                             (loss * (n / n_batch)).backward()
                             continue
-                        # Opacus (as its BatchMemoryManager): clip this pass's per-sample grads into the
-                        # running sum and skip the step; noise is added once, on the batch's last pass.
+                        # Opacus' skip-step (what its BatchMemoryManager drives, though that splits in arrival
+                        # order, not by length): clip this pass's per-sample grads into the running sum and
+                        # skip the step; noise is added once, on the batch's last pass.
                         loss.backward()
                         if j < len(chunks) - 1:
                             optimizer.signal_skip_step(do_skip=True)
