@@ -27,7 +27,7 @@ from fedpeft.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-CACHE_BUDGET_BYTES = 1 << 30  # per process; a 900-note site at 48 tokens x 384 dims takes ~66 MB
+CACHE_BUDGET_BYTES = 1 << 30  # per process; a 1,500-note site at 48 tokens x 384 dims takes ~110 MB
 CACHE_DIR_ENV = "FEDPEFT_PREFIX_CACHE"
 PREFIX_METHODS = ("lora", "dora", "ia3")  # adapters that touch only the layers they name
 

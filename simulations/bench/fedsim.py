@@ -21,10 +21,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="hospitals")
     ap.add_argument("--out", default="runs/bench-fedsim")
+    ap.add_argument("--run-config", action="append", default=None,
+                    help='overrides in Flower\'s syntax, e.g. "seed=1" (to check the figures on another seed)')
     ap.add_argument("--skip-centralised", action="store_true")
     args = ap.parse_args()
     quiet_libraries()
-    flat = simulation_config(args.preset, None, f"{args.out}/dp")
+    flat = simulation_config(args.preset, args.run_config, f"{args.out}/dp")
     t = time.perf_counter()
     dp = simulate(flat)
     wall = time.perf_counter() - t
