@@ -38,7 +38,7 @@ def train_centralised(cfg: RunConfig, *, epochs: int, device: torch.device | Non
                                       num_rounds=epochs)
     for epoch in range(epochs):
         res = training.train_local(model, train_ds, train=cfg.train, privacy=cfg.privacy, privacy_state=state,
-                                   device=device, seed=cfg.train.seed + epoch)
+                                   device=device, seed=cfg.train.seed + epoch, precision=cfg.model.precision)
         state = res.privacy_state
         log.info("centralised epoch %d: loss %.4f eps %.3f", epoch + 1, res.loss, res.epsilon)
-    return training.evaluate(model, test_ds, device=device, num_labels=len(labels))
+    return training.evaluate(model, test_ds, device=device, num_labels=len(labels), precision=cfg.model.precision)

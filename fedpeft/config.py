@@ -21,6 +21,9 @@ __all__ = [
 ]
 
 
+PRECISIONS = ("float32", "bfloat16")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the value."""
 
@@ -52,6 +55,10 @@ class ModelConfig:
         "filled with the label name; public, so it costs no privacy) or 'random'", "head-init"))
     head_template: str = field(default="a clinical note from {label}", metadata=_help(
         "text embedded per class for head-init='label-names'; must contain {label}", "head-template"))
+    precision: str = field(default="bfloat16", metadata=_help(
+        "compute dtype of the model's matmuls (autocast): 'bfloat16' (~2-3x faster on GPUs and on CPUs with "
+        "AVX512-BF16/AMX, slower on CPUs without) or 'float32'; adapter weights, optimizer state, "
+        "per-sample clipping and DP noise stay float32 either way", "precision"))
 
     def __post_init__(self) -> None:
         if self.pooling not in ("mean", "cls"):
@@ -67,6 +74,8 @@ class ModelConfig:
         if self.head_init == "label-names" and self.pooling != "mean":
             raise ConfigError(f"head-init={self.head_init!r} needs pooling='mean'; got pooling={self.pooling!r} "
                               "(set head-init='random')")
+        if self.precision not in PRECISIONS:
+            raise _bad("precision", self.precision, f"must be one of {', '.join(PRECISIONS)}")
         if "{label}" not in self.head_template:
             raise _bad("head-template", self.head_template, "must contain {label}")
 

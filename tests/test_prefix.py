@@ -98,3 +98,53 @@ def test_disk_cache_is_shared_between_processes_and_damage_is_recomputed(tmp_pat
     assert not list(tmp_path.glob("*.tmp"))  # atomic write left no temp file
     (tmp_path / "k1.safetensors").write_bytes(b"not safetensors")
     assert prefix.PrefixCache().get("k1") is None  # damaged: recomputed by the caller, never trusted
+
+
+def test_bfloat16_prefix_is_half_the_bytes_and_close_to_float32(tiny_dataset):
+    # Prepare
+    model = _tiny_top_lora(dp=False).eval()
+    # Execute
+    exact = prefix.compute_prefix(model.base_model.model, tiny_dataset, start_layer=1)
+    fast = prefix.compute_prefix(model.base_model.model, tiny_dataset, start_layer=1, precision="bfloat16")
+    ev_exact = training.evaluate(model, exact, device=CPU, num_labels=NUM_LABELS)
+    ev_fast = training.evaluate(model, fast, device=CPU, num_labels=NUM_LABELS, precision="bfloat16")
+    # Assert: stored in bfloat16, within bfloat16's rounding (8 bits of mantissa) of float32
+    assert fast.tensors[0].dtype == torch.bfloat16 and exact.tensors[0].dtype == torch.float32
+    assert fast.tensors[0].element_size() * 2 == exact.tensors[0].element_size()
+    err = (fast.tensors[0].float() - exact.tensors[0]).norm() / exact.tensors[0].norm()
+    assert 0 < err < 2e-2
+    assert ev_fast.loss == pytest.approx(ev_exact.loss, rel=5e-2)
+
+
+def test_bfloat16_training_clips_float32_per_sample_gradients(tiny_dataset, fast_train, dp_on, monkeypatch):
+    """Under autocast Opacus' samplers return bfloat16; the norms it clips by must be float32."""
+    from opacus.optimizers import DPOptimizer
+
+    # Prepare: record the dtype and clipped norm of every per-sample gradient Opacus clips
+    seen: list[tuple[torch.dtype, float]] = []
+    orig = DPOptimizer.clip_and_accumulate
+
+    def spy(self):
+        flat = torch.cat([g.reshape(len(g), -1) for g in self.grad_samples], dim=1)
+        norms = flat.double().norm(dim=1)
+        factor = (self.max_grad_norm / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0).double()
+        seen.append((flat.dtype, float((norms * factor).max())))
+        return orig(self)
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy)
+    cached = prefix.compute_prefix(_tiny_top_lora(dp=False).base_model.model, tiny_dataset, start_layer=1,
+                                   precision="bfloat16")
+    model = _tiny_top_lora(dp=True)
+    before = adapters.get_adapter_state(model)
+    train = dataclasses.replace(fast_train, batch_size=len(tiny_dataset), max_physical_batch_size=7)
+    state = new_privacy_state(target_epsilon=8.0, target_delta=1e-5, max_grad_norm=0.05, sample_rate=1.0,
+                              planned_steps=2)
+    # Execute
+    res = training.train_local(model, cached, train=train, privacy=dp_on, privacy_state=state, device=CPU,
+                               seed=3, precision="bfloat16")
+    # Assert: every clipped pass saw float32 per-sample gradients within C (float64 check)
+    assert seen and all(dtype == torch.float32 for dtype, _ in seen)
+    assert max(n for _, n in seen) <= 0.05 * (1 + 1e-6)
+    after = adapters.get_adapter_state(model)
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert any(not torch.equal(after[k], before[k]) for k in after) and res.epsilon > 0
