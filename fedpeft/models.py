@@ -43,10 +43,19 @@ def select_device(prefer: str | None = None) -> torch.device:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """torch's autocast for ``precision`` on ``device`` (a no-op for float32)."""
+    """torch's autocast for ``precision`` on ``device`` (a no-op for float32, and on GPUs older
+    than Ampere, which have no bfloat16: there it warns and computes in float32)."""
     if precision == "float32":
         return contextlib.nullcontext()
+    if device.type == "cuda" and precision == "bfloat16" and not torch.cuda.is_bf16_supported():
+        _warn_no_bf16()
+        return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=getattr(torch, precision))
+
+
+@functools.cache
+def _warn_no_bf16() -> None:
+    log.warning("precision='bfloat16' but this GPU has no bfloat16; computing in float32")
 
 
 def embedded_model_path() -> Path:

@@ -148,3 +148,14 @@ def test_bfloat16_training_clips_float32_per_sample_gradients(tiny_dataset, fast
     after = adapters.get_adapter_state(model)
     assert all(v.dtype == torch.float32 for v in after.values())
     assert any(not torch.equal(after[k], before[k]) for k in after) and res.epsilon > 0
+
+
+def test_autocast_falls_back_to_float32_on_gpus_without_bfloat16(monkeypatch):
+    # Prepare: a pre-Ampere GPU (no bfloat16); torch.device("cuda") needs no GPU to exist
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    # Execute
+    gpu = models.autocast(torch.device("cuda"), "bfloat16")
+    cpu = models.autocast(torch.device("cpu"), "bfloat16")
+    # Assert: no autocast on that GPU; the CPU still gets bfloat16 autocast
+    assert not isinstance(gpu, torch.autocast)
+    assert isinstance(cpu, torch.autocast) and cpu.fast_dtype == torch.bfloat16
