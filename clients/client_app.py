@@ -8,7 +8,7 @@ from flwr.clientapp import ClientApp
 from fedpeft.config import RunConfig, from_run_config
 from fedpeft.federation import ARRAYS, CONFIG, METRICS, from_arrays, metric_record, to_arrays
 from fedpeft.privacy.store import load_state_json, save_state_json
-from fedpeft.site import site_evaluate, site_train
+from fedpeft.site import check_noise_source, site_evaluate, site_train
 from fedpeft.runtime import quiet_libraries, set_threads
 
 app = ClientApp()
@@ -22,6 +22,8 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, str | N
     cfg = from_run_config(dict(msg.content[CONFIG]))
     set_threads(cfg.federation.client_cpus)
     nc = context.node_config
+    # Flower's Simulation Engine gives every virtual node a partition-id; a real SuperNode does not.
+    check_noise_source(cfg, deployed="partition-id" not in nc)
     site = int(nc.get("site-id", nc.get("partition-id", 0)))
     num = int(nc.get("num-partitions", site + 1))
     path = nc.get("data-path")

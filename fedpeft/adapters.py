@@ -108,6 +108,16 @@ register_adapter_method(
 )
 
 
+def require_dp_capable(name: str) -> None:
+    """Raise ``DPUnsupportedError`` (with the reason) for a method Opacus cannot train correctly."""
+    method = adapter_method(name)
+    if not method.dp_capable:
+        raise DPUnsupportedError(
+            f"adapter={name!r} with dp=true: {method.dp_reason}. "
+            "Use adapter='lora', or set dp=false for a non-private baseline."
+        )
+
+
 def create_adapter(model: PreTrainedModel, cfg: AdapterConfig, *, dp: bool, base_name: str) -> PeftModel:
     """Wrap ``model`` with the configured adapter; the classifier head is trained (modules_to_save).
 
@@ -115,11 +125,8 @@ def create_adapter(model: PreTrainedModel, cfg: AdapterConfig, *, dp: bool, base
     Opacus cannot train correctly.
     """
     method = adapter_method(cfg.method)
-    if dp and not method.dp_capable:
-        raise DPUnsupportedError(
-            f"adapter={cfg.method!r} with dp=true: {method.dp_reason}. "
-            "Use adapter='lora', or set dp=false for a non-private baseline."
-        )
+    if dp:
+        require_dp_capable(cfg.method)
     peft_config = method.build(cfg)
     try:
         peft_model = get_peft_model(model, peft_config)

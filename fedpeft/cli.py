@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,24 @@ def simulation_config(preset: str, overrides: list[str] | None, out: str | None)
     return to_run_config(from_run_config(flat))
 
 
+def _backend(cfg, cuda: bool) -> tuple[dict[str, Any], int]:
+    """Ray resources per virtual site, and how many sites run at once. With a GPU every site gets
+    an equal fraction of it (Ray fractional GPUs), so a GPU machine needs no flags."""
+    workers = max(1, int((os.cpu_count() or 1) / cfg.federation.client_cpus))
+    gpus = 1.0 / workers if cuda else 0.0
+    return {
+        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": gpus},
+        "init_args": {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": True},
+    }, workers
+
+
 def simulate(flat: dict[str, Any]) -> dict[str, Any]:
-    """Run ServerApp + ClientApp in Flower's Simulation Engine (Ray); always shut Ray down."""
+    """Run ServerApp + ClientApp in Flower's Simulation Engine (Ray); always shut Ray down.
+
+    The engine runs in a daemon thread (so do the threads Flower starts from it) while this one
+    waits: Ctrl-C then stops the run within seconds, shutting Ray down; the rounds already
+    completed keep their checkpoints and ``metrics.json`` (written atomically every round).
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -56,41 +73,54 @@ def simulate(flat: dict[str, Any]) -> dict[str, Any]:
 
     from clients.client_app import app as client_app
     from fedpeft.config import from_run_config
-    from fedpeft.prefix import CACHE_DIR_ENV
+    from fedpeft.prefix import CACHE_DIR_ENV, WORKERS_ENV
     from fedpeft.runtime import quiet_libraries
     from server.server_app import app as server_app
 
     quiet_libraries()
     logging.getLogger("flwr").propagate = False  # Flower prints its own lines; no second copy via root
     cfg = from_run_config(flat)
-    gpus = 0.0
-    if torch.cuda.is_available():
-        gpus = 1.0 / max(1, int((os.cpu_count() or 1) / cfg.federation.client_cpus))  # share the GPU
-    backend = {
-        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": gpus},
-        "init_args": {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": True},
-    }
+    backend, workers = _backend(cfg, torch.cuda.is_available())
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(flat))
-    # One frozen-prefix cache folder for every Ray worker of this run (fedpeft.prefix), removed after.
+    # One frozen-prefix cache folder for every Ray worker of this run (fedpeft.prefix), removed after;
+    # each worker sizes its in-memory caches to its share of the machine.
     cache_dir = tempfile.mkdtemp(prefix="fedpeft-prefix-")
-    previous_cache = os.environ.get(CACHE_DIR_ENV)
+    saved = {k: os.environ.get(k) for k in (CACHE_DIR_ENV, WORKERS_ENV)}
     os.environ[CACHE_DIR_ENV] = cache_dir
+    os.environ[WORKERS_ENV] = str(workers)
+    failure: list[BaseException] = []
+
+    def engine() -> None:
+        try:
+            _run_simulation(
+                num_supernodes=cfg.federation.num_sites, client_app=client_app, server_app=server_app,
+                backend_config=backend, server_app_context=context,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            )
+        except BaseException as e:  # handed to the waiting thread
+            failure.append(e)
+
+    thread = threading.Thread(target=engine, name="fedpeft-simulation", daemon=True)
     try:
-        _run_simulation(
-            num_supernodes=cfg.federation.num_sites, client_app=client_app, server_app=server_app,
-            backend_config=backend, server_app_context=context,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        )
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        log.warning("interrupted: stopping Ray; completed rounds are in %s", cfg.federation.out_dir)
+        raise
     finally:
         import ray
 
         if ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(cache_dir, ignore_errors=True)
-        if previous_cache is None:
-            os.environ.pop(CACHE_DIR_ENV, None)
-        else:
-            os.environ[CACHE_DIR_ENV] = previous_cache
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if failure:
+        raise failure[0]
     return json.loads((Path(cfg.federation.out_dir) / "metrics.json").read_text())
 
 
@@ -123,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # config errors: one clear line, no traceback
         print(f"fedpeft: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fedpeft: interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Flower's engine leaves ThreadPoolExecutor workers blocked on replies that will never come
+        # (Ray is gone) and the interpreter would join them at exit; everything worth keeping is on
+        # disk already (checkpoints and metrics.json are written atomically each round).
+        os._exit(130)
 
 
 if __name__ == "__main__":

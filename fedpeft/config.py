@@ -21,7 +21,8 @@ __all__ = [
 ]
 
 
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16")
+DP_NOISE = ("secret", "seeded")
 
 
 class ConfigError(ValueError):
@@ -55,10 +56,11 @@ class ModelConfig:
         "filled with the label name; public, so it costs no privacy) or 'random'", "head-init"))
     head_template: str = field(default="a clinical note from {label}", metadata=_help(
         "text embedded per class for head-init='label-names'; must contain {label}", "head-template"))
-    precision: str = field(default="bfloat16", metadata=_help(
-        "compute dtype of the model's matmuls (autocast): 'bfloat16' (~2-3x faster on GPUs and on CPUs with "
-        "AVX512-BF16/AMX, slower on CPUs without) or 'float32'; adapter weights, optimizer state, "
-        "per-sample clipping and DP noise stay float32 either way", "precision"))
+    precision: str = field(default="auto", metadata=_help(
+        "compute dtype of the model's matmuls (autocast): 'auto' (bfloat16 where the device computes it "
+        "natively: CUDA GPUs from Ampere on, x86 CPUs with AVX512-BF16 or AMX; float32 elsewhere), "
+        "'bfloat16' or 'float32'; adapter weights, optimizer state, per-sample clipping and DP noise "
+        "stay float32 either way", "precision"))
 
     def __post_init__(self) -> None:
         if self.pooling not in ("mean", "cls"):
@@ -127,6 +129,11 @@ class PrivacyConfig:
     max_grad_norm: float = field(default=1.0, metadata=_help("per-sample clipping norm C", "max-grad-norm"))
     accountant: str = field(default="rdp", metadata=_help("Opacus accountant: 'rdp' or 'prv'", "accountant"))
     grad_sample_mode: str = field(default="hooks", metadata=_help("Opacus per-sample-gradient mode", "grad-sample-mode"))
+    noise: str = field(default="secret", metadata=_help(
+        "source of DP noise and Poisson sampling: 'secret' (each site seeds them from the operating "
+        "system's entropy, never sent anywhere) or 'seeded' (from the run seed, site and round: "
+        "reproducible by anyone with the run seed, so no protection against the coordinator; for "
+        "simulations only, refused by a deployed site)", "dp-noise"))
 
     def __post_init__(self) -> None:
         if not self.target_epsilon > 0:
@@ -139,6 +146,8 @@ class PrivacyConfig:
             raise _bad("accountant", self.accountant, "must be 'rdp' or 'prv'")
         if self.grad_sample_mode not in ("hooks", "functorch", "ew", "ghost"):
             raise _bad("grad-sample-mode", self.grad_sample_mode, "must be hooks, functorch, ew or ghost")
+        if self.noise not in DP_NOISE:
+            raise _bad("dp-noise", self.noise, f"must be one of {', '.join(DP_NOISE)}")
 
 
 @dataclass
@@ -150,12 +159,13 @@ class TrainConfig:
         "noise from eroding pretrained features while the head learns", "adapter-lr-scale"))
     batch_size: int = field(default=1200, metadata=_help("expected (Poisson) batch size; large batches cut DP noise per step", "batch-size"))
     local_epochs: int = field(default=1, metadata=_help("local epochs per round", "local-epochs"))
-    max_physical_batch_size: int = field(default=64, metadata=_help(
+    max_physical_batch_size: int = field(default=0, metadata=_help(
         "notes per forward pass: a batch is split, shortest notes together, into passes of at most "
-        "this many (same gradients, less padding and memory; Opacus' BatchMemoryManager idea)",
-        "max-physical-batch-size"))
+        "this many (same gradients, less padding and memory; Opacus' BatchMemoryManager idea); "
+        "0 = auto: the whole batch on a GPU, 128 on a CPU", "max-physical-batch-size"))
     proximal_mu: float = field(default=0.0, metadata=_help("FedProx proximal weight (0 = off)", "proximal-mu"))
-    seed: int = field(default=0, metadata=_help("run seed: data order, DP noise, sampling", "seed"))
+    seed: int = field(default=0, metadata=_help(
+        "run seed: data generation and order; also DP noise and sampling only with dp-noise='seeded'", "seed"))
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "sgd"):
@@ -168,8 +178,8 @@ class TrainConfig:
             raise _bad("batch-size", self.batch_size, "must be >= 1")
         if self.local_epochs < 1:
             raise _bad("local-epochs", self.local_epochs, "must be >= 1")
-        if self.max_physical_batch_size < 1:
-            raise _bad("max-physical-batch-size", self.max_physical_batch_size, "must be >= 1")
+        if self.max_physical_batch_size < 0:
+            raise _bad("max-physical-batch-size", self.max_physical_batch_size, "must be >= 0 (0 = auto)")
         if self.proximal_mu < 0:
             raise _bad("proximal-mu", self.proximal_mu, "must be >= 0")
 
@@ -327,6 +337,24 @@ def from_run_config(flat: Mapping[str, Any], *, strict: bool = True) -> RunConfi
         kwargs[section][attr] = _coerce(key, value, ftype)
     built = {s: _SECTIONS[s](**kw) for s, kw in kwargs.items()}
     return RunConfig(preset=preset, **built)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``key=value`` overrides in Flower's ``--run-config`` syntax (TOML values; bare words are strings),
+    for tools that run without Flower installed."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        for token in item.split():
+            key, sep, value = token.partition("=")
+            if not sep or not key:
+                raise _bad("run-config", token, "must be key=value")
+            try:
+                out[key] = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                out[key] = value.strip("'\"")
+    return out
 
 
 def to_run_config(cfg: RunConfig) -> dict[str, Any]:

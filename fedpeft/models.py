@@ -42,20 +42,71 @@ def select_device(prefer: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """torch's autocast for ``precision`` on ``device`` (a no-op for float32, and on GPUs older
-    than Ampere, which have no bfloat16: there it warns and computes in float32)."""
+@functools.cache
+def cpu_has_native_bfloat16() -> bool:
+    """True on x86 CPUs with AVX512_BF16 or AMX and on Arm CPUs with BF16 (Linux ``/proc/cpuinfo``).
+
+    torch computes bfloat16 on other CPUs too, but by emulation that is slower than float32.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (CUDA: Ampere or newer)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return cpu_has_native_bfloat16()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The compute dtype for ``device``: 'auto' picks bfloat16 where it is native, else float32.
+
+    An explicit 'bfloat16' is honoured on CPUs without it (with a one-time warning that it is slow);
+    on CUDA devices without bfloat16 it falls back to float32 with a warning.
+    """
     if precision == "float32":
+        return "float32"
+    native = native_bfloat16(device)
+    if precision == "auto":
+        return "bfloat16" if native else "float32"
+    if not native:
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            _warn_once("precision='bfloat16' but this GPU has no bfloat16; computing in float32")
+            return "float32"
+        _warn_once(f"precision='bfloat16' on a {device.type} without native bfloat16: emulated, expect it to be "
+                   "several times slower than float32 (precision='auto' picks float32 here)")
+    return "bfloat16"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """torch's autocast for ``precision`` (resolved for ``device``; a no-op for float32)."""
+    resolved = resolve_precision(precision, device)
+    if resolved == "float32":
         return contextlib.nullcontext()
-    if device.type == "cuda" and precision == "bfloat16" and not torch.cuda.is_bf16_supported():
-        _warn_no_bf16()
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, precision))
+    return torch.autocast(device.type, dtype=getattr(torch, resolved))
 
 
 @functools.cache
-def _warn_no_bf16() -> None:
-    log.warning("precision='bfloat16' but this GPU has no bfloat16; computing in float32")
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+def physical_batch_size(configured: int, device: torch.device) -> int | None:
+    """Notes per forward pass: the configured size, or with 0 ('auto') the whole batch on a GPU
+    (memory is ample for one adapted layer) and 128 on a CPU (length-sorted passes pad least)."""
+    if configured > 0:
+        return configured
+    return None if device.type == "cuda" else 128
 
 
 def embedded_model_path() -> Path:

@@ -14,8 +14,9 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 CACHE_BUDGET_BYTES = 1 << 30  # per process; a 3,600-note site at 48 tokens x 384 dims in bfloat16 takes ~130 MB
 CACHE_DIR_ENV = "FEDPEFT_PREFIX_CACHE"
+CACHE_BYTES_ENV = "FEDPEFT_CACHE_BYTES"
+WORKERS_ENV = "FEDPEFT_WORKERS"
 PREFIX_METHODS = ("lora", "dora", "ia3")  # adapters that touch only the layers they name
 
 
@@ -94,6 +97,58 @@ def _nbytes(ds: PrefixDataset) -> int:
     return ds.tensors[0].numel() * ds.tensors[0].element_size()
 
 
+def memory_budget(fraction: float = 0.4) -> int:
+    """Bytes this process may keep cached: a share of the machine's memory split among the
+    workers that run at once ($FEDPEFT_WORKERS, set by ``fedpeft simulate``); $FEDPEFT_CACHE_BYTES overrides."""
+    if os.environ.get(CACHE_BYTES_ENV):
+        return int(float(os.environ[CACHE_BYTES_ENV]))
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    workers = max(1, int(os.environ.get(WORKERS_ENV, "1") or 1))
+    return int(total * fraction / workers)
+
+
+class BytesLRU:
+    """A least-recently-used map bounded by the bytes of its values (thread-safe)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Any:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: Hashable, value: Any, nbytes: int) -> None:
+        if nbytes > self.budget:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._items[key] = (value, nbytes)
+            self._bytes += nbytes
+            while self._bytes > self.budget:
+                _, (_, n) = self._items.popitem(last=False)
+                self._bytes -= n
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
 class PrefixCache:
     """LRU of ``PrefixDataset`` by content fingerprint, bounded in bytes (one per process).
 
@@ -104,10 +159,16 @@ class PrefixCache:
     """
 
     def __init__(self, budget_bytes: int = CACHE_BUDGET_BYTES) -> None:
-        self.budget = budget_bytes
-        self._items: OrderedDict[str, PrefixDataset] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lru = BytesLRU(budget_bytes)
         self.hits = self.misses = 0
+
+    @property
+    def budget(self) -> int:
+        return self._lru.budget
+
+    @budget.setter
+    def budget(self, value: int) -> None:
+        self._lru.budget = value
 
     @staticmethod
     def _file(key: str) -> Path | None:
@@ -115,12 +176,10 @@ class PrefixCache:
         return Path(folder) / f"{key}.safetensors" if folder else None
 
     def get(self, key: str) -> PrefixDataset | None:
-        with self._lock:
-            ds = self._items.get(key)
-            if ds is not None:
-                self._items.move_to_end(key)
-                self.hits += 1
-                return ds
+        ds = self._lru.get(key)
+        if ds is not None:
+            self.hits += 1
+            return ds
         path = self._file(key)
         if path is not None and path.exists():
             try:
@@ -130,14 +189,14 @@ class PrefixCache:
             except Exception as e:  # a damaged cache file is recomputed, never trusted
                 log.warning("prefix cache %s unreadable (%s); recomputing", path, e)
             else:
-                self._remember(key, ds)
+                self._lru.put(key, ds, _nbytes(ds))
                 self.hits += 1
                 return ds
         self.misses += 1
         return None
 
     def put(self, key: str, ds: PrefixDataset) -> None:
-        self._remember(key, ds)
+        self._lru.put(key, ds, _nbytes(ds))
         path = self._file(key)
         if path is not None:
             hidden, mask, labels = (t.contiguous() for t in ds.tensors)
@@ -145,14 +204,5 @@ class PrefixCache:
                         metadata={"start_layer": str(ds.start_layer)})
             atomic_write_bytes(path, data)
 
-    def _remember(self, key: str, ds: PrefixDataset) -> None:
-        if _nbytes(ds) > self.budget:
-            return
-        with self._lock:
-            self._items[key] = ds
-            while sum(_nbytes(d) for d in self._items.values()) > self.budget:
-                self._items.popitem(last=False)
-
     def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
+        self._lru.clear()

@@ -27,12 +27,14 @@ MAX_SPLIT_SITES = 40  # the split plot stays readable; 1,000-site runs plot the 
 class RunRecorder:
     """Accumulates per-round metrics and rewrites metrics.json atomically after each round."""
 
-    def __init__(self, out: Path, cfg: RunConfig, *, adapter_bytes: int, full_model_bytes: int) -> None:
+    def __init__(self, out: Path, cfg: RunConfig, *, adapter_bytes: int, full_model_bytes: int,
+                 precision: str) -> None:
         self.out = out
         self.t0 = time.time()
         self.data: dict[str, Any] = {
             "config": to_run_config(cfg), "adapter_bytes": adapter_bytes, "full_model_bytes": full_model_bytes,
-            "labels": cfg.data.label_list, "rounds": [],
+            "labels": cfg.data.label_list, "precision": precision, "dp_noise": noise_statement(cfg),
+            "rounds": [],
         }
 
     def record(self, rnd: int, ev: training.EvalResult, rlog: RoundLog | None) -> None:
@@ -44,6 +46,7 @@ class RunRecorder:
                 sites.setdefault(str(s), {}).update(
                     {"epsilon": m.get("epsilon", 0.0), "train_loss": m.get("train-loss"),
                      "local_accuracy": m.get("local-accuracy"),
+                     "precision": "bfloat16" if m.get("bfloat16") else "float32",
                      "bytes_up": m.get("bytes-up"), "steps": m.get("steps"), "num_examples": m.get("num-examples")})
             for s, m in rlog.evaluate.items():
                 sites.setdefault(str(s), {}).update({"accuracy": m.get("accuracy"), "eval_loss": m.get("loss")})
@@ -55,6 +58,17 @@ class RunRecorder:
         self.data["rounds"].append(row)
         self.data["wall_s"] = time.time() - self.t0
         atomic_write_json(self.out / "metrics.json", self.data)
+
+
+def noise_statement(cfg: RunConfig) -> dict[str, str]:
+    """How the sites' DP noise was drawn, in the words a privacy officer needs."""
+    if not cfg.privacy.enabled:
+        return {"source": "none", "statement": "no DP: no noise"}
+    if cfg.privacy.noise == "seeded":
+        return {"source": "seeded", "statement": "reproducible by anyone with the run seed — no protection "
+                "against the coordinator (simulation only)"}
+    return {"source": "secret", "statement": "each site seeds its noise and sampling from its own operating "
+            "system's entropy; nobody else can reproduce them"}
 
 
 def _progress():
@@ -83,8 +97,10 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     tt, ty = global_test_set(cfg.data, seed=cfg.train.seed, num_sites=cfg.federation.num_sites)
     test_ds = dataset(cfg, tt, ty)
     strategy: DeltaMerge = make_strategy(cfg)
+    precision = models.resolve_precision(cfg.model.precision, device)
+    log.info("compute precision: %s (precision=%r on %s)", precision, cfg.model.precision, device)
     rec = RunRecorder(out, cfg, adapter_bytes=adapters.state_bytes(init),
-                      full_model_bytes=models.model_bytes(base_model(cfg)))
+                      full_model_bytes=models.model_bytes(base_model(cfg)), precision=precision)
     meta = {"labels": labels, "model": cfg.model.name, "model-layers": cfg.model.layers,
             "pooling": cfg.model.pooling, "adapter": cfg.adapter.method}
     progress = _progress()

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedpeft import adapters, models, prefix, training
-from fedpeft.config import ModelConfig, RunConfig
+from fedpeft.config import AdapterConfig, ModelConfig, RunConfig
 from fedpeft.data.sites import SiteData, make_site
 from fedpeft.privacy.accountant import PrivacyState
 
@@ -30,19 +31,45 @@ class SiteError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=2)
-def _base_model(model_fields: tuple, labels: tuple[str, ...]) -> torch.nn.Module:
+def _base_model(model_fields: tuple, labels: tuple[str, ...], device: str) -> torch.nn.Module:
     cfg = ModelConfig(*model_fields)  # the config's fields as a hashable cache key
-    return models.load_base_model(cfg, num_labels=len(labels), labels=list(labels))
+    return models.load_base_model(cfg, num_labels=len(labels), labels=list(labels)).to(device)
 
 
 def base_model(cfg: RunConfig) -> torch.nn.Module:
-    """This process's cached base model: read-only, copy it before wrapping."""
-    return _base_model(dataclasses.astuple(cfg.model), tuple(cfg.data.label_list))
+    """This process's cached base model, on the compute device: read-only, copy it before wrapping."""
+    return _base_model(dataclasses.astuple(cfg.model), tuple(cfg.data.label_list), str(models.select_device()))
+
+
+def _new_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, labels: tuple[str, ...], *, dp: bool
+               ) -> adapters.PeftModel:
+    base = _base_model(dataclasses.astuple(model_cfg), labels, str(models.select_device()))
+    return adapters.create_adapter(copy.deepcopy(base), adapter_cfg, dp=dp, base_name=model_cfg.name)
 
 
 def build_model(cfg: RunConfig, *, dp: bool) -> adapters.PeftModel:
     """A fresh adapter on a copy of the cached base model."""
-    return adapters.create_adapter(copy.deepcopy(base_model(cfg)), cfg.adapter, dp=dp, base_name=cfg.model.name)
+    return _new_model(cfg.model, cfg.adapter, tuple(cfg.data.label_list), dp=dp)
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_model(model_fields: tuple, adapter_fields: tuple, labels: tuple[str, ...], device: str
+                  ) -> adapters.PeftModel:
+    return _new_model(ModelConfig(*model_fields), AdapterConfig(*adapter_fields), labels, dp=False)
+
+
+def worker_model(cfg: RunConfig, global_state: Mapping[str, torch.Tensor]) -> adapters.PeftModel:
+    """The one PEFT model this worker keeps for every site and round, loaded with ``global_state``.
+
+    Sites of a run share the architecture, and every call starts by loading the global adapter
+    (which sets every trainable tensor), so nothing of one site's training reaches the next.
+    """
+    if cfg.privacy.enabled:
+        adapters.require_dp_capable(cfg.adapter.method)
+    model = _worker_model(dataclasses.astuple(cfg.model), dataclasses.astuple(cfg.adapter),
+                          tuple(cfg.data.label_list), str(models.select_device()))
+    adapters.set_adapter_state(model, global_state)
+    return model
 
 
 def initial_adapter_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
@@ -57,16 +84,19 @@ _PREFIX_CACHE = prefix.PrefixCache()
 
 def dataset(cfg: RunConfig, texts: list[str], labels: list[int]) -> TensorDataset:
     """Token dataset, or, when the adapter leaves the bottom layers frozen, their cached output
-    (computed once per note set in this process; see ``fedpeft.prefix``)."""
+    (computed once per note set; see ``fedpeft.prefix``)."""
     tok = models.load_tokenizer(cfg.model.name)
     start = prefix.prefix_start(cfg.model, cfg.adapter)
     if start == 0:
         return training.encode(texts, labels, tok, max_length=cfg.model.max_length)
-    key = prefix.fingerprint(texts, labels, (dataclasses.astuple(cfg.model), start))  # the head is not cached
+    base = base_model(cfg)
+    precision = models.resolve_precision(cfg.model.precision, next(base.parameters()).device)
+    model_key = dataclasses.astuple(dataclasses.replace(cfg.model, precision=precision))
+    key = prefix.fingerprint(texts, labels, (model_key, start))  # the head is not cached
     ds = _PREFIX_CACHE.get(key)
     if ds is None:
         tokens = training.encode(texts, labels, tok, max_length=cfg.model.max_length)
-        ds = prefix.compute_prefix(base_model(cfg), tokens, start_layer=start, precision=cfg.model.precision)
+        ds = prefix.compute_prefix(base, tokens, start_layer=start, precision=precision)
         _PREFIX_CACHE.put(key, ds)
     return ds
 
@@ -81,6 +111,56 @@ def load_site(cfg: RunConfig, *, site: int, num_sites: int, data_path: str | Non
     return data
 
 
+@dataclasses.dataclass
+class SiteWork:
+    """What a site keeps across rounds in its worker: its notes and their (prefix) datasets."""
+
+    data: SiteData
+    train: TensorDataset
+    test: TensorDataset | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ds in (self.train, self.test) if ds is not None
+                   for t in ds.tensors)
+
+
+def _file_stamp(path: str | None) -> tuple:
+    """An edited site file is a different data set (size and modification time)."""
+    if not path:
+        return ()
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path,)  # load_site reports the missing file
+    return (path, st.st_size, st.st_mtime_ns)
+
+
+_SITES = prefix.BytesLRU(prefix.memory_budget())
+
+
+def site_work(cfg: RunConfig, *, site: int, num_sites: int, data_path: str | None = None) -> SiteWork:
+    """This site's data and datasets, built on first use in this worker and kept (bounded by the
+    machine's memory; an evicted site's prefix comes back from the disk cache when one is set)."""
+    stamp = _file_stamp(data_path or (cfg.data.source.format(site=site) if "{site}" in cfg.data.source else None))
+    key = (site, num_sites, data_path, stamp, dataclasses.astuple(cfg.data), cfg.train.seed,
+           dataclasses.astuple(cfg.model), prefix.prefix_start(cfg.model, cfg.adapter), str(models.select_device()))
+    work = _SITES.get(key)
+    if work is None:
+        data = load_site(cfg, site=site, num_sites=num_sites, data_path=data_path)
+        test = dataset(cfg, data.test_texts, data.test_labels) if data.test_texts else None
+        work = SiteWork(data, dataset(cfg, data.train_texts, data.train_labels), test)
+        _SITES.put(key, work, work.nbytes)
+    return work
+
+
+def check_noise_source(cfg: RunConfig, *, deployed: bool) -> None:
+    """A deployed site never uses DP noise the coordinator could reproduce from the run config."""
+    if deployed and cfg.privacy.enabled and cfg.privacy.noise == "seeded":
+        raise SiteError("dp-noise='seeded': refused on a deployed site (anyone with the run seed, the "
+                        "coordinator included, could regenerate and subtract the noise); use dp-noise='secret'")
+
+
 def round_seed(seed: int, site: int, server_round: int) -> int:
     return int(np.random.SeedSequence([seed, site, server_round, 17]).generate_state(1)[0] % (2**31))
 
@@ -90,11 +170,10 @@ def site_train(
     global_state: Mapping[str, torch.Tensor], privacy_json: str | None, data_path: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], str | None]:
     """Train from the global adapter; return (delta = local - global, metrics, new privacy JSON)."""
-    data = load_site(cfg, site=site, num_sites=num_sites, data_path=data_path)
+    work = site_work(cfg, site=site, num_sites=num_sites, data_path=data_path)
     device = models.select_device()
-    ds = dataset(cfg, data.train_texts, data.train_labels)
-    model = build_model(cfg, dp=cfg.privacy.enabled)
-    adapters.set_adapter_state(model, global_state)
+    ds = work.train
+    model = worker_model(cfg, global_state)
     state = None
     if cfg.privacy.enabled:
         # Calibrated once, on first participation, for every round the run may give this site.
@@ -105,21 +184,24 @@ def site_train(
     if cfg.train.proximal_mu > 0:
         named = dict(model.named_parameters())
         anchor = {n: p.detach().clone() for n, p in named.items() if p.requires_grad}
+    seed = round_seed(cfg.train.seed, site, server_round)
+    # Secret by default: DP noise and sampling seeded from this machine's entropy (training.train_local).
+    noise_seed = seed if cfg.privacy.noise == "seeded" else None
     res = training.train_local(model, ds, train=cfg.train, privacy=cfg.privacy, privacy_state=state,
-                               device=device, seed=round_seed(cfg.train.seed, site, server_round), anchor=anchor,
+                               device=device, seed=seed, noise_seed=noise_seed, anchor=anchor,
                                precision=cfg.model.precision)
     local = adapters.get_adapter_state(model)
     delta = {k: local[k] - global_state[k].to(local[k].dtype) for k in local}
     local_acc = float("nan")
-    if data.test_texts:  # the locally trained adapter on this site's own held-out notes
-        test = dataset(cfg, data.test_texts, data.test_labels)
-        local_acc = training.evaluate(model, test, device=device, num_labels=len(cfg.data.label_list),
+    if work.test is not None:  # the locally trained adapter on this site's own held-out notes
+        local_acc = training.evaluate(model, work.test, device=device, num_labels=len(cfg.data.label_list),
                                       precision=cfg.model.precision).accuracy
     metrics = {
         "site": float(site), "num-examples": float(len(ds)), "train-loss": res.loss, "steps": float(res.steps),
         "local-accuracy": local_acc,
         "epsilon": res.epsilon, "bytes-up": float(adapters.state_bytes(delta)),
         "noise-multiplier": state.noise_multiplier if state else 0.0,
+        "bfloat16": float(models.resolve_precision(cfg.model.precision, device) == "bfloat16"),
     }
     return delta, metrics, (res.privacy_state.to_json() if res.privacy_state else None)
 
@@ -129,10 +211,10 @@ def site_evaluate(
     data_path: str | None = None,
 ) -> dict[str, float]:
     """Score the global adapter on this site's own held-out notes."""
-    data = load_site(cfg, site=site, num_sites=num_sites, data_path=data_path)
-    ds = dataset(cfg, data.test_texts or data.train_texts, data.test_labels or data.train_labels)
-    model = build_model(cfg, dp=False)
-    adapters.set_adapter_state(model, global_state)
+    work = site_work(cfg, site=site, num_sites=num_sites, data_path=data_path)
+    ds = work.test if work.test is not None else work.train
+    model = worker_model(dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, enabled=False)),
+                         global_state)
     ev = training.evaluate(model, ds, device=models.select_device(), num_labels=len(cfg.data.label_list),
                            precision=cfg.model.precision)
     return {"site": float(site), "num-examples": float(ev.examples), "accuracy": ev.accuracy,

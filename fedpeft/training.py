@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedpeft.config import PrivacyConfig, TrainConfig
-from fedpeft.models import autocast
+from fedpeft.models import autocast, physical_batch_size
 from fedpeft.prefix import length_batches, trim
 from fedpeft.privacy.accountant import PrivacyState, new_privacy_state
 
@@ -124,6 +125,7 @@ def train_local(
     privacy_state: PrivacyState | None,
     device: torch.device,
     seed: int,
+    noise_seed: int | None = None,
     anchor: Mapping[str, torch.Tensor] | None = None,
     precision: str = "float32",
 ) -> TrainResult:
@@ -134,12 +136,24 @@ def train_local(
     turns on FedProx's proximal step, applied after the private step since it touches no data.
     ``precision='bfloat16'`` runs forward and backward under autocast; parameters, optimizer state,
     clipping and noise stay float32.
+
+    ``seed`` drives what carries no privacy (dropout, non-private shuffling). DP noise and Poisson
+    sampling come from ``noise_seed``; when it is None (the default) from the operating system's
+    entropy, so nobody, the coordinator included, can regenerate them. Pass a seed only for
+    reproducible simulations (``dp-noise='seeded'``).
     """
     torch.manual_seed(seed)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(model, train)
-    loader = DataLoader(data, batch_size=train.batch_size, shuffle=not privacy.enabled)
+    if privacy.enabled:
+        source = noise_seed if noise_seed is not None else secrets.randbits(63)
+        sampling_gen = torch.Generator().manual_seed(source)  # Opacus draws Poisson masks on the CPU
+        # Opacus draws noise with torch.normal(device=param.device, generator=g): g must live there too.
+        noise_gen = torch.Generator(device=device).manual_seed(source ^ 0x5EED5EED)
+    else:
+        sampling_gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(data, batch_size=train.batch_size, shuffle=not privacy.enabled, generator=sampling_gen)
     criterion: nn.Module = nn.CrossEntropyLoss()
     engine = hooks = None
     if privacy.enabled:
@@ -154,8 +168,7 @@ def train_local(
         if privacy_state.steps_taken >= privacy_state.planned_steps:
             raise ValueError(f"privacy budget exhausted: {privacy_state.steps_taken} of "
                              f"{privacy_state.planned_steps} planned steps taken (epsilon={privacy_state.epsilon():.3f})")
-        gen = torch.Generator().manual_seed(seed)
-        with warnings.catch_warnings():  # "Secure RNG turned off": seeded noise is what reruns need
+        with warnings.catch_warnings():  # "Secure RNG turned off": see docs/privacy.md (secret seeds, not torchcsprng)
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant=privacy_state.accountant)
             engine.accountant.load_state_dict(
@@ -165,16 +178,21 @@ def train_local(
                 module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
                 noise_multiplier=privacy_state.noise_multiplier, max_grad_norm=privacy_state.max_grad_norm,
                 poisson_sampling=True, grad_sample_mode=privacy.grad_sample_mode, wrap_model=False,
-                noise_generator=gen,
+                noise_generator=noise_gen,
             )
         if privacy.grad_sample_mode == "ghost":
             hooks, optimizer, criterion, loader = out
         else:
             hooks, optimizer, loader = out
+        # Opacus' defence against floating-point attacks on Gaussian sampling (each noise value the
+        # mean of 4 draws, Holohan & Braghin 2021), with our secret-seeded generator: its own
+        # secure_mode would also demand torchcsprng, which is unmaintained.
+        optimizer.secure_mode = True
     named = dict(model.named_parameters())
     start_layer = getattr(data, "start_layer", 0)
     # Ghost clipping needs the whole batch in one backward pass.
-    physical = None if privacy.enabled and privacy.grad_sample_mode == "ghost" else train.max_physical_batch_size
+    physical = (None if privacy.enabled and privacy.grad_sample_mode == "ghost"
+                else physical_batch_size(train.max_physical_batch_size, device))
     total, steps, seen = 0.0, 0, 0
     try:
         with warnings.catch_warnings():

@@ -18,6 +18,15 @@ from fedpeft.config import AdapterConfig, ModelConfig, PrivacyConfig, TrainConfi
 
 CPU = torch.device("cpu")
 NUM_LABELS = 7
+# Every device present: a contract that holds on the CPU must hold on CUDA too.
+DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES, ids=lambda d: d.type)
+def device(request, monkeypatch) -> torch.device:
+    """Each device-dependent test runs once per device; fedpeft.site picks it up via $FEDPEFT_DEVICE."""
+    monkeypatch.setenv("FEDPEFT_DEVICE", request.param.type)
+    return request.param
 
 
 @pytest.fixture

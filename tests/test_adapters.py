@@ -104,15 +104,16 @@ def test_bitfit_without_dp_trains_only_biases_and_head(tiny_dataset, fast_train,
                                rtol=1e-6, atol=1e-6)
 
 
-def test_dp_training_leaves_base_bitwise_unchanged_and_moves_every_adapter_tensor(tiny_dataset, fast_train, dp_on):
+def test_dp_training_leaves_base_bitwise_unchanged_and_moves_every_adapter_tensor(tiny_dataset, fast_train, dp_on,
+                                                                                   device):
     # Prepare
-    model = make_tiny_lora()
+    model = make_tiny_lora().to(device)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = adapters.get_adapter_state(model)
     state = training.plan_privacy(num_examples=len(tiny_dataset), train=fast_train, privacy=dp_on, num_rounds=1)
     # Execute
     res = training.train_local(model, tiny_dataset, train=fast_train, privacy=dp_on, privacy_state=state,
-                               device=CPU, seed=0)
+                               device=device, seed=0)
     # Assert
     assert res.steps == state.planned_steps and 0 < res.epsilon <= dp_on.target_epsilon
     for n, p in model.named_parameters():

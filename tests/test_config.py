@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("dp", "maybe", "dp='maybe': must be a boolean"),
         ("head-init", "lucky", "head-init='lucky'"),
         ("head-template", "a note", "head-template='a note': must contain {label}"),
-        ("precision", "float16", "precision='float16': must be one of float32, bfloat16"),
+        ("precision", "float16", "precision='float16': must be one of auto, float32, bfloat16"),
         ("no-such-key", 1, "no-such-key=1: unknown config key"),
     ],
 )

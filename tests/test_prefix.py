@@ -41,28 +41,29 @@ def test_prefix_start_only_when_everything_below_is_frozen():
                                AdapterConfig(layers="1")) == 0
 
 
-def test_cached_prefix_forward_equals_full_forward(tiny_dataset):
+def test_cached_prefix_forward_equals_full_forward(tiny_dataset, device):
     # Prepare
-    model = _tiny_top_lora(dp=False).eval()
-    ids, mask, _ = tiny_dataset.tensors
+    model = _tiny_top_lora(dp=False).to(device).eval()
+    ids, mask, _ = (t.to(device) for t in tiny_dataset.tensors)
     # Execute
     cached = prefix.compute_prefix(model.base_model.model, tiny_dataset, start_layer=1, batch_size=5)
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits
-        fast = training.logits_of(model, cached.tensors[0], cached.tensors[1], start_layer=1)
+        fast = training.logits_of(model, cached.tensors[0].to(device), cached.tensors[1].to(device), start_layer=1)
     # Assert: the cache holds layer 1's input for every note, in the dataset's order
     assert cached.start_layer == 1 and cached.tensors[0].shape == (*ids.shape, 32)
+    assert cached.tensors[0].device.type == "cpu"  # kept in host memory, whatever computed it
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
-    ev_full = training.evaluate(model, tiny_dataset, device=CPU, num_labels=NUM_LABELS)
-    ev_fast = training.evaluate(model, cached, device=CPU, num_labels=NUM_LABELS)
+    ev_full = training.evaluate(model, tiny_dataset, device=device, num_labels=NUM_LABELS)
+    ev_fast = training.evaluate(model, cached, device=device, num_labels=NUM_LABELS)
     assert ev_fast.accuracy == ev_full.accuracy
     assert ev_fast.loss == pytest.approx(ev_full.loss, rel=1e-5)
 
 
 @pytest.mark.parametrize("dp", [False, True])
-def test_split_passes_and_prefix_give_the_same_training_step(tiny_dataset, fast_train, dp_on, dp):
+def test_split_passes_and_prefix_give_the_same_training_step(tiny_dataset, fast_train, dp_on, dp, device):
     """One logical batch as 1 pass over tokens == 3 length-sorted passes over the cached prefix
-    (same Poisson sample, same noise under DP): the split and the cache change speed, not maths."""
+    (same Poisson sample, same seeded noise under DP): the split and the cache change speed, not maths."""
     # Prepare
     privacy = dp_on if dp else PrivacyConfig(enabled=False)
     train = dataclasses.replace(fast_train, batch_size=len(tiny_dataset), optimizer="sgd", lr=0.5)
@@ -74,7 +75,7 @@ def test_split_passes_and_prefix_give_the_same_training_step(tiny_dataset, fast_
                                   planned_steps=1) if dp else None
         # Execute
         training.train_local(model, data, train=dataclasses.replace(train, max_physical_batch_size=physical),
-                             privacy=privacy, privacy_state=state, device=CPU, seed=4)
+                             privacy=privacy, privacy_state=state, device=device, seed=4, noise_seed=4)
         results.append(adapters.get_adapter_state(model))
     # Assert: the step moved the adapter, identically on both paths
     moved = _tiny_top_lora(dp=False)
@@ -116,7 +117,7 @@ def test_bfloat16_prefix_is_half_the_bytes_and_close_to_float32(tiny_dataset):
     assert ev_fast.loss == pytest.approx(ev_exact.loss, rel=5e-2)
 
 
-def test_bfloat16_training_clips_float32_per_sample_gradients(tiny_dataset, fast_train, dp_on, monkeypatch):
+def test_bfloat16_training_clips_float32_per_sample_gradients(tiny_dataset, fast_train, dp_on, monkeypatch, device):
     """Under autocast Opacus' samplers return bfloat16; the norms it clips by must be float32."""
     from opacus.optimizers import DPOptimizer
 
@@ -140,7 +141,7 @@ def test_bfloat16_training_clips_float32_per_sample_gradients(tiny_dataset, fast
     state = new_privacy_state(target_epsilon=8.0, target_delta=1e-5, max_grad_norm=0.05, sample_rate=1.0,
                               planned_steps=2)
     # Execute
-    res = training.train_local(model, cached, train=train, privacy=dp_on, privacy_state=state, device=CPU,
+    res = training.train_local(model, cached, train=train, privacy=dp_on, privacy_state=state, device=device,
                                seed=3, precision="bfloat16")
     # Assert: every clipped pass saw float32 per-sample gradients within C (float64 check)
     assert seen and all(dtype == torch.float32 for dtype, _ in seen)

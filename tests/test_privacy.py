@@ -18,7 +18,7 @@ from fedpeft.privacy.accountant import (
     validate_dp_params,
 )
 from fedpeft import training
-from tests.conftest import CPU, make_tiny_lora
+from tests.conftest import make_tiny_lora
 
 
 def test_rdp_epsilon_matches_opacus_published_value():
@@ -85,7 +85,7 @@ def test_privacy_state_json_round_trip_keeps_epsilon():
     assert json.loads(state.to_json())["history"] == [[state.noise_multiplier, 0.1, 40]]
 
 
-def test_epsilon_accumulates_across_calls_and_restarts(tiny_dataset, fast_train, dp_on):
+def test_epsilon_accumulates_across_calls_and_restarts(tiny_dataset, fast_train, dp_on, device):
     # Prepare: the same 3 local rounds, once continuously and once through JSON "restarts"
     state = training.plan_privacy(num_examples=len(tiny_dataset), train=fast_train, privacy=dp_on, num_rounds=3)
     model = make_tiny_lora()
@@ -93,7 +93,7 @@ def test_epsilon_accumulates_across_calls_and_restarts(tiny_dataset, fast_train,
     s = state
     for r in range(3):
         res = training.train_local(model, tiny_dataset, train=fast_train, privacy=dp_on, privacy_state=s,
-                                   device=CPU, seed=r)
+                                   device=device, seed=r)
         s = PrivacyState.from_json(res.privacy_state.to_json())  # as if the process restarted
         eps.append(res.epsilon)
     # Assert: strictly increasing, ends at (not over) the target, matches one composed history
@@ -104,17 +104,17 @@ def test_epsilon_accumulates_across_calls_and_restarts(tiny_dataset, fast_train,
     assert eps[2] == pytest.approx(whole, rel=1e-9)
     # A fourth round would overspend: refused
     with pytest.raises(ValueError, match="budget exhausted"):
-        training.train_local(model, tiny_dataset, train=fast_train, privacy=dp_on, privacy_state=s, device=CPU, seed=9)
+        training.train_local(model, tiny_dataset, train=fast_train, privacy=dp_on, privacy_state=s, device=device, seed=9)
 
 
-def test_dp_step_clipped_gradients_equal_brute_force_loop(tiny_dataset):
+def test_dp_step_clipped_gradients_equal_brute_force_loop(tiny_dataset, device):
     """Guards against silent peft/Opacus breakage (opacus#820): float64, sigma=0."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
     # Prepare
     torch.manual_seed(0)
-    model = make_tiny_lora().double().train()  # Opacus records activations in train mode only
+    model = make_tiny_lora().double().to(device).train()  # Opacus records activations in train mode only
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0  # same function in the brute-force loop and the Opacus step
@@ -122,7 +122,7 @@ def test_dp_step_clipped_gradients_equal_brute_force_loop(tiny_dataset):
         if p.requires_grad:
             with torch.no_grad():
                 p.add_(0.05 * torch.randn_like(p))
-    data = TensorDataset(*(t[:6] for t in tiny_dataset.tensors))
+    data = TensorDataset(*(t[:6].to(device) for t in tiny_dataset.tensors))
     params = [p for p in model.parameters() if p.requires_grad]
     clip = 0.05
     ce = torch.nn.CrossEntropyLoss()
@@ -167,3 +167,21 @@ def test_privacy_state_store_round_trip_and_refuses_corrupt_file(tmp_path):
     state_path(tmp_path, 3).write_text('{"noise_multiplier": 1.0')
     with pytest.raises(ValueError, match="privacy-site3.json: privacy state is unreadable"):
         load_state_json(tmp_path, 3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(history=st.lists(st.tuples(st.floats(0.3, 5.0), st.floats(0.001, 1.0), st.integers(1, 300)),
+                        min_size=1, max_size=4),
+       delta=st.sampled_from([1e-5, 1e-6, 1e-3]))
+def test_memoised_rdp_epsilon_equals_opacus_accountant(history, delta):
+    """The memoised composition is Opacus' RDP accountant, bit for bit (an independent call into it)."""
+    from opacus.accountants import RDPAccountant
+
+    # Prepare
+    reference = RDPAccountant()
+    reference.history = list(history)
+    # Execute
+    ours = compute_epsilon(history=history, delta=delta)
+    again = compute_epsilon(history=history, delta=delta)  # served from the cache
+    # Assert
+    assert ours == again == reference.get_epsilon(delta=delta)

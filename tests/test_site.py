@@ -14,7 +14,7 @@ TINY = {"model": "tiny", "lora-layers": "", "lr": 0.01, "adapter-lr-scale": 1.0,
 
 
 @pytest.mark.parametrize("layers", ["", "1"])  # "1": layer 0 is a frozen prefix, served from the cache
-def test_only_adapter_delta_leaves_the_site(layers):
+def test_only_adapter_delta_leaves_the_site(layers, device):
     # Prepare
     cfg = from_run_config({**TINY, "lora-layers": layers})
     glob = initial_adapter_state(cfg)

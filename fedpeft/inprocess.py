@@ -1,0 +1,71 @@
+"""A federation in one process, without Flower or Ray: every site's round runs here in turn,
+through the same ``site_train``/``site_evaluate`` and the same registered merge as the apps.
+
+For benchmarks and device checks (pfl-research's single-worker loop): it has no message layer, so it
+measures the site-side work alone, and it runs where Flower is not installed (the GPU kit). Sites
+are all sampled every round; Flower's strategies, reply validation and checkpoints are the apps' job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fedpeft import adapters, models, site, training
+from fedpeft.aggregation import create_merge
+from fedpeft.config import RunConfig
+from fedpeft.data.sites import global_test_set
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundResult:
+    round: int
+    seconds: float  # the sites' training and the merge (evaluation excluded)
+    accuracy: float  # global adapter on the server's test set
+    sites: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+def run_federation(cfg: RunConfig, *, on_round: Callable[[RoundResult], None] | None = None
+                   ) -> tuple[dict[str, torch.Tensor], list[RoundResult]]:
+    """Run ``cfg.federation.num_rounds`` rounds over ``num_sites`` sites; return the final global
+    adapter and one ``RoundResult`` per round (round 0 is the initial adapter)."""
+    n = cfg.federation.num_sites
+    merge = create_merge(cfg.federation.merge)
+    device = models.select_device()
+    glob = site.initial_adapter_state(cfg)
+    texts, labels = global_test_set(cfg.data, seed=cfg.train.seed, num_sites=n)
+    test = site.dataset(cfg, texts, labels)
+    scorer = site.build_model(cfg, dp=False)
+
+    def score(state: dict[str, torch.Tensor]) -> float:
+        adapters.set_adapter_state(scorer, state)
+        return training.evaluate(scorer, test, device=device, num_labels=len(cfg.data.label_list),
+                                 precision=cfg.model.precision).accuracy
+
+    results = [RoundResult(0, 0.0, score(glob))]
+    privacy: dict[int, str | None] = {}
+    for rnd in range(1, cfg.federation.num_rounds + 1):
+        t0 = time.perf_counter()
+        deltas, weights, per_site = [], [], {}
+        for s in range(n):
+            delta, metrics, privacy[s] = site.site_train(cfg, site=s, num_sites=n, server_round=rnd,
+                                                         global_state=glob, privacy_json=privacy.get(s))
+            deltas.append(delta)
+            weights.append(metrics["num-examples"])
+            per_site[s] = metrics
+        merged = merge(deltas, weights)
+        glob = {k: glob[k] + merged[k].to(glob[k].dtype) for k in glob}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        res = RoundResult(rnd, time.perf_counter() - t0, score(glob), per_site)
+        results.append(res)
+        log.info("round %d: %.1f s, global accuracy %.4f", rnd, res.seconds, res.accuracy)
+        if on_round is not None:
+            on_round(res)
+    return glob, results
