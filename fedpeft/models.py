@@ -167,14 +167,16 @@ class BertMeanPoolForSequenceClassification(BertPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
-                prefix_hidden=None, start_layer: int = 0, **kwargs):
-        """``prefix_hidden`` (the input of layer ``start_layer``, from ``prefix_states``) skips the
-        frozen layers below it; the result equals the full forward."""
+                prefix_hidden=None, start_layer: int = 0, ffn_start: bool = False, **kwargs):
+        """``prefix_hidden`` (from ``prefix_states``: the input of layer ``start_layer``, or with
+        ``ffn_start`` that layer's attention output) skips the frozen work below it; the result
+        equals the full forward."""
         if prefix_hidden is not None:
             if attention_mask is None:
                 attention_mask = torch.ones(prefix_hidden.shape[:2], dtype=torch.long, device=prefix_hidden.device)
             # A bfloat16 cache feeds a float32 model too (autocast casts back where it applies).
-            hidden = self.run_layers(prefix_hidden.to(self.dtype), attention_mask, start=start_layer)
+            hidden = self.run_layers(prefix_hidden.to(self.dtype), attention_mask, start=start_layer,
+                                     ffn_start=ffn_start)
         else:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
@@ -185,20 +187,35 @@ class BertMeanPoolForSequenceClassification(BertPreTrainedModel):
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
+    @staticmethod
+    def _additive(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """BERT's additive padding mask, as its eager path builds it."""
+        return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
     def run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, *, start: int = 0,
-                   stop: int | None = None) -> torch.Tensor:
-        """Encoder layers ``start:stop`` on ``hidden`` (BERT's additive padding mask, as its eager path)."""
-        additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-        for layer in self.bert.encoder.layer[start:stop]:
+                   stop: int | None = None, ffn_start: bool = False) -> torch.Tensor:
+        """Encoder layers ``start:stop`` on ``hidden``; with ``ffn_start``, ``hidden`` is layer
+        ``start``'s attention output and only that layer's feed-forward block runs for it."""
+        layers = self.bert.encoder.layer
+        if ffn_start:
+            hidden = layers[start].feed_forward_chunk(hidden)
+            start += 1
+        additive = self._additive(attention_mask, hidden.dtype)
+        for layer in layers[start:stop]:
             out = layer(hidden, attention_mask=additive)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
     @torch.no_grad()
-    def prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, stop: int) -> torch.Tensor:
-        """Input of layer ``stop``: embeddings then the frozen layers below it (eval mode, no dropout)."""
+    def prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, stop: int,
+                      through_attention: bool = False) -> torch.Tensor:
+        """Input of layer ``stop`` (embeddings then the frozen layers below it, eval mode), or with
+        ``through_attention`` the output of layer ``stop``'s attention block as well."""
         hidden = self.bert.embeddings(input_ids=input_ids)
-        return self.run_layers(hidden, attention_mask, start=0, stop=stop)
+        hidden = self.run_layers(hidden, attention_mask, start=0, stop=stop)
+        if through_attention:
+            hidden, _ = self.bert.encoder.layer[stop].attention(hidden, self._additive(attention_mask, hidden.dtype))
+        return hidden
 
 
 def load_base_model(
@@ -215,17 +232,22 @@ def load_base_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         mean_pool = cfg.pooling == "mean"
+        dropout = {"hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout}
         if cfg.name == TINY:
             config = tiny_bert_config(num_labels)
+            config.update(dropout)
             if labels:
                 config.id2label, config.label2id = id2label, label2id
             model = (BertMeanPoolForSequenceClassification if mean_pool else BertForSequenceClassification)(config)
         else:
             extra: dict = {"id2label": id2label, "label2id": label2id} if labels else {}
+            path = resolve_model_path(cfg.name)
+            is_bert = AutoConfig.from_pretrained(path).model_type == "bert"
+            if is_bert:
+                extra.update(dropout)
             if cfg.layers:
                 extra["num_hidden_layers"] = cfg.layers
-            path = resolve_model_path(cfg.name)
-            if mean_pool and AutoConfig.from_pretrained(path).model_type != "bert":
+            if mean_pool and not is_bert:
                 raise ValueError(f"pooling='mean' supports BERT-family models; model={cfg.name!r} is not one "
                                  "(use pooling='cls' head-init='random')")
             cls = BertMeanPoolForSequenceClassification if mean_pool else AutoModelForSequenceClassification

@@ -36,12 +36,18 @@ WORKERS_ENV = "FEDPEFT_WORKERS"
 PREFIX_METHODS = ("lora", "dora", "ia3")  # adapters that touch only the layers they name
 
 
-class PrefixDataset(TensorDataset):
-    """(hidden states entering layer ``start_layer``, attention mask, labels)."""
+FFN_TARGETS = ("intermediate.dense",)  # modules inside a layer's feed-forward block, after its attention
 
-    def __init__(self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *, start_layer: int) -> None:
+
+class PrefixDataset(TensorDataset):
+    """(hidden states entering layer ``start_layer`` — or, with ``ffn_start``, that layer's
+    attention output — , attention mask, labels)."""
+
+    def __init__(self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *, start_layer: int,
+                 ffn_start: bool = False) -> None:
         super().__init__(hidden, mask, labels)
         self.start_layer = start_layer
+        self.ffn_start = ffn_start
 
 
 def prefix_start(model: ModelConfig, adapter: AdapterConfig) -> int:
@@ -50,6 +56,20 @@ def prefix_start(model: ModelConfig, adapter: AdapterConfig) -> int:
     if model.pooling != "mean" or adapter.method not in PREFIX_METHODS or not layers:
         return 0
     return min(layers)
+
+
+def ffn_start(model: ModelConfig, adapter: AdapterConfig) -> bool:
+    """True when LoRA adapts only feed-forward modules: then the first adapted layer's attention
+    block is frozen too and its output is what gets cached."""
+    return (adapter.method == "lora" and prefix_start(model, adapter) > 0
+            and all(t in FFN_TARGETS for t in adapter.target_module_list))
+
+
+def start_of(data: TensorDataset) -> dict[str, Any]:
+    """Keyword arguments that make the model start where ``data``'s cached states were taken."""
+    if isinstance(data, PrefixDataset):
+        return {"start_layer": data.start_layer, "ffn_start": data.ffn_start}
+    return {}
 
 
 def length_batches(mask: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -65,9 +85,10 @@ def trim(ids_or_hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def compute_prefix(model: torch.nn.Module, data: TensorDataset, *, start_layer: int,
+def compute_prefix(model: torch.nn.Module, data: TensorDataset, *, start_layer: int, ffn_start: bool = False,
                    batch_size: int = 128, precision: str = "float32") -> PrefixDataset:
-    """Run the frozen layers once over token data, batching notes of similar length together.
+    """Run the frozen layers (and with ``ffn_start`` the first adapted layer's attention) once over
+    token data, batching notes of similar length together.
 
     With ``precision='bfloat16'`` they run under autocast and are kept in bfloat16 (half the bytes)."""
     ids, mask, labels = data.tensors
@@ -77,13 +98,14 @@ def compute_prefix(model: torch.nn.Module, data: TensorDataset, *, start_layer: 
     for idx in length_batches(mask, batch_size):
         b_ids, b_mask = trim(ids[idx], mask[idx])
         with autocast(device, precision):
-            h = model.prefix_states(b_ids.to(device), b_mask.to(device), stop=start_layer)
+            h = model.prefix_states(b_ids.to(device), b_mask.to(device), stop=start_layer,
+                                    through_attention=ffn_start)
         if hidden is None:
             hidden = torch.zeros((len(ids), ids.shape[1], h.shape[-1]), dtype=dtype)
         hidden[idx, :h.shape[1]] = h.to("cpu", dtype)
     if hidden is None:
         hidden = torch.zeros((0, ids.shape[1], int(model.config.hidden_size)), dtype=dtype)
-    return PrefixDataset(hidden, mask, labels, start_layer=start_layer)
+    return PrefixDataset(hidden, mask, labels, start_layer=start_layer, ffn_start=ffn_start)
 
 
 def fingerprint(texts: Sequence[str], labels: Sequence[int], key: tuple) -> str:
@@ -184,8 +206,9 @@ class PrefixCache:
         if path is not None and path.exists():
             try:
                 with safe_open(str(path), framework="pt") as fh:  # one read: tensors and metadata
+                    meta = fh.metadata()
                     ds = PrefixDataset(fh.get_tensor("hidden"), fh.get_tensor("mask"), fh.get_tensor("labels"),
-                                       start_layer=int(fh.metadata()["start_layer"]))
+                                       start_layer=int(meta["start_layer"]), ffn_start=meta.get("ffn_start") == "1")
             except Exception as e:  # a damaged cache file is recomputed, never trusted
                 log.warning("prefix cache %s unreadable (%s); recomputing", path, e)
             else:
@@ -201,7 +224,7 @@ class PrefixCache:
         if path is not None:
             hidden, mask, labels = (t.contiguous() for t in ds.tensors)
             data = save({"hidden": hidden, "mask": mask, "labels": labels},
-                        metadata={"start_layer": str(ds.start_layer)})
+                        metadata={"start_layer": str(ds.start_layer), "ffn_start": str(int(ds.ffn_start))})
             atomic_write_bytes(path, data)
 
     def clear(self) -> None:

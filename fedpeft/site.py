@@ -92,11 +92,12 @@ def dataset(cfg: RunConfig, texts: list[str], labels: list[int]) -> TensorDatase
     base = base_model(cfg)
     precision = models.resolve_precision(cfg.model.precision, next(base.parameters()).device)
     model_key = dataclasses.astuple(dataclasses.replace(cfg.model, precision=precision))
-    key = prefix.fingerprint(texts, labels, (model_key, start))  # the head is not cached
+    ffn = prefix.ffn_start(cfg.model, cfg.adapter)
+    key = prefix.fingerprint(texts, labels, (model_key, start, ffn))  # the head is not cached
     ds = _PREFIX_CACHE.get(key)
     if ds is None:
         tokens = training.encode(texts, labels, tok, max_length=cfg.model.max_length)
-        ds = prefix.compute_prefix(base, tokens, start_layer=start, precision=precision)
+        ds = prefix.compute_prefix(base, tokens, start_layer=start, ffn_start=ffn, precision=precision)
         _PREFIX_CACHE.put(key, ds)
     return ds
 
@@ -144,7 +145,8 @@ def site_work(cfg: RunConfig, *, site: int, num_sites: int, data_path: str | Non
     machine's memory; an evicted site's prefix comes back from the disk cache when one is set)."""
     stamp = _file_stamp(data_path or (cfg.data.source.format(site=site) if "{site}" in cfg.data.source else None))
     key = (site, num_sites, data_path, stamp, dataclasses.astuple(cfg.data), cfg.train.seed,
-           dataclasses.astuple(cfg.model), prefix.prefix_start(cfg.model, cfg.adapter), str(models.select_device()))
+           dataclasses.astuple(cfg.model), prefix.prefix_start(cfg.model, cfg.adapter),
+           prefix.ffn_start(cfg.model, cfg.adapter), str(models.select_device()))
     work = _SITES.get(key)
     if work is None:
         data = load_site(cfg, site=site, num_sites=num_sites, data_path=data_path)

@@ -13,6 +13,7 @@ import secrets
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedpeft.config import PrivacyConfig, TrainConfig
 from fedpeft.models import autocast, physical_batch_size
-from fedpeft.prefix import length_batches, trim
+from fedpeft.prefix import length_batches, start_of, trim
 from fedpeft.privacy.accountant import PrivacyState, new_privacy_state
 
 log = logging.getLogger(__name__)
@@ -86,19 +87,19 @@ def _optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=train.lr, weight_decay=0.0)
 
 
-def logits_of(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, *, start_layer: int = 0) -> torch.Tensor:
-    """Logits for token ids, or for cached layer-``start_layer`` inputs (``PrefixDataset``)."""
+def logits_of(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, **start: Any) -> torch.Tensor:
+    """Logits for token ids, or for cached states (``start``: ``prefix.start_of`` of the dataset)."""
     x, mask = trim(x, mask)
-    if start_layer:
-        return model(prefix_hidden=x, attention_mask=mask, start_layer=start_layer).logits
+    if start:
+        return model(prefix_hidden=x, attention_mask=mask, **start).logits
     return model(input_ids=x, attention_mask=mask).logits
 
 
 def _forward_loss(model: nn.Module, batch: Sequence[torch.Tensor], device: torch.device,
-                  criterion: nn.Module, start_layer: int, precision: str) -> tuple[torch.Tensor, int]:
+                  criterion: nn.Module, start: Mapping[str, Any], precision: str) -> tuple[torch.Tensor, int]:
     x, mask, y = (t.to(device) for t in batch)
     with autocast(device, precision):
-        logits = logits_of(model, x, mask, start_layer=start_layer)
+        logits = logits_of(model, x, mask, **start)
     return criterion(logits.float(), y), int(y.shape[0])
 
 
@@ -189,7 +190,7 @@ def train_local(
         # secure_mode would also demand torchcsprng, which is unmaintained.
         optimizer.secure_mode = True
     named = dict(model.named_parameters())
-    start_layer = getattr(data, "start_layer", 0)
+    start = start_of(data)
     # Ghost clipping needs the whole batch in one backward pass.
     physical = (None if privacy.enabled and privacy.grad_sample_mode == "ghost"
                 else physical_batch_size(train.max_physical_batch_size, device))
@@ -210,7 +211,7 @@ def train_local(
                     n_batch = int(batch[-1].shape[0])
                     chunks = _length_chunks(batch, physical)
                     for j, chunk in enumerate(chunks):
-                        loss, n = _forward_loss(model, chunk, device, criterion, start_layer, precision)
+                        loss, n = _forward_loss(model, chunk, device, criterion, start, precision)
                         total += float(loss.item()) * n
                         if engine is None:  # plain accumulation: weight each pass's mean into the batch mean
                             (loss * (n / n_batch)).backward()
@@ -263,13 +264,13 @@ def predict(model: nn.Module, data: TensorDataset, *, device: torch.device, batc
     """(predicted labels, true labels, mean loss), in ``data``'s order."""
     model.to(device).eval()
     x_all, mask_all, y_all = data.tensors
-    start_layer = getattr(data, "start_layer", 0)
+    start = start_of(data)
     preds = torch.empty(len(y_all), dtype=torch.long)
     total = 0.0
     criterion = nn.CrossEntropyLoss(reduction="sum")
     for idx in length_batches(mask_all, batch_size):
         with autocast(device, precision):
-            logits = logits_of(model, x_all[idx].to(device), mask_all[idx].to(device), start_layer=start_layer).float()
+            logits = logits_of(model, x_all[idx].to(device), mask_all[idx].to(device), **start).float()
         total += float(criterion(logits, y_all[idx].to(device)))
         preds[idx] = logits.argmax(-1).cpu()
     return preds, y_all.clone(), total / max(len(data), 1)

@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
         ("head-init", "lucky", "head-init='lucky'"),
         ("head-template", "a note", "head-template='a note': must contain {label}"),
         ("precision", "float16", "precision='float16': must be one of auto, float32, bfloat16"),
+        ("model-dropout", 1.0, "model-dropout=1.0: must be in"),
+        ("dp-noise", "fixed", "dp-noise='fixed': must be one of secret, seeded"),
+        ("max-physical-batch-size", -1, "max-physical-batch-size=-1: must be >= 0"),
         ("no-such-key", 1, "no-such-key=1: unknown config key"),
     ],
 )
@@ -61,7 +64,18 @@ def test_presets_are_valid_configs():
     from fedpeft.cli import PRESET_DIR, simulation_config
 
     names = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
-    assert names == ["devices", "hospitals", "smoke"]
+    assert names == ["devices", "hospitals", "hospitals-large", "smoke"]
     for name in names:
         cfg = from_run_config(simulation_config(name, None, None))
         assert cfg.preset == name and cfg.federation.out_dir == f"runs/{name}"
+
+
+def test_overrides_parse_like_flowers_run_config():
+    from flwr.common.config import parse_config_args
+
+    from fedpeft.config import parse_overrides
+
+    items = ["precision='float32' num-sites=3 lr=0.1 dp=false lora-layers=\"4,5\""]
+    assert parse_overrides(items) == parse_config_args(items)
+    with pytest.raises(ConfigError, match="run-config='num-sites': must be key=value"):
+        parse_overrides(["num-sites"])

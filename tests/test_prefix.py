@@ -20,16 +20,60 @@ def _no_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _tiny_top_lora(*, dp: bool) -> adapters.PeftModel:
-    """LoRA on layer 1 only of the 2-layer tiny BERT: layer 0 is a cacheable frozen prefix."""
+def _tiny_top_lora(*, dp: bool, targets: str = "query,key,value") -> adapters.PeftModel:
+    """LoRA on layer 1 only of the 2-layer tiny BERT: layer 0 is a cacheable frozen prefix (and with
+    feed-forward targets, layer 1's attention block too)."""
     base = models.load_base_model(ModelConfig(name="tiny", seed=0), num_labels=NUM_LABELS)
     torch.manual_seed(0)  # peft draws lora_A from the global generator
-    model = adapters.create_adapter(base, AdapterConfig(rank=4, layers="1"), dp=dp, base_name="tiny")
+    model = adapters.create_adapter(base, AdapterConfig(rank=4, layers="1", target_modules=targets), dp=dp,
+                                    base_name="tiny")
     with torch.no_grad():  # non-zero lora_B so the adapter changes the forward pass
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
     return _no_dropout(model)
+
+
+def test_ffn_start_only_when_lora_adapts_the_feed_forward_block_alone():
+    model = ModelConfig(name="tiny")
+    assert prefix.ffn_start(model, AdapterConfig(layers="1", target_modules="intermediate.dense"))
+    assert not prefix.ffn_start(model, AdapterConfig(layers="1", target_modules="query,intermediate.dense"))
+    assert not prefix.ffn_start(model, AdapterConfig(layers="", target_modules="intermediate.dense"))
+    assert not prefix.ffn_start(model, AdapterConfig(layers="1", target_modules="intermediate.dense", method="ia3"))
+
+
+@pytest.mark.parametrize("targets", ["query,key,value", "intermediate.dense"])
+@pytest.mark.parametrize("dp", [False, True])
+def test_ffn_cache_gives_the_same_forward_and_training_step(tiny_dataset, fast_train, dp_on, dp, targets, device):
+    """Cached attention output + feed-forward only == the full model, forward and one (DP) step."""
+    # Prepare
+    ffn = targets == "intermediate.dense"
+    privacy = dp_on if dp else PrivacyConfig(enabled=False)
+    train = dataclasses.replace(fast_train, batch_size=len(tiny_dataset), optimizer="sgd", lr=0.5)
+    model = _tiny_top_lora(dp=False, targets=targets).to(device).eval()
+    cached = prefix.compute_prefix(model.base_model.model, tiny_dataset, start_layer=1, ffn_start=ffn)
+    ids, mask, _ = (t.to(device) for t in tiny_dataset.tensors)
+    # Execute: forward
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        fast = training.logits_of(model, cached.tensors[0].to(device), cached.tensors[1].to(device),
+                                  **prefix.start_of(cached))
+    # Execute: one step on each path (same Poisson sample and noise under DP)
+    results = []
+    for data, physical in ((tiny_dataset, 10_000), (cached, 17)):
+        m = _tiny_top_lora(dp=dp, targets=targets)
+        state = new_privacy_state(target_epsilon=8.0, target_delta=1e-5, max_grad_norm=0.5, sample_rate=1.0,
+                                  planned_steps=1) if dp else None
+        training.train_local(m, data, train=dataclasses.replace(train, max_physical_batch_size=physical),
+                             privacy=privacy, privacy_state=state, device=device, seed=4, noise_seed=4)
+        results.append(adapters.get_adapter_state(m))
+    # Assert
+    assert cached.ffn_start is ffn
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    start = adapters.get_adapter_state(_tiny_top_lora(dp=False, targets=targets))
+    assert any(not torch.equal(results[0][k], v) for k, v in start.items())
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_prefix_start_only_when_everything_below_is_frozen():
@@ -49,7 +93,8 @@ def test_cached_prefix_forward_equals_full_forward(tiny_dataset, device):
     cached = prefix.compute_prefix(model.base_model.model, tiny_dataset, start_layer=1, batch_size=5)
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits
-        fast = training.logits_of(model, cached.tensors[0].to(device), cached.tensors[1].to(device), start_layer=1)
+        fast = training.logits_of(model, cached.tensors[0].to(device), cached.tensors[1].to(device),
+                                  **prefix.start_of(cached))
     # Assert: the cache holds layer 1's input for every note, in the dataset's order
     assert cached.start_layer == 1 and cached.tensors[0].shape == (*ids.shape, 32)
     assert cached.tensors[0].device.type == "cpu"  # kept in host memory, whatever computed it

@@ -26,7 +26,8 @@ def main() -> None:
     ap.add_argument("--skip-centralised", action="store_true")
     args = ap.parse_args()
     quiet_libraries()
-    flat = simulation_config(args.preset, args.run_config, f"{args.out}/dp")
+    # Seeded noise (labelled as such in metrics.json) so a figure can be rerun bitwise; --run-config may override.
+    flat = simulation_config(args.preset, ["dp-noise='seeded'", *(args.run_config or [])], f"{args.out}/dp")
     t = time.perf_counter()
     dp = simulate(flat)
     wall = time.perf_counter() - t
@@ -44,7 +45,8 @@ def main() -> None:
     frac = per_site_round / dp["full_model_bytes"]
     eps = max(m["epsilon"] for m in dp["rounds"][-1]["sites"].values() if "epsilon" in m)
     print(f"preset={args.preset} sites={cfg.federation.num_sites} rounds={cfg.federation.num_rounds} "
-          f"model={cfg.model.name} target_eps={cfg.privacy.target_epsilon} max_site_eps={eps:.3f}")
+          f"model={cfg.model.name} precision={dp['precision']} dp_noise={cfg.privacy.noise} "
+          f"target_eps={cfg.privacy.target_epsilon} max_site_eps={eps:.3f}")
     print(f"acc_dp={acc_dp:.4f} acc_nodp={acc_nodp:.4f} acc_centralised_nonprivate={cent:.4f} "
           f"wall_s_nodp={nodp['wall_s']:.1f}")
     print(f"bytes_up_per_site_round={per_site_round:.0f} full_model_bytes={dp['full_model_bytes']}")

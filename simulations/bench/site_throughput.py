@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from fedpeft import models, site, training
+from fedpeft import models, prefix, site, training
 from fedpeft.cli import load_preset
 from fedpeft.config import RunConfig, from_run_config, parse_overrides
 from fedpeft.inprocess import run_federation
@@ -37,10 +37,10 @@ def floor_seconds(cfg: RunConfig, device: torch.device) -> float:
     t0 = time.perf_counter()
     for s in range(n):
         ds = site.site_work(cfg, site=s, num_sites=n).train
-        start_layer = getattr(ds, "start_layer", 0)
+        start = prefix.start_of(ds)
         for _ in range(cfg.train.local_epochs):
             for chunk in training._length_chunks(ds.tensors, physical):
-                loss, _ = training._forward_loss(model, chunk, device, criterion, start_layer, cfg.model.precision)
+                loss, _ = training._forward_loss(model, chunk, device, criterion, start, cfg.model.precision)
                 loss.backward()
                 model.zero_grad(set_to_none=True)
     if device.type == "cuda":
