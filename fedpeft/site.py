@@ -200,6 +200,7 @@ def site_train(
                                       precision=cfg.model.precision).accuracy
     metrics = {
         "site": float(site), "num-examples": float(len(ds)), "train-loss": res.loss, "steps": float(res.steps),
+        "pass-seconds": res.pass_seconds,
         "local-accuracy": local_acc,
         "epsilon": res.epsilon, "bytes-up": float(adapters.state_bytes(delta)),
         "noise-multiplier": state.noise_multiplier if state else 0.0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class TrainResult:
     examples: int
     epsilon: float  # cumulative epsilon for this site after this call (0 without DP)
     privacy_state: PrivacyState | None
+    pass_seconds: float = 0.0  # time in forward and backward passes alone (the arithmetic of this call)
 
 
 @dataclass
@@ -194,7 +196,7 @@ def train_local(
     # Ghost clipping needs the whole batch in one backward pass.
     physical = (None if privacy.enabled and privacy.grad_sample_mode == "ghost"
                 else physical_batch_size(train.max_physical_batch_size, device))
-    total, steps, seen = 0.0, 0, 0
+    total, steps, seen, pass_s = 0.0, 0, 0, 0.0
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(Secure RNG|Full backward hook).*")
@@ -211,15 +213,18 @@ def train_local(
                     n_batch = int(batch[-1].shape[0])
                     chunks = _length_chunks(batch, physical)
                     for j, chunk in enumerate(chunks):
+                        t0 = time.perf_counter()
                         loss, n = _forward_loss(model, chunk, device, criterion, start, precision)
-                        total += float(loss.item()) * n
-                        if engine is None:  # plain accumulation: weight each pass's mean into the batch mean
-                            (loss * (n / n_batch)).backward()
+                        # plain accumulation weights each pass's mean into the batch mean; under DP Opacus
+                        # scales per-sample gradients itself
+                        (loss if engine is not None else loss * (n / n_batch)).backward()
+                        total += float(loss.item()) * n  # .item() waits for the device: the pass is done
+                        pass_s += time.perf_counter() - t0
+                        if engine is None:
                             continue
                         # Opacus' skip-step (what its BatchMemoryManager drives, though that splits in arrival
                         # order, not by length): clip this pass's per-sample grads into the running sum and
                         # skip the step; noise is added once, on the batch's last pass.
-                        loss.backward()
                         _float32_grad_samples(params)
                         if j < len(chunks) - 1:
                             optimizer.signal_skip_step(do_skip=True)
@@ -240,7 +245,7 @@ def train_local(
         eps = new_state.epsilon()
     model.eval()
     return TrainResult(loss=total / max(seen, 1), steps=steps, examples=len(data), epsilon=eps,
-                       privacy_state=new_state)
+                       privacy_state=new_state, pass_seconds=pass_s)
 
 
 def _length_chunks(batch: Sequence[torch.Tensor], size: int | None) -> list[tuple[torch.Tensor, ...]]:

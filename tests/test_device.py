@@ -3,8 +3,8 @@ and the per-worker state a virtual site keeps across rounds."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import time
 
 import pytest
 import torch
@@ -81,12 +81,16 @@ def test_noise_generator_lives_on_the_parameters_device(tiny_dataset, fast_train
     monkeypatch.setattr(PrivacyEngine, "make_private", spy)
     state = training.plan_privacy(num_examples=len(tiny_dataset), train=fast_train, privacy=dp_on, num_rounds=1)
     # Execute
+    t0 = time.perf_counter()
     res = training.train_local(make_tiny_lora(), tiny_dataset, train=fast_train, privacy=dp_on,
                                privacy_state=state, device=device, seed=0)
-    # Assert: noise on the device, Poisson masks on the CPU (Opacus draws them there), a step was taken
+    took = time.perf_counter() - t0
+    # Assert: noise on the device, Poisson masks on the CPU (Opacus draws them there), a step was taken;
+    # the passes' own time is part of the call's
     assert seen["noise"].device.type == device.type
     assert seen["sampling"].device.type == "cpu"
     assert res.steps == state.planned_steps and res.epsilon > 0
+    assert 0 < res.pass_seconds < took
 
 
 def _train_once(dataset, train, privacy, *, noise_seed):
@@ -185,3 +189,18 @@ def test_memory_budget_is_shared_among_workers(monkeypatch):
     assert prefix.memory_budget() == pytest.approx(one / 4, rel=1e-6)
     monkeypatch.setenv(prefix.CACHE_BYTES_ENV, "12345")
     assert prefix.memory_budget() == 12345
+
+
+def test_simulation_shares_a_gpu_among_the_concurrent_sites(monkeypatch):
+    from fedpeft.cli import _backend
+
+    # Prepare: an 8-core machine, 2 CPUs per virtual site
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    cfg = from_run_config({**TINY, "client-cpus": 2})
+    # Execute
+    with_gpu, workers = _backend(cfg, cuda=True)
+    without, _ = _backend(cfg, cuda=False)
+    # Assert: 4 sites at once, each a quarter of the GPU; none without one
+    assert workers == 4
+    assert with_gpu["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.25}
+    assert without["client_resources"]["num_gpus"] == 0.0
