@@ -22,7 +22,7 @@ from fedpeft.inprocess import run_federation
 from fedpeft.runtime import quiet_libraries
 
 # The contract tests that take a `device`; their CUDA cases carry "cuda" in their ids.
-DEVICE_TESTS = ["tests/test_privacy.py", "tests/test_adapters.py", "tests/test_prefix.py", "tests/test_device.py",
+DEVICE_TESTS = ["tests/test_dp_step.py", "tests/test_adapters.py", "tests/test_prefix.py", "tests/test_device.py",
                 "tests/test_site.py"]
 
 
