@@ -12,7 +12,10 @@ import tempfile
 import threading
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedpeft.config import RunConfig
 
 log = logging.getLogger("fedpeft")
 PRESET_DIR = Path(__file__).resolve().parents[1] / "simulations"
@@ -44,7 +47,7 @@ def simulation_config(preset: str, overrides: list[str] | None, out: str | None)
     return to_run_config(from_run_config(flat))
 
 
-def _backend(cfg, cuda: bool) -> tuple[dict[str, Any], int]:
+def _backend(cfg: RunConfig, cuda: bool) -> tuple[dict[str, Any], int]:
     """Ray resources per virtual site, and how many sites run at once. With a GPU every site gets
     an equal fraction of it (Ray fractional GPUs), so a GPU machine needs no flags."""
     workers = max(1, int((os.cpu_count() or 1) / cfg.federation.client_cpus))

@@ -184,14 +184,6 @@ class PrefixCache:
         self._lru = BytesLRU(budget_bytes)
         self.hits = self.misses = 0
 
-    @property
-    def budget(self) -> int:
-        return self._lru.budget
-
-    @budget.setter
-    def budget(self, value: int) -> None:
-        self._lru.budget = value
-
     @staticmethod
     def _file(key: str) -> Path | None:
         folder = os.environ.get(CACHE_DIR_ENV)
