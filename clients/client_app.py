@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.config import RunConfig, from_run_config
-from fedpeft.federation import ARRAYS, CONFIG, METRICS, from_arrays, metric_record, to_arrays
-from fedpeft.privacy.store import load_state_json, save_state_json
-from fedpeft.site import check_noise_source, site_evaluate, site_train
+from fedpeft.federation import ARRAYS, CONFIG, METRICS, STATUS, from_arrays, metric_record, status_record, to_arrays
+from fedpeft.privacy.vault import SiteVault, site_folder
+from fedpeft.site import check_noise_source, site_evaluate, site_round
 from fedpeft.runtime import quiet_libraries, set_threads
 
 app = ClientApp()
-PRIVACY_KEY = "fedpeft-privacy"
 
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, str | None]:
@@ -30,23 +29,26 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, str | N
     return cfg, site, num, (str(path) if path else None)
 
 
+def _vault(context: Context, cfg: RunConfig, site: int, deployed: bool) -> SiteVault:
+    state_dir = context.node_config.get("state-dir")
+    return SiteVault(site_folder(str(state_dir) if state_dir else None, out_dir=cfg.federation.out_dir,
+                                 site=site, deployed=deployed), site)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, site, num, path = _setup(msg, context)
-    # Prepare: privacy state travels in context.state (and in node config's state-dir, if set)
-    # so epsilon accumulates across rounds and restarts
-    state_dir = context.node_config.get("state-dir")
-    prev = context.state.config_records.get(PRIVACY_KEY)
-    prev_json = str(prev["state"]) if prev else (load_state_json(str(state_dir), site) if state_dir else None)
-    delta, metrics, privacy_json = site_train(
-        cfg, site=site, num_sites=num, server_round=int(msg.content[CONFIG]["server-round"]),
-        global_state=from_arrays(msg.content[ARRAYS]), privacy_json=prev_json, data_path=path,
-    )
-    if privacy_json is not None:
-        context.state[PRIVACY_KEY] = ConfigRecord({"state": privacy_json})
-        if state_dir:
-            save_state_json(str(state_dir), site, privacy_json)
-    return Message(RecordDict({ARRAYS: to_arrays(delta), METRICS: metric_record(metrics)}), reply_to=msg)
+    deployed = "partition-id" not in context.node_config
+    # Execute: privacy state and ledger live in the site's folder, so epsilon accumulates across
+    # rounds and SuperNode restarts
+    reply = site_round(cfg, site=site, num_sites=num, server_round=int(msg.content[CONFIG]["server-round"]),
+                       global_state=from_arrays(msg.content[ARRAYS]),
+                       vault=_vault(context, cfg, site, deployed) if cfg.privacy.enabled else None,
+                       data_path=path, deployed=deployed)
+    content = RecordDict({METRICS: metric_record(reply.metrics), STATUS: status_record(reply)})
+    if reply.delta is not None:
+        content[ARRAYS] = to_arrays(reply.delta)
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

@@ -83,6 +83,13 @@ def simulate(flat: dict[str, Any]) -> dict[str, Any]:
     quiet_libraries()
     logging.getLogger("flwr").propagate = False  # Flower prints its own lines; no second copy via root
     cfg = from_run_config(flat)
+    # A simulation plays every party and starts from nothing: an earlier run's site folders (keys,
+    # spent budgets), ledger copies and audit in the same out-dir would be mistaken for this run's.
+    for part in ("sites", "ledger", "audit", "checkpoints"):
+        old = Path(cfg.federation.out_dir) / part
+        if old.exists():
+            log.info("removing %s from an earlier run", old)
+            shutil.rmtree(old)
     backend, workers = _backend(cfg, torch.cuda.is_available())
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(flat))
     # One frozen-prefix cache folder for every Ray worker of this run (fedpeft.prefix), removed after;

@@ -140,6 +140,10 @@ class PrivacyConfig:
         "system's entropy, never sent anywhere) or 'seeded' (from the run seed, site and round: "
         "reproducible by anyone with the run seed, so no protection against the coordinator; for "
         "simulations only, refused by a deployed site)", "dp-noise"))
+    planned_rounds: int = field(default=0, metadata=_help(
+        "rounds this site plans to train (sigma is calibrated so that many rounds spend exactly the "
+        "budget); 0 = every round of the run. Asked for more, the site declines once another round "
+        "would exceed target-epsilon", "dp-planned-rounds"))
 
     def __post_init__(self) -> None:
         if not self.target_epsilon > 0:
@@ -152,6 +156,8 @@ class PrivacyConfig:
             raise _bad("accountant", self.accountant, "must be 'rdp' or 'prv'")
         if self.grad_sample_mode not in ("hooks", "functorch", "ew", "ghost"):
             raise _bad("grad-sample-mode", self.grad_sample_mode, "must be hooks, functorch, ew or ghost")
+        if self.planned_rounds < 0:
+            raise _bad("dp-planned-rounds", self.planned_rounds, "must be >= 0 (0 = every round)")
         if self.noise not in DP_NOISE:
             raise _bad("dp-noise", self.noise, f"must be one of {', '.join(DP_NOISE)}")
 

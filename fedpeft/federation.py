@@ -6,16 +6,19 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpeft.adapters import AdapterStateError, check_adapter_state
+from fedpeft.privacy.ledger import LedgerError, ServerCopies, delta_hash
 
 ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
 NUM_EXAMPLES = "num-examples"
+STATUS = "status"  # ConfigRecord: status ('trained' | 'declined'), reason, ledger, public-key
 
 
 class ReplyError(ValueError):
@@ -38,18 +41,69 @@ def config_record(flat: Mapping[str, object]) -> ConfigRecord:
 @dataclass
 class TrainReply:
     site: int
-    delta: dict[str, torch.Tensor]
+    delta: dict[str, torch.Tensor] | None  # None: the site declined (its budget would be exceeded)
     num_examples: int
     metrics: dict[str, float]
+    status: str = "trained"
+    reason: str = ""
+    ledger: bytes | None = None
+    public_key: str | None = None
 
 
-def validate_train_reply(content: RecordDict, *, expected: Mapping[str, torch.Tensor]) -> TrainReply:
-    """Check a train reply against the global adapter's keys and shapes; raise ReplyError naming the field."""
-    if ARRAYS not in content.array_records:
-        raise ReplyError(f"reply has no ArrayRecord {ARRAYS!r} (has {list(content.array_records)})")
+def status_record(reply: Any) -> ConfigRecord:
+    """A site's ``RoundReply`` status, reason and signed ledger as a ConfigRecord."""
+    rec: dict[str, str] = {"status": reply.status, "reason": reply.reason}
+    if reply.ledger is not None:
+        rec["ledger"] = reply.ledger.decode()
+        rec["public-key"] = str(reply.public_key)
+    return ConfigRecord(rec)
+
+
+def _status(content: RecordDict) -> tuple[str, str, bytes | None, str | None]:
+    if STATUS not in content.config_records:
+        return "trained", "", None, None
+    rec = dict(content.config_records[STATUS])
+    status = rec.get("status", "trained")
+    if status not in ("trained", "declined"):
+        raise ReplyError(f"status={status!r}: must be 'trained' or 'declined'")
+    ledger = rec.get("ledger")
+    if ledger is not None and not isinstance(ledger, str):
+        raise ReplyError(f"ledger: must be text, got {type(ledger).__name__}")
+    pub = rec.get("public-key")
+    return str(status), str(rec.get("reason", "")), (ledger.encode() if ledger else None), \
+        (str(pub) if pub else None)
+
+
+def validate_train_reply(content: RecordDict, *, expected: Mapping[str, torch.Tensor],
+                         ledgers: ServerCopies | None = None, server_round: int = 0) -> TrainReply:
+    """Check a train reply against the global adapter's keys and shapes and, with ``ledgers`` (DP
+    runs), against the site's signed ledger; raise ReplyError naming the field."""
+    reply = _validate_content(content, expected=expected)
+    if ledgers is not None:
+        if reply.ledger is None or not reply.public_key:
+            raise ReplyError(f"ledger: site {reply.site} sent no signed ledger; a DP release must carry one")
+        try:
+            ledgers.accept(site=reply.site, data=reply.ledger, public_key=reply.public_key,
+                           server_round=server_round,
+                           delta_sha256=None if reply.delta is None else delta_hash(reply.delta))
+        except LedgerError as e:
+            raise ReplyError(f"ledger: {e}") from None
+    return reply
+
+
+def _validate_content(content: RecordDict, *, expected: Mapping[str, torch.Tensor]) -> TrainReply:
     if METRICS not in content.metric_records:
         raise ReplyError(f"reply has no MetricRecord {METRICS!r}")
     metrics = dict(content.metric_records[METRICS])
+    status, reason, ledger, pub = _status(content)
+    if status == "declined":
+        site = metrics.get("site")
+        if not isinstance(site, (int, float)) or site < 0:
+            raise ReplyError(f"site={site!r}: must be a non-negative site id")
+        return TrainReply(site=int(site), delta=None, num_examples=0, metrics={}, status=status,
+                          reason=reason, ledger=ledger, public_key=pub)
+    if ARRAYS not in content.array_records:
+        raise ReplyError(f"reply has no ArrayRecord {ARRAYS!r} (has {list(content.array_records)})")
     n = metrics.get(NUM_EXAMPLES)
     if not isinstance(n, (int, float)) or isinstance(n, bool) or n <= 0 or not math.isfinite(n):
         raise ReplyError(f"{NUM_EXAMPLES}={n!r}: must be a positive number")
@@ -65,7 +119,8 @@ def validate_train_reply(content: RecordDict, *, expected: Mapping[str, torch.Te
     except AdapterStateError as e:
         raise ReplyError(f"{ARRAYS}: {e}") from None
     return TrainReply(site=int(site), delta=delta, num_examples=int(n),
-                      metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+                      metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                      status=status, reason=reason, ledger=ledger, public_key=pub)
 
 
 def metric_record(values: Mapping[str, float | int]) -> MetricRecord:

@@ -54,6 +54,8 @@ class RunRecorder:
                 "sites": dict(sorted(sites.items(), key=lambda kv: int(kv[0]))),
                 "bytes_up": int(sum(m.get("bytes-up", 0.0) for m in rlog.train.values())),
                 "bytes_down": rlog.bytes_down, "rejected": rlog.rejected, "skipped": rlog.skipped,
+                "declined": {str(k): v for k, v in sorted(rlog.declined.items())},
+                "merged": {str(k): v for k, v in sorted(rlog.merged.items())},
             })
         self.data["rounds"].append(row)
         self.data["wall_s"] = time.time() - self.t0

@@ -21,7 +21,8 @@ from torch.utils.data import TensorDataset
 from fedpeft import adapters, models, prefix, training
 from fedpeft.config import AdapterConfig, ModelConfig, RunConfig
 from fedpeft.data.sites import SiteData, make_site
-from fedpeft.privacy.accountant import PrivacyState
+from fedpeft.privacy.accountant import BudgetExceeded, PrivacyState
+from fedpeft.privacy.vault import SiteVault
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +177,7 @@ def site_train(
     device = models.select_device()
     ds = work.train
     model = worker_model(cfg, global_state)
-    state = None
-    if cfg.privacy.enabled:
-        # Calibrated once, on first participation, for every round the run may give this site.
-        state = (PrivacyState.from_json(privacy_json) if privacy_json else
-                 training.plan_privacy(num_examples=len(ds), train=cfg.train, privacy=cfg.privacy,
-                                       num_rounds=cfg.federation.num_rounds))
+    state = privacy_plan(cfg, len(ds), privacy_json) if cfg.privacy.enabled else None
     anchor = None
     if cfg.train.proximal_mu > 0:
         named = dict(model.named_parameters())
@@ -207,6 +203,57 @@ def site_train(
         "bfloat16": float(models.resolve_precision(cfg.model.precision, device) == "bfloat16"),
     }
     return delta, metrics, (res.privacy_state.to_json() if res.privacy_state else None)
+
+
+def privacy_plan(cfg: RunConfig, num_examples: int, privacy_json: str | None) -> PrivacyState:
+    """The site's saved privacy state, or, on first participation, sigma calibrated for its plan."""
+    if privacy_json:
+        return PrivacyState.from_json(privacy_json)
+    return training.plan_privacy(num_examples=num_examples, train=cfg.train, privacy=cfg.privacy,
+                                 num_rounds=cfg.federation.num_rounds)
+
+
+@dataclasses.dataclass
+class RoundReply:
+    """What a site answers a train request with: a delta, or an explicit decline, and its ledger."""
+
+    status: str  # "trained" or "declined"
+    delta: dict[str, torch.Tensor] | None
+    metrics: dict[str, float]
+    reason: str = ""
+    ledger: bytes | None = None
+    public_key: str | None = None
+
+
+def site_round(
+    cfg: RunConfig, *, site: int, num_sites: int, server_round: int, global_state: Mapping[str, torch.Tensor],
+    vault: SiteVault | None, data_path: str | None = None, deployed: bool = False,
+) -> RoundReply:
+    """One train request: check the budget, train, save the privacy state, sign the ledger entry.
+
+    The privacy state and the ledger live in ``vault`` (the site's own folder); without DP there is
+    nothing to account and no ledger."""
+    if not cfg.privacy.enabled or vault is None:
+        delta, metrics, _ = site_train(cfg, site=site, num_sites=num_sites, server_round=server_round,
+                                       global_state=global_state, privacy_json=None, data_path=data_path)
+        return RoundReply("trained", delta, metrics)
+    prev = vault.privacy_json()
+    try:
+        delta, metrics, new_json = site_train(cfg, site=site, num_sites=num_sites, server_round=server_round,
+                                              global_state=global_state, privacy_json=prev, data_path=data_path)
+    except BudgetExceeded as e:
+        work = site_work(cfg, site=site, num_sites=num_sites, data_path=data_path)
+        state = privacy_plan(cfg, len(work.train), prev)
+        vault.record_decline(server_round=server_round, state=state, reason=str(e))
+        log.info("site %d round %d: declined: %s", site, server_round, e)
+        return RoundReply("declined", None, {"site": float(site), "epsilon": state.epsilon()}, str(e),
+                          vault.ledger_bytes(), vault.public_key())
+    assert new_json is not None
+    after = PrivacyState.from_json(new_json)
+    vault.save_privacy(new_json)  # the steps are spent: state first, then the signed record of them
+    vault.record_release(server_round=server_round, before=PrivacyState.from_json(prev) if prev else None,
+                         after=after, delta=delta, noise=cfg.privacy.noise, deployed=deployed)
+    return RoundReply("trained", delta, metrics, "", vault.ledger_bytes(), vault.public_key())
 
 
 def site_evaluate(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -21,6 +22,7 @@ from fedpeft.adapters import state_bytes
 from fedpeft.aggregation import create_merge
 from fedpeft.config import RunConfig
 from fedpeft.federation import METRICS, ReplyError, from_arrays, to_arrays, validate_train_reply
+from fedpeft.privacy.ledger import ServerCopies, delta_hash
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ class RoundLog:
     train: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
     rejected: list[str] = field(default_factory=list)
+    declined: dict[int, str] = field(default_factory=dict)  # site -> why (its budget)
+    merged: dict[int, str] = field(default_factory=dict)  # site -> SHA-256 of the delta merged
     bytes_down: int = 0
     skipped: bool = False
 
@@ -43,6 +47,7 @@ class DeltaMerge(FedAvg):
         super().__init__(*args, **kwargs)
         self.rounds: dict[int, RoundLog] = {}
         self._global: dict[str, torch.Tensor] | None = None
+        self.ledgers: ServerCopies | None = None  # DP runs: every release must match a signed entry
         self.set_merge("fedavg", min_valid_replies=1)
 
     def set_merge(self, name: str, *, min_valid_replies: int) -> None:
@@ -74,20 +79,28 @@ class DeltaMerge(FedAvg):
                 log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
                 continue
             try:
-                valid.append(validate_train_reply(msg.content, expected=self._global))
+                reply = validate_train_reply(msg.content, expected=self._global, ledgers=self.ledgers,
+                                             server_round=server_round)
             except ReplyError as e:
                 rlog.rejected.append(f"node {node}: {e}")
                 log.warning("round %d: rejected reply from node %d: %s", server_round, node, e)
+                continue
+            if reply.delta is None:
+                rlog.declined[reply.site] = reply.reason
+                log.info("round %d: site %d declined: %s", server_round, reply.site, reply.reason)
+                continue
+            valid.append(reply)
         if len(valid) < self.min_valid_replies:
             log.warning("round %d: %d valid replies < min-train-sites=%d; global adapter unchanged",
                         server_round, len(valid), self.min_valid_replies)
             rlog.skipped = True
             return None, None
         valid.sort(key=lambda r: r.site)  # fixed order: bitwise-repeatable merges
-        merged = self.merge_fn([r.delta for r in valid], [float(r.num_examples) for r in valid])
+        merged = self.merge_fn([r.delta for r in valid if r.delta is not None], [float(r.num_examples) for r in valid])
         new_global = {k: self._global[k] + merged[k].to(self._global[k].dtype) for k in self._global}
         for r in valid:
             rlog.train[r.site] = r.metrics
+            rlog.merged[r.site] = delta_hash(r.delta)
         total = sum(r.num_examples for r in valid)
         metrics = MetricRecord({
             "train-loss": sum(r.metrics.get("train-loss", 0.0) * r.num_examples for r in valid) / total,
@@ -139,4 +152,6 @@ def make_strategy(cfg: RunConfig) -> DeltaMerge:
 
     strategy = cls(**common, **extra)
     strategy.set_merge(fed.merge, min_valid_replies=fed.min_train_sites)
+    if cfg.privacy.enabled:
+        strategy.ledgers = ServerCopies(Path(fed.out_dir) / "ledger")
     return strategy

@@ -66,10 +66,11 @@ def steps_per_round(*, num_examples: int, batch_size: int, local_epochs: int) ->
 def plan_privacy(
     *, num_examples: int, train: TrainConfig, privacy: PrivacyConfig, num_rounds: int
 ) -> PrivacyState:
-    """Calibrate sigma for every step this site may take (all rounds: a site sampled in every
-    round still stays within its budget)."""
+    """Calibrate sigma for the site's planned participation (``dp-planned-rounds``, default every
+    round of the run); a site asked to train beyond it declines once its budget would be exceeded."""
     q = expected_sample_rate(num_examples=num_examples, batch_size=train.batch_size)
-    steps = num_rounds * steps_per_round(num_examples=num_examples, batch_size=train.batch_size,
+    rounds = privacy.planned_rounds or num_rounds
+    steps = rounds * steps_per_round(num_examples=num_examples, batch_size=train.batch_size,
                                          local_epochs=train.local_epochs)
     return new_privacy_state(target_epsilon=privacy.target_epsilon, target_delta=privacy.target_delta,
                              max_grad_norm=privacy.max_grad_norm, sample_rate=q, planned_steps=steps,
@@ -168,9 +169,9 @@ def train_local(
         if not math.isclose(q, privacy_state.sample_rate, rel_tol=1e-9):
             raise ValueError(f"sample_rate={q!r} differs from the calibrated {privacy_state.sample_rate!r}: "
                              "the site's data size or batch size changed since calibration")
-        if privacy_state.steps_taken >= privacy_state.planned_steps:
-            raise ValueError(f"privacy budget exhausted: {privacy_state.steps_taken} of "
-                             f"{privacy_state.planned_steps} planned steps taken (epsilon={privacy_state.epsilon():.3f})")
+        # The budget, not the plan, is the limit: decline before any noise is drawn.
+        privacy_state.check_budget(steps_per_round(num_examples=len(data), batch_size=train.batch_size,
+                                                   local_epochs=train.local_epochs))
         with warnings.catch_warnings():  # "Secure RNG turned off": see docs/privacy.md (secret seeds, not torchcsprng)
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant=privacy_state.accountant)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from flwr.app import MetricRecord, RecordDict
 
 from fedpeft.aggregation import available_merges, create_merge
-from fedpeft.config import RunConfig
+from fedpeft.config import FederationConfig, PrivacyConfig, RunConfig
 from fedpeft.federation import ReplyError, to_arrays, validate_train_reply
 from fedpeft.strategy import DeltaMerge, make_strategy
 
@@ -110,7 +110,7 @@ def test_strategy_skips_round_below_minimum():
 def test_make_strategy_builds_flower_strategies_over_deltas(name):
     from fedpeft.config import FederationConfig
 
-    cfg = RunConfig(federation=FederationConfig(strategy=name, num_sites=3))
+    cfg = RunConfig(federation=FederationConfig(strategy=name, num_sites=3), privacy=PrivacyConfig(enabled=False))
     s = make_strategy(cfg)
     assert isinstance(s, DeltaMerge)
     assert s.merge_name == "fedavg"
@@ -128,7 +128,8 @@ def test_flower_fedadam_runs_on_top_of_the_delta_merge(monkeypatch):
     from fedpeft.federation import to_arrays
 
     # Prepare
-    cfg = RunConfig(federation=FederationConfig(strategy="fedadam", num_sites=2, min_train_sites=1, server_lr=0.1))
+    cfg = RunConfig(federation=FederationConfig(strategy="fedadam", num_sites=2, min_train_sites=1, server_lr=0.1),
+                    privacy=PrivacyConfig(enabled=False))
     strategy = make_strategy(cfg)
     grid = SimpleNamespace(get_node_ids=lambda: [11, 12])
     messages = list(strategy.configure_train(1, to_arrays(GLOBAL), ConfigRecord(), grid))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedpeft import training
-from fedpeft.privacy.accountant import PrivacyState, compute_epsilon
+from fedpeft.privacy.accountant import BudgetExceeded, PrivacyState, compute_epsilon
 from tests.conftest import make_tiny_lora
 
 
@@ -29,7 +29,7 @@ def test_epsilon_accumulates_across_calls_and_restarts(tiny_dataset, fast_train,
     whole = compute_epsilon(history=[(state.noise_multiplier, state.sample_rate, state.planned_steps)], delta=1e-5)
     assert eps[2] == pytest.approx(whole, rel=1e-9)
     # A fourth round would overspend: refused
-    with pytest.raises(ValueError, match="budget exhausted"):
+    with pytest.raises(BudgetExceeded, match="target-epsilon=.*declining"):
         training.train_local(model, tiny_dataset, train=fast_train, privacy=dp_on, privacy_state=s, device=device, seed=9)
 
 

@@ -22,6 +22,10 @@ class PrivacyConfigError(ValueError):
     """A DP parameter is out of range; the message names it and its value."""
 
 
+class BudgetExceeded(RuntimeError):
+    """Taking this round's steps would push the site's epsilon past its budget: the site declines."""
+
+
 def validate_dp_params(
     *, target_epsilon: float, target_delta: float, max_grad_norm: float, sample_rate: float
 ) -> None:
@@ -105,6 +109,22 @@ class PrivacyState:
 
     def epsilon(self) -> float:
         return compute_epsilon(history=self.history, delta=self.target_delta, accountant=self.accountant)
+
+    def epsilon_after(self, steps: int) -> float:
+        """Epsilon this site would have spent after ``steps`` more steps at its calibrated (sigma, q)."""
+        extra = [(self.noise_multiplier, self.sample_rate, int(steps))] if steps > 0 else []
+        return compute_epsilon(history=[*self.history, *extra], delta=self.target_delta, accountant=self.accountant)
+
+    def check_budget(self, steps: int) -> float:
+        """Raise ``BudgetExceeded`` unless ``steps`` more steps keep epsilon <= target; return the
+        epsilon after them. Checked before a round, from the accountant history itself, so it holds
+        whatever rounds the site missed, how many restarts it had or how the plan was drawn."""
+        eps = self.epsilon_after(steps)
+        if eps > self.target_epsilon:
+            raise BudgetExceeded(
+                f"target-epsilon={self.target_epsilon:g}: {steps} more steps would spend epsilon={eps:.4f} "
+                f"(spent {self.epsilon():.4f} in {self.steps_taken} steps); declining this round")
+        return eps
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

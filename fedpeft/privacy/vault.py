@@ -1,0 +1,83 @@
+"""A site's private folder: its Ed25519 signing key, its accountant state and its privacy ledger.
+
+Everything the site must keep across rounds and restarts, and never send: the key stays here
+(0600); the privacy state and the ledger are written atomically; the server only gets the
+ledger's lines and the public key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedpeft.privacy.accountant import PrivacyState
+from fedpeft.privacy.ledger import Ledger, delta_hash, load_or_create_key, public_pem
+from fedpeft.privacy.store import load_state_json, save_state_json
+
+KEY_FILE = "site-key.pem"
+LEDGER_FILE = "ledger.jsonl"
+
+
+def site_folder(state_dir: str | None, *, out_dir: str, site: int, deployed: bool) -> Path:
+    """Node config ``state-dir`` when given; else ``<out-dir>/sites/site-<id>`` in a simulation (the
+    researcher plays every site) and ``~/.fedpeft/site-<id>`` on a deployed SuperNode."""
+    if state_dir:
+        return Path(state_dir)
+    return Path.home() / ".fedpeft" / f"site-{site}" if deployed else Path(out_dir) / "sites" / f"site-{site}"
+
+
+class SiteVault:
+    """``folder`` holds one site's key, privacy state and ledger (node config ``state-dir``)."""
+
+    def __init__(self, folder: str | Path, site: int) -> None:
+        self.folder = Path(folder)
+        self.site = site
+        self._ledger: Ledger | None = None
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            key = load_or_create_key(self.folder / KEY_FILE)
+            self._ledger = Ledger(self.folder / LEDGER_FILE, key, site=self.site)
+        return self._ledger
+
+    def public_key(self) -> str:
+        return public_pem(self.ledger.key)
+
+    def ledger_bytes(self) -> bytes:
+        return self.ledger.path.read_bytes()
+
+    def privacy_json(self) -> str | None:
+        return load_state_json(self.folder, self.site)
+
+    def save_privacy(self, text: str) -> None:
+        save_state_json(self.folder, self.site, text)
+
+    def record_release(self, *, server_round: int, before: PrivacyState | None, after: PrivacyState,
+                       delta: Mapping[str, torch.Tensor], noise: str, deployed: bool) -> bytes:
+        """One ``dp-sgd`` entry for the steps this round took (the history's new tail)."""
+        done = before.steps_taken if before is not None else 0
+        steps = after.steps_taken - done
+        return self.ledger.append("dp-sgd", {
+            "round": server_round, "sigma": after.noise_multiplier, "sample_rate": after.sample_rate,
+            "steps": steps, "max_grad_norm": after.max_grad_norm, "delta": after.target_delta,
+            "accountant": after.accountant, "noise": noise, "deployed": deployed,
+            "epsilon_after": after.epsilon(), "target_epsilon": after.target_epsilon,
+            "planned_steps": after.planned_steps, "steps_total": after.steps_taken,
+            "adjacency": "add/remove one record of this site",
+            "delta_sha256": delta_hash(delta),
+        })
+
+    def record_decline(self, *, server_round: int, state: PrivacyState, reason: str) -> bytes:
+        return self.ledger.append("declined", {
+            "round": server_round, "epsilon_after": state.epsilon(), "target_epsilon": state.target_epsilon,
+            "delta": state.target_delta, "steps_total": state.steps_taken, "reason": reason,
+        })
+
+
+def entry_fields(entry: Mapping[str, Any]) -> tuple[float, float, int]:
+    """(sigma, q, steps) of a ``dp-sgd`` entry: what a second accountant composes."""
+    return float(entry["sigma"]), float(entry["sample_rate"]), int(entry["steps"])
