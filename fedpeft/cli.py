@@ -145,6 +145,31 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from fedpeft.privacy.audit.checks import audit_run, empirical_audit, privacy_statement
+    from fedpeft.privacy.audit.report import write_report
+
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise ValueError(f"DIR={str(run)!r}: no such run folder")
+    res = audit_run(run, keys_dir=args.keys, tolerance=args.tolerance)
+    if args.empirical:
+        empirical_audit(res, canaries=args.canaries)
+    out = write_report(res, run / "audit")
+    for f in res.failures:
+        print(f"FAIL {f}")
+    for w in res.warnings:
+        print(f"warn {w}")
+    for s, a in sorted(res.sites.items()):
+        print(f"site {s}: {a.releases} releases, {a.steps} steps, claimed eps {a.claimed_epsilon:.4f}, "
+              f"recomputed {a.epsilon_rdp:.4f} (PLD {a.epsilon_pld:.4f}), budget {a.target_epsilon:g}")
+    if res.empirical:
+        print(f"empirical: {res.empirical['summary']}")
+    print(privacy_statement(res))
+    print(f"{'PASS' if res.ok else 'FAIL'}: report {out / 'report.md'} (also .html, .json, epsilon.png)")
+    return 0 if res.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--run-config", nargs="+", default=None, help="overrides, Flower syntax: \"key=value ...\"")
     sim.add_argument("--out", default=None, help="output folder (default: the preset's out-dir)")
     sim.set_defaults(func=_cmd_simulate)
+    aud = sub.add_parser("audit", help="verify a run's signed privacy ledgers and recompute every site's epsilon")
+    aud.add_argument("run_dir", metavar="DIR", help="a run folder (out-dir of a simulation or coordinator)")
+    aud.add_argument("--keys", default=None, help="folder of the sites' registered site-<id>.pub (default DIR/ledger)")
+    aud.add_argument("--tolerance", type=float, default=0.02, help="relative tolerance between accountants")
+    aud.add_argument("--empirical", action="store_true",
+                     help="also run gradient canaries through each site's DP step: a lower bound on epsilon")
+    aud.add_argument("--canaries", type=int, default=2000, help="canaries per site for --empirical")
+    aud.set_defaults(func=_cmd_audit)
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

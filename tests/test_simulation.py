@@ -136,3 +136,23 @@ def test_ctrl_c_stops_the_simulation_within_seconds_and_keeps_completed_rounds(t
     assert len(done) >= 2 and all("global" in r for r in done)
     last = done[-1]["round"]
     assert (out / "checkpoints" / f"round-{last:03d}" / "adapter_model.safetensors").exists()
+
+
+def test_smoke_run_passes_fedpeft_audit_with_ledgers_for_every_site(smoke_run, capsys):
+    from fedpeft.cli import main
+
+    out, flat, metrics = smoke_run
+    cfg = from_run_config(flat)
+    # every site's ledger copy and key on the server side, one signed release per round
+    for s in range(cfg.federation.num_sites):
+        assert (out / "ledger" / f"site-{s}.pub").exists()
+        assert len((out / "ledger" / f"site-{s}.jsonl").read_text().splitlines()) == 1 + cfg.federation.num_rounds
+    for r in metrics["rounds"][1:]:
+        assert sorted(r["merged"], key=int) == [str(s) for s in range(cfg.federation.num_sites)]
+    assert main(["audit", str(out), "--empirical", "--canaries", "500"]) == 0
+    report = json.loads((out / "audit" / "report.json").read_text())
+    assert report["ok"] and report["checkpoints"] == list(range(cfg.federation.num_rounds + 1))
+    for s, site in report["sites"].items():  # the claim equals what the sites reported per round
+        assert site["claimed_epsilon"] == pytest.approx(metrics["rounds"][-1]["sites"][s]["epsilon"])
+        assert report["empirical"]["sites"][s]["epsilon_lower_bound"] <= site["epsilon_rdp"]
+    assert "seeded" in capsys.readouterr().out

@@ -51,3 +51,28 @@ def test_site_with_malformed_data_fails_naming_the_site(tmp_path):
         site_train(cfg, site=1, num_sites=2, server_round=1, global_state=glob, privacy_json=None)
     with pytest.raises(SiteError, match=r"site 2: cannot load data .*site2.csv.*file not found"):
         site_evaluate(cfg, site=2, num_sites=3, global_state=glob)
+
+
+def test_site_declines_past_its_planned_budget_and_signs_both(tmp_path):
+    """dp-planned-rounds=1 in a 3-round run: round 1 trains, round 2 declines (explicitly, signed)."""
+    from fedpeft.privacy.audit.checks import audit_run  # noqa: F401  (the ledger verifies as the audit does)
+    from fedpeft.privacy.ledger import verify_file
+    from fedpeft.privacy.vault import SiteVault
+    from fedpeft.site import site_round
+
+    # Prepare
+    cfg = from_run_config({**TINY, "num-server-rounds": 3, "dp-planned-rounds": 1, "dp-noise": "seeded"})
+    glob = initial_adapter_state(cfg)
+    vault = SiteVault(tmp_path / "site-0", 0)
+    # Execute
+    r1 = site_round(cfg, site=0, num_sites=2, server_round=1, global_state=glob, vault=vault)
+    r2 = site_round(cfg, site=0, num_sites=2, server_round=2, global_state=glob, vault=vault)
+    # Assert: a delta, then a decline carrying no delta; epsilon stays within budget; both signed
+    assert r1.status == "trained" and r1.delta is not None
+    assert r2.status == "declined" and r2.delta is None and "declining" in r2.reason
+    state = PrivacyState.from_json(vault.privacy_json())
+    assert state.epsilon() <= cfg.privacy.target_epsilon and state.epsilon() > 0.9 * cfg.privacy.target_epsilon
+    entries = verify_file(vault.ledger.path, site=0, trusted_pem=vault.public_key()).entries
+    assert [e["kind"] for e in entries] == ["open", "dp-sgd", "declined"]
+    assert entries[1]["epsilon_after"] == pytest.approx(state.epsilon()) and entries[1]["noise"] == "seeded"
+    assert r2.ledger == vault.ledger_bytes()
