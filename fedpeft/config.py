@@ -144,6 +144,18 @@ class PrivacyConfig:
         "rounds this site plans to train (sigma is calibrated so that many rounds spend exactly the "
         "budget); 0 = every round of the run. Asked for more, the site declines once another round "
         "would exceed target-epsilon", "dp-planned-rounds"))
+    client_dp: bool = field(default=False, metadata=_help(
+        "client-level DP on the server as well: each site's whole delta clipped to client-dp-clip, Gaussian "
+        "noise added to their sum (protects one whole site, not just one record; needs merge='fedavg')",
+        "client-dp"))
+    client_noise_multiplier: float = field(default=1.0, metadata=_help(
+        "client-level DP noise multiplier sigma (noise std = sigma x client-dp-clip on the sum)",
+        "client-dp-noise-multiplier"))
+    client_clip: float = field(default=1.0, metadata=_help("client-level DP: L2 clip of each site's delta",
+                                                            "client-dp-clip"))
+    client_max_epsilon: float = field(default=0.0, metadata=_help(
+        "client-level epsilon budget at target-delta; a round that would exceed it is skipped (0 = none)",
+        "client-dp-max-epsilon"))
 
     def __post_init__(self) -> None:
         if not self.target_epsilon > 0:
@@ -156,6 +168,12 @@ class PrivacyConfig:
             raise _bad("accountant", self.accountant, "must be 'rdp' or 'prv'")
         if self.grad_sample_mode not in ("hooks", "functorch", "ew", "ghost"):
             raise _bad("grad-sample-mode", self.grad_sample_mode, "must be hooks, functorch, ew or ghost")
+        if not self.client_noise_multiplier > 0:
+            raise _bad("client-dp-noise-multiplier", self.client_noise_multiplier, "must be > 0")
+        if not self.client_clip > 0:
+            raise _bad("client-dp-clip", self.client_clip, "must be > 0")
+        if self.client_max_epsilon < 0:
+            raise _bad("client-dp-max-epsilon", self.client_max_epsilon, "must be >= 0 (0 = no limit)")
         if self.planned_rounds < 0:
             raise _bad("dp-planned-rounds", self.planned_rounds, "must be >= 0 (0 = every round)")
         if self.noise not in DP_NOISE:

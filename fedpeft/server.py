@@ -56,6 +56,7 @@ class RunRecorder:
                 "bytes_down": rlog.bytes_down, "rejected": rlog.rejected, "skipped": rlog.skipped,
                 "declined": {str(k): v for k, v in sorted(rlog.declined.items())},
                 "merged": {str(k): v for k, v in sorted(rlog.merged.items())},
+                "client_epsilon": rlog.client_epsilon,
             })
         self.data["rounds"].append(row)
         self.data["wall_s"] = time.time() - self.t0

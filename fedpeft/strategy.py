@@ -22,6 +22,7 @@ from fedpeft.adapters import state_bytes
 from fedpeft.aggregation import create_merge
 from fedpeft.config import RunConfig
 from fedpeft.federation import METRICS, ReplyError, from_arrays, to_arrays, validate_train_reply
+from fedpeft.privacy.client_dp import ClientBudgetExhausted, ClientLevelDP
 from fedpeft.privacy.ledger import ServerCopies, delta_hash
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class RoundLog:
     rejected: list[str] = field(default_factory=list)
     declined: dict[int, str] = field(default_factory=dict)  # site -> why (its budget)
     merged: dict[int, str] = field(default_factory=dict)  # site -> SHA-256 of the delta merged
+    sent: int = 0  # train requests sent this round
+    client_epsilon: float | None = None  # client-level epsilon after this round (client-dp)
     bytes_down: int = 0
     skipped: bool = False
 
@@ -48,6 +51,7 @@ class DeltaMerge(FedAvg):
         self.rounds: dict[int, RoundLog] = {}
         self._global: dict[str, torch.Tensor] | None = None
         self.ledgers: ServerCopies | None = None  # DP runs: every release must match a signed entry
+        self.client_dp: ClientLevelDP | None = None  # client-level DP: clip + noise after validation
         self.set_merge("fedavg", min_valid_replies=1)
 
     def set_merge(self, name: str, *, min_valid_replies: int) -> None:
@@ -64,6 +68,7 @@ class DeltaMerge(FedAvg):
         self._global = from_arrays(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._log(server_round).bytes_down = len(messages) * state_bytes(self._global)
+        self._log(server_round).sent = len(messages)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -96,7 +101,17 @@ class DeltaMerge(FedAvg):
             rlog.skipped = True
             return None, None
         valid.sort(key=lambda r: r.site)  # fixed order: bitwise-repeatable merges
-        merged = self.merge_fn([r.delta for r in valid if r.delta is not None], [float(r.num_examples) for r in valid])
+        deltas = [r.delta for r in valid if r.delta is not None]
+        if self.client_dp is not None:
+            try:
+                merged = self.client_dp.release(server_round, deltas, num_sampled=max(rlog.sent, len(deltas)))
+            except ClientBudgetExhausted as e:
+                log.warning("round %d: %s", server_round, e)
+                rlog.skipped = True
+                return None, None
+            rlog.client_epsilon = self.client_dp.accountant.get_epsilon(self.client_dp.delta)
+        else:
+            merged = self.merge_fn(deltas, [float(r.num_examples) for r in valid])
         new_global = {k: self._global[k] + merged[k].to(self._global[k].dtype) for k in self._global}
         for r in valid:
             rlog.train[r.site] = r.metrics
@@ -154,4 +169,12 @@ def make_strategy(cfg: RunConfig) -> DeltaMerge:
     strategy.set_merge(fed.merge, min_valid_replies=fed.min_train_sites)
     if cfg.privacy.enabled:
         strategy.ledgers = ServerCopies(Path(fed.out_dir) / "ledger")
+    p = cfg.privacy
+    if p.client_dp:
+        if fed.merge != "fedavg":
+            raise ValueError(f"merge={fed.merge!r}: client-dp=true needs merge='fedavg' (an unweighted sum of "
+                             "clipped deltas); heterogeneous-rank rules are not covered yet")
+        strategy.client_dp = ClientLevelDP(out_dir=fed.out_dir, noise_multiplier=p.client_noise_multiplier,
+                                           clip=p.client_clip, delta=p.target_delta, population=fed.num_sites,
+                                           max_epsilon=p.client_max_epsilon)
     return strategy

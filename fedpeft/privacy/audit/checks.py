@@ -53,6 +53,7 @@ class AuditResult:
     checkpoints: list[int] = field(default_factory=list)
     tolerance: float = RDP_TOLERANCE
     empirical: dict[str, Any] = field(default_factory=dict)
+    client_level: dict[str, Any] = field(default_factory=dict)  # server-side (one whole site) DP, if any
 
     @property
     def ok(self) -> bool:
@@ -172,7 +173,7 @@ def audit_run(run_dir: str | Path, *, keys_dir: str | Path | None = None,
     keys = Path(keys_dir) if keys_dir else ledger_dir
     files = sorted(ledger_dir.glob("site-*.jsonl"), key=lambda p: int(_SITE.search(p.name).group(1))) \
         if ledger_dir.exists() else []
-    if not files:
+    if not files and not (ledger_dir / "server.jsonl").exists():
         res.failures.append(f"{ledger_dir}: no site ledgers; this run has no verifiable DP claim "
                             "(was it run with dp=false?)")
     for path in files:
@@ -183,13 +184,53 @@ def audit_run(run_dir: str | Path, *, keys_dir: str | Path | None = None,
             res.sites[site] = SiteAudit(site=site)
             continue
         _audit_site(res, site, path, pub.read_text())
+    server = ledger_dir / "server.jsonl"
+    if server.exists():
+        _audit_server(res, server, keys / "server.pub")
     _covered(res, run)
     return res
 
 
+def _audit_server(res: AuditResult, path: Path, pub: Path) -> None:
+    """Client-level DP releases: recomputed with Opacus' RDP (training used Flower's, on dp_accounting)."""
+    from fedpeft.privacy.accountant import compute_epsilon
+
+    try:
+        ver = verify_file(path, site="server", trusted_pem=pub.read_text() if pub.exists() else None)
+    except (LedgerError, OSError) as e:
+        res.failures.append(f"server ledger: {e}")
+        return
+    history: list[tuple[float, float, int]] = []
+    claimed, delta, limit, rounds = 0.0, float("nan"), None, []
+    for i, e in enumerate(ver.entries):
+        if e.get("kind") != "client-dp":
+            continue
+        history.append((float(e["sigma"]), 1.0, 1))
+        delta, claimed, limit = float(e["delta"]), float(e["epsilon_after"]), e.get("target_epsilon")
+        eps2 = compute_epsilon(history=history, delta=delta)
+        rounds.append({"round": e.get("round"), "claimed": claimed, "recomputed": eps2})
+        where = f"server: entry {i} (round {e.get('round')})"
+        if not math.isclose(eps2, claimed, rel_tol=res.tolerance, abs_tol=1e-6):
+            res.failures.append(f"{where}: claimed client-level epsilon {claimed:.4f} but Opacus' RDP gives {eps2:.4f}")
+        if limit is not None and max(eps2, claimed) > float(limit) * (1 + res.tolerance):
+            res.failures.append(f"{where}: client-level epsilon {max(eps2, claimed):.4f} overruns "
+                                f"client-dp-max-epsilon={limit}")
+    res.client_level = {"releases": len(history), "claimed_epsilon": claimed, "delta": delta,
+                        "epsilon_recomputed": compute_epsilon(history=history, delta=delta) if history else 0.0,
+                        "max_epsilon": limit, "rounds": rounds, "adjacency": "add/remove one whole site",
+                        "sigma": history[0][0] if history else None}
+
+
 def privacy_statement(res: AuditResult) -> str:
     """The plain-language claim a privacy officer signs (or refuses to)."""
+    cl = res.client_level
+    client = (f" In addition, the server applied client-level DP: any one whole site's contribution changes "
+              f"the released adapters by at most epsilon = {cl['epsilon_recomputed']:.3f} (delta = {cl['delta']:g}, "
+              f"{cl['releases']} releases, Gaussian noise multiplier {cl['sigma']}, no sampling amplification)."
+              if cl.get("releases") else "")
     if not res.sites:
+        if client:
+            return client.strip() + (f" The audit FAILED with {len(res.failures)} finding(s)." if not res.ok else "")
         return "No differential-privacy claim could be verified for this run."
     worst = max((s.epsilon_rdp for s in res.sites.values()), default=0.0)
     deltas = sorted({s.delta for s in res.sites.values() if not math.isnan(s.delta)})
@@ -201,6 +242,7 @@ def privacy_statement(res: AuditResult) -> str:
             f"{', '.join(f'{d:g}' for d in deltas) or '?'}, over {releases} signed releases (record-level "
             f"adjacency, Poisson-sampled Gaussian mechanism, RDP accountant; the server's merge is "
             f"post-processing). Noise source: {', '.join(noise) or '?'}.")
+    text += client
     if "seeded" in noise:
         text += f" Seeded noise is {SEEDED_STATEMENT}."
     if not res.ok:

@@ -26,6 +26,12 @@ def _markdown(res: AuditResult) -> str:
                      f"{'-' if lb is None else f'{lb:.3f}'} |")
     lines += ["", f"Tolerance between the training accountant (Opacus RDP) and the audit's: "
               f"{res.tolerance:.0%} relative. Checkpoints checked: {res.checkpoints or 'none'}.", ""]
+    cl = res.client_level
+    if cl:
+        lines += ["## Client-level DP (one whole site)", "",
+                  f"{cl['releases']} server releases, noise multiplier {cl['sigma']}, delta {cl['delta']:g}: "
+                  f"claimed epsilon {cl['claimed_epsilon']:.4f}, recomputed {cl['epsilon_recomputed']:.4f} "
+                  f"(Opacus RDP, q = 1), budget {cl['max_epsilon'] or 'none'}.", ""]
     if res.empirical:
         lines += ["## Empirical audit", "", res.empirical.get("summary", ""), ""]
     lines += ["## Failures", ""] + ([f"- {f}" for f in res.failures] or ["- none"])
