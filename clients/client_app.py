@@ -35,6 +35,12 @@ def _vault(context: Context, cfg: RunConfig, site: int, deployed: bool) -> SiteV
                                  site=site, deployed=deployed), site)
 
 
+def _node_rank(context: Context) -> int | None:
+    """A deployed site's own LoRA rank (node config ``lora-rank``); else the run's cycling rule."""
+    r = context.node_config.get("lora-rank")
+    return int(r) if r is not None else None
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, site, num, path = _setup(msg, context)
@@ -44,7 +50,7 @@ def train(msg: Message, context: Context) -> Message:
     reply = site_round(cfg, site=site, num_sites=num, server_round=int(msg.content[CONFIG]["server-round"]),
                        global_state=from_arrays(msg.content[ARRAYS]),
                        vault=_vault(context, cfg, site, deployed) if cfg.privacy.enabled else None,
-                       data_path=path, deployed=deployed)
+                       data_path=path, deployed=deployed, rank=_node_rank(context))
     content = RecordDict({METRICS: metric_record(reply.metrics), STATUS: status_record(reply)})
     if reply.delta is not None:
         content[ARRAYS] = to_arrays(reply.delta)

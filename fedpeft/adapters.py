@@ -140,7 +140,8 @@ def create_adapter(model: PreTrainedModel, cfg: AdapterConfig, *, dp: bool, base
 def get_adapter_state(model: PeftModel) -> AdapterState:
     """Exactly the adapter's trainable tensors (peft names, adapter name stripped), detached copies."""
     state = get_peft_model_state_dict(model)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    # adapter tensors: the trainable ones, plus a LoRA A frozen on purpose (merge='frozen_a')
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad or ".lora_A." in n}
     if len(state) != len(trainable):
         raise AdapterStateError(
             f"adapter state has {len(state)} tensors but the model has {len(trainable)} trainable ones"
@@ -177,6 +178,31 @@ def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> No
     bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "beft" in k]
     if bad:
         raise AdapterStateError(f"peft did not place adapter keys: {bad[:5]}")
+
+
+def freeze_lora_a(model: PeftModel, frozen: bool) -> None:
+    """``merge='frozen_a'`` (FFA-LoRA): A stays the shared random matrix; only B (and the head) train."""
+    for name, p in model.named_parameters():
+        if ".lora_A." in name:
+            p.requires_grad_(not frozen)
+
+
+@torch.no_grad()
+def fold_into_base(model: PeftModel, updates: Mapping[str, torch.Tensor]) -> None:
+    """Set each LoRA module's frozen base weight to its original plus ``updates[module]`` (a dense
+    d_out × d_in update; module names as in the adapter state, without ``.lora_A.weight``); modules
+    not named go back to their original weight. ``merge='stack'`` folds the global update this way."""
+    originals: dict[str, torch.Tensor] = model.__dict__.setdefault("_fedpeft_base_weights", {})
+    for name, module in model.named_modules():
+        base = getattr(module, "base_layer", None)
+        if base is None or not hasattr(module, "lora_A"):
+            continue
+        key = name.replace(".default", "")
+        if key not in updates and key not in originals:
+            continue
+        orig = originals.setdefault(key, base.weight.detach().clone())
+        upd = updates.get(key)
+        base.weight.copy_(orig if upd is None else orig + upd.to(orig.dtype).to(orig.device))
 
 
 def trainable_parameter_count(model: torch.nn.Module) -> int:

@@ -100,6 +100,10 @@ class AdapterConfig:
                         "MiniLM's top layer by default: the frozen layers below it run once per note set "
                         "(fedpeft.prefix) and backward stops there", "lora-layers"))
     use_rslora: bool = field(default=False, metadata=_help("rank-stabilised LoRA scaling alpha/sqrt(r)", "rslora"))
+    ranks: str = field(default="", metadata=_help(
+        "per-site LoRA ranks, e.g. '4,8,16,32': site k trains rank ranks[k mod n] (cycling; a deployed "
+        "site may set its own with node config lora-rank, which must be one of them); '' = every site "
+        "trains lora-rank. Mixed ranks need a rank merge rule (merge=zero_pad|svd|stack|frozen_a)", "lora-ranks"))
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "bitfit", "dora", "ia3"):
@@ -116,6 +120,22 @@ class AdapterConfig:
             self.layer_list
         except ValueError:
             raise _bad("lora-layers", self.layers, "must be comma-separated integers") from None
+        try:
+            ranks = self.rank_list
+        except ValueError:
+            raise _bad("lora-ranks", self.ranks, "must be comma-separated integers") from None
+        if any(r < 1 for r in ranks):
+            raise _bad("lora-ranks", self.ranks, "every rank must be >= 1")
+
+    @property
+    def rank_list(self) -> list[int]:
+        """Per-site ranks (cycled over sites); [rank] when lora-ranks is empty."""
+        parts = [p.strip() for p in str(self.ranks).split(",") if p.strip()]
+        return [int(p) for p in parts] or [self.rank]
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.rank_list)
 
     @property
     def target_module_list(self) -> list[str]:
@@ -259,7 +279,9 @@ class FederationConfig:
     fraction_evaluate: float = field(default=1.0, metadata=_help("fraction of sites for federated eval", "fraction-evaluate"))
     min_train_sites: int = field(default=2, metadata=_help("fewest valid replies that make a round", "min-train-sites"))
     strategy: str = field(default="fedavg", metadata=_help("Flower strategy: fedavg, fedprox, fedadam, fedyogi, fedadagrad", "strategy"))
-    merge: str = field(default="fedavg", metadata=_help("merge rule for adapter deltas (registry)", "merge"))
+    merge: str = field(default="fedavg", metadata=_help(
+        "merge rule: 'fedavg' (weighted mean of deltas; equal ranks) or a heterogeneous-rank rule: "
+        "'zero_pad' (HetLoRA), 'svd' (FlexLoRA/HLoRA), 'stack' (FLoRA), 'frozen_a' (FFA-LoRA, nested)", "merge"))
     server_lr: float = field(default=1e-2, metadata=_help("server learning rate (FedAdam/FedYogi/FedAdagrad eta)", "server-lr"))
     client_cpus: float = field(default=1.0, metadata=_help("CPUs per virtual client (Ray)", "client-cpus"))
     out_dir: str = field(default="runs/latest", metadata=_help("where metrics, adapter and plots go", "out-dir"))
@@ -291,6 +313,9 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+RANK_RULES = ("zero_pad", "svd", "stack", "frozen_a")
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -300,6 +325,26 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     preset: str = "hospitals"
+
+    def __post_init__(self) -> None:
+        """Checks that span sections: mixed ranks need a rank rule, rank rules need LoRA."""
+        merge, ranks = self.federation.merge, self.adapter.rank_list
+        if merge not in ("fedavg", *RANK_RULES):
+            raise _bad("merge", merge, f"must be fedavg or one of {', '.join(RANK_RULES)}")
+        if merge == "fedavg" and len(set(ranks)) > 1:
+            raise ConfigError(f"merge='fedavg' averages same-shaped deltas, but lora-ranks={self.adapter.ranks!r} "
+                              f"mixes ranks; use merge= one of {', '.join(RANK_RULES)}")
+        if merge in RANK_RULES and self.federation.strategy not in ("fedavg", "fedprox"):
+            raise ConfigError(f"merge={merge!r} with strategy={self.federation.strategy!r}: a server optimiser's "
+                              "moments need a fixed adapter shape; use strategy='fedavg' or 'fedprox'")
+        if merge in RANK_RULES and self.adapter.method != "lora":
+            raise ConfigError(f"merge={merge!r} merges LoRA factors; adapter={self.adapter.method!r} has none "
+                              "(use adapter='lora' or merge='fedavg')")
+
+    @property
+    def rank_rule(self) -> str | None:
+        """The heterogeneous-rank rule in use, or None (FedAvg of deltas)."""
+        return self.federation.merge if self.federation.merge in RANK_RULES else None
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,10 +75,12 @@ def _status(content: RecordDict) -> tuple[str, str, bytes | None, str | None]:
 
 
 def validate_train_reply(content: RecordDict, *, expected: Mapping[str, torch.Tensor],
-                         ledgers: ServerCopies | None = None, server_round: int = 0) -> TrainReply:
-    """Check a train reply against the global adapter's keys and shapes and, with ``ledgers`` (DP
-    runs), against the site's signed ledger; raise ReplyError naming the field."""
-    reply = _validate_content(content, expected=expected)
+                         ledgers: ServerCopies | None = None, server_round: int = 0,
+                         expected_for: Callable[[int], Mapping[str, torch.Tensor]] | None = None) -> TrainReply:
+    """Check a train reply against the global adapter's keys and shapes (with mixed ranks,
+    ``expected_for(declared lora-rank)``) and, with ``ledgers`` (DP runs), against the site's signed
+    ledger; raise ReplyError naming the field."""
+    reply = _validate_content(content, expected=expected, expected_for=expected_for)
     if ledgers is not None:
         if reply.ledger is None or not reply.public_key:
             raise ReplyError(f"ledger: site {reply.site} sent no signed ledger; a DP release must carry one")
@@ -91,7 +93,8 @@ def validate_train_reply(content: RecordDict, *, expected: Mapping[str, torch.Te
     return reply
 
 
-def _validate_content(content: RecordDict, *, expected: Mapping[str, torch.Tensor]) -> TrainReply:
+def _validate_content(content: RecordDict, *, expected: Mapping[str, torch.Tensor],
+                      expected_for: Callable[[int], Mapping[str, torch.Tensor]] | None = None) -> TrainReply:
     if METRICS not in content.metric_records:
         raise ReplyError(f"reply has no MetricRecord {METRICS!r}")
     metrics = dict(content.metric_records[METRICS])
@@ -114,10 +117,19 @@ def _validate_content(content: RecordDict, *, expected: Mapping[str, torch.Tenso
         delta = from_arrays(content.array_records[ARRAYS])
     except Exception as e:  # undecodable arrays are a malformed reply, not a server crash
         raise ReplyError(f"{ARRAYS}: cannot decode ({e})") from None
+    if expected_for is not None:  # mixed ranks: the reply's declared rank fixes its shapes
+        rank = metrics.get("lora-rank")
+        if not isinstance(rank, (int, float)) or isinstance(rank, bool) or not float(rank).is_integer():
+            raise ReplyError(f"lora-rank={rank!r}: a reply must declare its integer LoRA rank")
+        try:
+            expected = expected_for(int(rank))
+        except ValueError as e:
+            raise ReplyError(f"lora-rank={int(rank)}: {e}") from None
     try:
         check_adapter_state(expected, delta)
     except AdapterStateError as e:
-        raise ReplyError(f"{ARRAYS}: {e}") from None
+        raise ReplyError(f"{ARRAYS}: {e}" + (f" (declared lora-rank={int(metrics['lora-rank'])})"
+                                             if expected_for is not None else "")) from None
     return TrainReply(site=int(site), delta=delta, num_examples=int(n),
                       metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
                       status=status, reason=reason, ledger=ledger, public_key=pub)

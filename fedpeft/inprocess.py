@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedpeft import adapters, models, site, training
+from fedpeft import adapters, models, ranks, site, training
 from fedpeft.aggregation import create_merge
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import global_test_set
@@ -29,6 +29,8 @@ class RoundResult:
     seconds: float  # the sites' training and the merge (evaluation excluded)
     accuracy: float  # global adapter on the server's test set
     sites: dict[int, dict[str, float]] = field(default_factory=dict)
+    merge_seconds: float = 0.0  # the server's merge alone
+    bytes_down: int = 0  # the global adapter sent to every site
 
 
 def run_federation(cfg: RunConfig, *, on_round: Callable[[RoundResult], None] | None = None
@@ -36,16 +38,18 @@ def run_federation(cfg: RunConfig, *, on_round: Callable[[RoundResult], None] | 
     """Run ``cfg.federation.num_rounds`` rounds over ``num_sites`` sites; return the final global
     adapter and one ``RoundResult`` per round (round 0 is the initial adapter)."""
     n = cfg.federation.num_sites
-    merge = create_merge(cfg.federation.merge)
+    merge = create_merge(cfg.federation.merge) if cfg.rank_rule is None else None
     device = models.select_device()
     glob = site.initial_adapter_state(cfg)
     texts, labels = global_test_set(cfg.data, seed=cfg.train.seed, num_sites=n)
     test = site.dataset(cfg, texts, labels)
-    scorer = site.build_model(cfg, dp=False)
+    scorers: dict[int, adapters.PeftModel] = {}
 
     def score(state: dict[str, torch.Tensor]) -> float:
-        adapters.set_adapter_state(scorer, state)
-        return training.evaluate(scorer, test, device=device, num_labels=len(cfg.data.label_list),
+        acfg = site.global_adapter_config(cfg, state)
+        model = scorers.setdefault(acfg.rank, site.build_model(cfg, dp=False, adapter=acfg))
+        adapters.set_adapter_state(model, state)
+        return training.evaluate(model, test, device=device, num_labels=len(cfg.data.label_list),
                                  precision=cfg.model.precision).accuracy
 
     results = [RoundResult(0, 0.0, score(glob))]
@@ -59,11 +63,22 @@ def run_federation(cfg: RunConfig, *, on_round: Callable[[RoundResult], None] | 
             deltas.append(delta)
             weights.append(metrics["num-examples"])
             per_site[s] = metrics
-        merged = merge(deltas, weights)
-        glob = {k: glob[k] + merged[k].to(glob[k].dtype) for k in glob}
+        bytes_down = n * adapters.state_bytes(glob)
+        tm = time.perf_counter()
+        if cfg.rank_rule is None:
+            merged = merge(deltas, weights)
+            glob = {k: glob[k] + merged[k].to(glob[k].dtype) for k in glob}
+        else:  # the same reconstruction and merge as the strategy's (start + delta, by rank)
+            locals_ = []
+            for s, d, w in zip(range(n), deltas, weights):
+                r = int(per_site[s]["lora-rank"])
+                start = ranks.start_state(cfg, glob, r)
+                locals_.append(({k: v + d[k] if k in d else v for k, v in start.items()}, r, w))
+            glob, _ = ranks.merge_states(cfg, glob, locals_)
+        merge_s = time.perf_counter() - tm
         if device.type == "cuda":
             torch.cuda.synchronize()
-        res = RoundResult(rnd, time.perf_counter() - t0, score(glob), per_site)
+        res = RoundResult(rnd, time.perf_counter() - t0, score(glob), per_site, merge_s, bytes_down)
         results.append(res)
         log.info("round %d: %.1f s, global accuracy %.4f", rnd, res.seconds, res.accuracy)
         if on_round is not None:

@@ -17,7 +17,7 @@ from fedpeft.config import RunConfig, from_run_config, to_run_config
 from fedpeft.data.sites import global_test_set, make_site, split_counts
 from fedpeft.federation import config_record, from_arrays, to_arrays
 from fedpeft.io import atomic_write_json
-from fedpeft.site import base_model, build_model, dataset, initial_adapter_state
+from fedpeft.site import base_model, build_model, dataset, global_adapter_config, initial_adapter_state
 from fedpeft.strategy import DeltaMerge, RoundLog, make_strategy
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ class RunRecorder:
                 "declined": {str(k): v for k, v in sorted(rlog.declined.items())},
                 "merged": {str(k): v for k, v in sorted(rlog.merged.items())},
                 "client_epsilon": rlog.client_epsilon,
+                "ranks": {str(k): v for k, v in sorted(rlog.ranks.items())},
+                "dropped_energy": rlog.dropped_energy,
             })
         self.data["rounds"].append(row)
         self.data["wall_s"] = time.time() - self.t0
@@ -96,7 +98,17 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
                     cfg.federation.num_sites, nodes, cfg.federation.num_sites)
     # Prepare: global adapter, server-side test set, strategy
     init = initial_adapter_state(cfg)
-    model = build_model(cfg, dp=False)
+    scorers: dict[int, Any] = {}
+
+    def scorer(state: dict) -> Any:
+        """The server's model for a global adapter (one per rank: ``stack`` grows it every round)."""
+        acfg = global_adapter_config(cfg, state)
+        if acfg.rank not in scorers:
+            scorers[acfg.rank] = build_model(cfg, dp=False, adapter=acfg)
+        model = scorers[acfg.rank]
+        adapters.set_adapter_state(model, state)
+        return model
+
     tt, ty = global_test_set(cfg.data, seed=cfg.train.seed, num_sites=cfg.federation.num_sites)
     test_ds = dataset(cfg, tt, ty)
     strategy: DeltaMerge = make_strategy(cfg)
@@ -105,12 +117,13 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     rec = RunRecorder(out, cfg, adapter_bytes=adapters.state_bytes(init),
                       full_model_bytes=models.model_bytes(base_model(cfg)), precision=precision)
     meta = {"labels": labels, "model": cfg.model.name, "model-layers": cfg.model.layers,
-            "pooling": cfg.model.pooling, "adapter": cfg.adapter.method}
+            "pooling": cfg.model.pooling, "adapter": cfg.adapter.method, "merge": cfg.federation.merge,
+            "lora-ranks": cfg.adapter.rank_list}
     progress = _progress()
     task = progress.add_task("", total=cfg.federation.num_rounds)
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
-        adapters.set_adapter_state(model, from_arrays(arrays))
+        model = scorer(from_arrays(arrays))
         ev = training.evaluate(model, test_ds, device=device, num_labels=len(labels), precision=cfg.model.precision)
         adapters.save_adapter(model, out / "checkpoints" / f"round-{rnd:03d}", metadata={**meta, "round": rnd})
         rec.record(rnd, ev, strategy.rounds.get(rnd))
@@ -128,8 +141,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
 
     # Export: final adapter in PEFT format, plots
     final = from_arrays(result.arrays) if len(result.arrays) else init  # every round skipped: keep round 0
-    adapters.set_adapter_state(model, final)
-    adapters.save_adapter(model, out / "adapter", metadata=meta)
+    adapters.save_adapter(scorer(final), out / "adapter", metadata=meta)
     try:
         write_plots(out, rec.data, cfg)
     except Exception as e:  # a plot must never lose the run's results

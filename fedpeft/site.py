@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from fedpeft import adapters, models, prefix, training
+from fedpeft import adapters, models, prefix, ranks, training
 from fedpeft.config import AdapterConfig, ModelConfig, RunConfig
 from fedpeft.data.sites import SiteData, make_site
 from fedpeft.privacy.accountant import BudgetExceeded, PrivacyState
@@ -48,36 +48,50 @@ def _new_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, labels: tuple
     return adapters.create_adapter(copy.deepcopy(base), adapter_cfg, dp=dp, base_name=model_cfg.name)
 
 
-def build_model(cfg: RunConfig, *, dp: bool) -> adapters.PeftModel:
-    """A fresh adapter on a copy of the cached base model."""
-    return _new_model(cfg.model, cfg.adapter, tuple(cfg.data.label_list), dp=dp)
+def build_model(cfg: RunConfig, *, dp: bool, adapter: AdapterConfig | None = None) -> adapters.PeftModel:
+    """A fresh adapter (``adapter``, default the run's) on a copy of the cached base model."""
+    return _new_model(cfg.model, adapter or cfg.adapter, tuple(cfg.data.label_list), dp=dp)
 
 
-@functools.lru_cache(maxsize=1)
+def global_adapter_config(cfg: RunConfig, state: Mapping[str, torch.Tensor] | None = None) -> AdapterConfig:
+    """The global adapter's PEFT config: the run's, or with a rank rule rank max(lora-ranks) (or the
+    state's, which grows under ``stack``) at scaling 1 (``fedpeft.ranks``)."""
+    if cfg.rank_rule is None:
+        return cfg.adapter
+    return ranks.global_adapter(cfg, ranks.state_rank(state) if state else cfg.adapter.max_rank)
+
+
+@functools.lru_cache(maxsize=8)
 def _worker_model(model_fields: tuple, adapter_fields: tuple, labels: tuple[str, ...], device: str
                   ) -> adapters.PeftModel:
     return _new_model(ModelConfig(*model_fields), AdapterConfig(*adapter_fields), labels, dp=False)
 
 
-def worker_model(cfg: RunConfig, global_state: Mapping[str, torch.Tensor]) -> adapters.PeftModel:
-    """The one PEFT model this worker keeps for every site and round, loaded with ``global_state``.
+def worker_model(cfg: RunConfig, global_state: Mapping[str, torch.Tensor], adapter: AdapterConfig | None = None,
+                 *, fold: Mapping[str, torch.Tensor] | None = None) -> adapters.PeftModel:
+    """The PEFT model this worker keeps for every site and round (one per adapter shape), loaded
+    with ``global_state``; ``fold``: dense updates folded into its frozen base (``stack``).
 
-    Sites of a run share the architecture, and every call starts by loading the global adapter
-    (which sets every trainable tensor), so nothing of one site's training reaches the next.
+    Sites of a run share the architecture, and every call starts by loading the adapter (which
+    sets every trainable tensor) and the base, so nothing of one site's training reaches the next.
     """
+    adapter = adapter or cfg.adapter
     if cfg.privacy.enabled:
-        adapters.require_dp_capable(cfg.adapter.method)
-    model = _worker_model(dataclasses.astuple(cfg.model), dataclasses.astuple(cfg.adapter),
+        adapters.require_dp_capable(adapter.method)
+    model = _worker_model(dataclasses.astuple(cfg.model), dataclasses.astuple(adapter),
                           tuple(cfg.data.label_list), str(models.select_device()))
+    adapters.fold_into_base(model, fold or {})
+    adapters.freeze_lora_a(model, cfg.rank_rule == "frozen_a")
     adapters.set_adapter_state(model, global_state)
     return model
 
 
 def initial_adapter_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """The round-0 global adapter (seeded, so every party can rebuild it)."""
+    """The round-0 global adapter (seeded, so every party can rebuild it; with a rank rule, rank
+    max(lora-ranks), whose A is the shared frozen A of ``frozen_a``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        return adapters.get_adapter_state(build_model(cfg, dp=False))
+        return adapters.get_adapter_state(build_model(cfg, dp=False, adapter=global_adapter_config(cfg)))
 
 
 _PREFIX_CACHE = prefix.PrefixCache()
@@ -171,12 +185,21 @@ def round_seed(seed: int, site: int, server_round: int) -> int:
 def site_train(
     cfg: RunConfig, *, site: int, num_sites: int, server_round: int,
     global_state: Mapping[str, torch.Tensor], privacy_json: str | None, data_path: str | None = None,
+    rank: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], str | None]:
-    """Train from the global adapter; return (delta = local - global, metrics, new privacy JSON)."""
+    """Train from the global adapter (with a rank rule: from this site's projection of it, at its
+    rank); return (delta = local - start, metrics, new privacy JSON)."""
     work = site_work(cfg, site=site, num_sites=num_sites, data_path=data_path)
     device = models.select_device()
     ds = work.train
-    model = worker_model(cfg, global_state)
+    start: Mapping[str, torch.Tensor] = global_state
+    if cfg.rank_rule is not None:
+        rank = ranks.site_rank(cfg, site, rank)
+        start = ranks.start_state(cfg, global_state, rank)
+        fold = ranks.folded_update(global_state) if cfg.rank_rule == "stack" else None
+        model = worker_model(cfg, start, ranks.site_adapter(cfg, rank), fold=fold)
+    else:
+        model = worker_model(cfg, global_state)
     state = privacy_plan(cfg, len(ds), privacy_json) if cfg.privacy.enabled else None
     anchor = None
     if cfg.train.proximal_mu > 0:
@@ -189,7 +212,7 @@ def site_train(
                                device=device, seed=seed, noise_seed=noise_seed, anchor=anchor,
                                precision=cfg.model.precision)
     local = adapters.get_adapter_state(model)
-    delta = {k: local[k] - global_state[k].to(local[k].dtype) for k in local}
+    delta = {k: local[k] - start[k].to(local[k].dtype) for k in ranks.sent_keys(cfg, local)}
     local_acc = float("nan")
     if work.test is not None:  # the locally trained adapter on this site's own held-out notes
         local_acc = training.evaluate(model, work.test, device=device, num_labels=len(cfg.data.label_list),
@@ -201,6 +224,7 @@ def site_train(
         "epsilon": res.epsilon, "bytes-up": float(adapters.state_bytes(delta)),
         "noise-multiplier": state.noise_multiplier if state else 0.0,
         "bfloat16": float(models.resolve_precision(cfg.model.precision, device) == "bfloat16"),
+        "lora-rank": float(rank if rank is not None else cfg.adapter.rank),
     }
     return delta, metrics, (res.privacy_state.to_json() if res.privacy_state else None)
 
@@ -227,7 +251,7 @@ class RoundReply:
 
 def site_round(
     cfg: RunConfig, *, site: int, num_sites: int, server_round: int, global_state: Mapping[str, torch.Tensor],
-    vault: SiteVault | None, data_path: str | None = None, deployed: bool = False,
+    vault: SiteVault | None, data_path: str | None = None, deployed: bool = False, rank: int | None = None,
 ) -> RoundReply:
     """One train request: check the budget, train, save the privacy state, sign the ledger entry.
 
@@ -235,12 +259,12 @@ def site_round(
     nothing to account and no ledger."""
     if not cfg.privacy.enabled or vault is None:
         delta, metrics, _ = site_train(cfg, site=site, num_sites=num_sites, server_round=server_round,
-                                       global_state=global_state, privacy_json=None, data_path=data_path)
+                                       global_state=global_state, privacy_json=None, data_path=data_path, rank=rank)
         return RoundReply("trained", delta, metrics)
     prev = vault.privacy_json()
     try:
         delta, metrics, new_json = site_train(cfg, site=site, num_sites=num_sites, server_round=server_round,
-                                              global_state=global_state, privacy_json=prev, data_path=data_path)
+                                              global_state=global_state, privacy_json=prev, data_path=data_path, rank=rank)
     except BudgetExceeded as e:
         work = site_work(cfg, site=site, num_sites=num_sites, data_path=data_path)
         state = privacy_plan(cfg, len(work.train), prev)
@@ -264,7 +288,7 @@ def site_evaluate(
     work = site_work(cfg, site=site, num_sites=num_sites, data_path=data_path)
     ds = work.test if work.test is not None else work.train
     model = worker_model(dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, enabled=False)),
-                         global_state)
+                         global_state, global_adapter_config(cfg, global_state))
     ev = training.evaluate(model, ds, device=models.select_device(), num_labels=len(cfg.data.label_list),
                            precision=cfg.model.precision)
     return {"site": float(site), "num-examples": float(ev.examples), "accuracy": ev.accuracy,

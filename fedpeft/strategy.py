@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi
 
+from fedpeft import ranks
 from fedpeft.adapters import state_bytes
 from fedpeft.aggregation import create_merge
 from fedpeft.config import RunConfig
@@ -39,6 +40,8 @@ class RoundLog:
     merged: dict[int, str] = field(default_factory=dict)  # site -> SHA-256 of the delta merged
     sent: int = 0  # train requests sent this round
     client_epsilon: float | None = None  # client-level epsilon after this round (client-dp)
+    ranks: dict[int, int] = field(default_factory=dict)  # site -> LoRA rank it trained (rank rules)
+    dropped_energy: float | None = None  # svd: largest share of a module's update cut by truncation
     bytes_down: int = 0
     skipped: bool = False
 
@@ -52,6 +55,7 @@ class DeltaMerge(FedAvg):
         self._global: dict[str, torch.Tensor] | None = None
         self.ledgers: ServerCopies | None = None  # DP runs: every release must match a signed entry
         self.client_dp: ClientLevelDP | None = None  # client-level DP: clip + noise after validation
+        self.rank_cfg: RunConfig | None = None  # a heterogeneous-rank rule: merge whole adapters by rank
         self.set_merge("fedavg", min_valid_replies=1)
 
     def set_merge(self, name: str, *, min_valid_replies: int) -> None:
@@ -85,7 +89,7 @@ class DeltaMerge(FedAvg):
                 continue
             try:
                 reply = validate_train_reply(msg.content, expected=self._global, ledgers=self.ledgers,
-                                             server_round=server_round)
+                                             server_round=server_round, expected_for=self._expected_for())
             except ReplyError as e:
                 rlog.rejected.append(f"node {node}: {e}")
                 log.warning("round %d: rejected reply from node %d: %s", server_round, node, e)
@@ -102,6 +106,15 @@ class DeltaMerge(FedAvg):
             return None, None
         valid.sort(key=lambda r: r.site)  # fixed order: bitwise-repeatable merges
         deltas = [r.delta for r in valid if r.delta is not None]
+        if self.rank_cfg is not None:
+            new_global = self._merge_ranks(valid, rlog)
+            for r in valid:
+                rlog.train[r.site] = r.metrics
+                rlog.merged[r.site] = delta_hash(r.delta)
+            total = sum(r.num_examples for r in valid)
+            return to_arrays(new_global), MetricRecord({
+                "train-loss": sum(r.metrics.get("train-loss", 0.0) * r.num_examples for r in valid) / total,
+                "num-examples": total, "sites": len(valid)})
         if self.client_dp is not None:
             try:
                 merged = self.client_dp.release(server_round, deltas, num_sampled=max(rlog.sent, len(deltas)))
@@ -122,6 +135,33 @@ class DeltaMerge(FedAvg):
             "num-examples": total, "sites": len(valid),
         })
         return to_arrays(new_global), metrics
+
+    def _expected_for(self):
+        """With a rank rule: the tensors a site of a given rank must send (its start's shapes)."""
+        cfg, glob = self.rank_cfg, self._global
+        if cfg is None or glob is None:
+            return None
+
+        def expected(rank: int) -> dict[str, torch.Tensor]:
+            start = ranks.start_state(cfg, glob, ranks.site_rank(cfg, 0, rank))
+            return {k: start[k] for k in ranks.sent_keys(cfg, start)}
+
+        return expected
+
+    def _merge_ranks(self, valid: list, rlog: RoundLog) -> dict[str, torch.Tensor]:
+        """Rebuild each site's local adapter (its start + its delta) and merge them by rank."""
+        cfg, glob = self.rank_cfg, self._global
+        assert cfg is not None and glob is not None
+        locals_ = []
+        for r in valid:
+            rank = int(r.metrics["lora-rank"])
+            start = ranks.start_state(cfg, glob, rank)
+            locals_.append(({k: v + r.delta[k].to(v.dtype) if k in r.delta else v for k, v in start.items()},
+                            rank, float(r.num_examples)))
+            rlog.ranks[r.site] = rank
+        new_global, dropped = ranks.merge_states(cfg, glob, locals_)
+        rlog.dropped_energy = max(dropped.values(), default=0.0)
+        return new_global
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
@@ -169,6 +209,8 @@ def make_strategy(cfg: RunConfig) -> DeltaMerge:
     strategy.set_merge(fed.merge, min_valid_replies=fed.min_train_sites)
     if cfg.privacy.enabled:
         strategy.ledgers = ServerCopies(Path(fed.out_dir) / "ledger")
+    if cfg.rank_rule is not None:
+        strategy.rank_cfg = cfg
     p = cfg.privacy
     if p.client_dp:
         if fed.merge != "fedavg":
