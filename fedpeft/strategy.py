@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYog
 from fedpeft import ranks
 from fedpeft.adapters import state_bytes
 from fedpeft.aggregation import create_merge
+from fedpeft.aggregation.hetero import rank_merges
 from fedpeft.config import RunConfig
 from fedpeft.federation import METRICS, ReplyError, from_arrays, to_arrays, validate_train_reply
 from fedpeft.privacy.client_dp import ClientBudgetExhausted, ClientLevelDP
@@ -61,7 +62,8 @@ class DeltaMerge(FedAvg):
     def set_merge(self, name: str, *, min_valid_replies: int) -> None:
         """Choose the merge rule (registry name) and the fewest valid replies that make a round."""
         self.merge_name = name
-        self.merge_fn = create_merge(name)
+        # rank rules merge whole adapters by rank (``_merge_ranks``), not same-shaped deltas
+        self.merge_fn = None if name in rank_merges() else create_merge(name)
         self.min_valid_replies = min_valid_replies
 
     def _log(self, server_round: int) -> RoundLog:
@@ -124,6 +126,7 @@ class DeltaMerge(FedAvg):
                 return None, None
             rlog.client_epsilon = self.client_dp.accountant.get_epsilon(self.client_dp.delta)
         else:
+            assert self.merge_fn is not None, f"merge={self.merge_name!r} needs rank_cfg"
             merged = self.merge_fn(deltas, [float(r.num_examples) for r in valid])
         new_global = {k: self._global[k] + merged[k].to(self._global[k].dtype) for k in self._global}
         for r in valid:

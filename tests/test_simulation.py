@@ -156,3 +156,18 @@ def test_smoke_run_passes_fedpeft_audit_with_ledgers_for_every_site(smoke_run, c
         assert site["claimed_epsilon"] == pytest.approx(metrics["rounds"][-1]["sites"][s]["epsilon"])
         assert report["empirical"]["sites"][s]["epsilon_lower_bound"] <= site["epsilon_rdp"]
     assert "seeded" in capsys.readouterr().out
+
+
+def test_mixed_ranks_run_through_flower_and_export(tmp_path):
+    """The hetero path through the real ClientApp/ServerApp: sites train ranks 2, 4, 8 (cycling),
+    the server merges by SVD, metrics say who trained which rank, the adapter loads in PEFT."""
+    flat = simulation_config("smoke", ["dp-noise='seeded' lora-ranks='2,4,8' merge='svd'"], str(tmp_path))
+    metrics = simulate(flat)
+    cfg = from_run_config(flat)
+    for r in metrics["rounds"][1:]:
+        assert r["ranks"] == {"0": 2, "1": 4, "2": 8} and not r["rejected"]
+        assert 0 <= r["dropped_energy"] < 0.5
+    assert metrics["rounds"][-1]["global"]["accuracy"] > metrics["rounds"][0]["global"]["accuracy"]
+    base = models.load_base_model(cfg.model, num_labels=len(cfg.data.label_list), labels=cfg.data.label_list)
+    model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    assert model.peft_config["default"].r == 8

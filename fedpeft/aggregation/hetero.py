@@ -121,19 +121,53 @@ def stack(As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequence[float],
     return MergedModule(A, B)
 
 
+def _gram(X: Tensor, *, transposed: bool = False) -> Tensor:
+    """X·Xᵀ (or Xᵀ·X when ``transposed``) through BLAS syrk (half the work of a matmul); only the
+    upper triangle is filled."""
+    import scipy.linalg.blas as blas
+
+    syrk = blas.dsyrk if X.dtype == torch.float64 else blas.ssyrk
+    # X row-major is Xᵀ column-major: syrk on it without a copy (trans=1: X·Xᵀ, trans=0: Xᵀ·X)
+    return torch.from_numpy(syrk(1.0, X.contiguous().numpy().T, trans=0 if transposed else 1))
+
+
+def _times_upper_t(X: Tensor, U: Tensor) -> Tensor:
+    """X·Uᵀ for an upper-triangular U through BLAS trmm (in place on a copy of X)."""
+    import scipy.linalg.blas as blas
+
+    trmm = blas.dtrmm if X.dtype == torch.float64 else blas.strmm
+    # (X·Uᵀ)ᵀ = U·Xᵀ, and Xᵀ column-major is X row-major: trmm(left, upper) without transposes
+    out = trmm(1.0, U.numpy(), X.contiguous().numpy().T, side=0, lower=0, trans_a=0, overwrite_b=0)
+    return torch.from_numpy(out.T)
+
+
+def _upper_chol_of_gram(X: Tensor) -> Tensor | None:
+    """U with X·Xᵀ = Uᵀ·U (LAPACK potrf on syrk's upper triangle), or None when X is
+    rank-deficient or too ill-conditioned for CholeskyQR."""
+    import scipy.linalg.lapack as lapack
+
+    potrf = lapack.dpotrf if X.dtype == torch.float64 else lapack.spotrf
+    U, info = potrf(_gram(X).numpy(), lower=0, clean=1, overwrite_a=1)
+    if info != 0:
+        return None
+    d = abs(U.diagonal())
+    # CholeskyQR loses orthogonality as eps·cond(X)²: keep it only for well-conditioned stacks
+    eps = float(torch.finfo(X.dtype).eps)
+    return torch.from_numpy(U) if d.min() > 10 * eps**0.5 * d.max() else None
+
+
 def _top_eigh(H: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k largest eigenpairs of a symmetric matrix, largest first (LAPACK's subset driver when k
-    is a small share of the size: it skips the other eigenvectors)."""
+    """The k largest eigenpairs of a symmetric matrix given by its upper triangle, largest first
+    (LAPACK's subset driver when k is a small share of the size: it skips the other eigenvectors)."""
+    import scipy.linalg
+
     n = H.shape[0]
     if k < n // 2:
-        import scipy.linalg
-
-        w, V = scipy.linalg.eigh(H.numpy(), subset_by_index=[n - k, n - 1], driver="evr")
-        w, V = torch.from_numpy(w.copy()), torch.from_numpy(V.copy())
+        w, V = scipy.linalg.eigh(H.numpy(), lower=False, subset_by_index=[n - k, n - 1], driver="evr")
     else:
-        w, V = torch.linalg.eigh(H)
+        w, V = scipy.linalg.eigh(H.numpy(), lower=False)
         w, V = w[n - k:], V[:, n - k:]
-    return w.flip(0), V.flip(1)
+    return torch.from_numpy(w.copy()).flip(0), torch.from_numpy(V.copy()).flip(1)
 
 
 @register_rank_merge("svd")
@@ -141,9 +175,10 @@ def svd(As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequence[float], w
         *, max_rank: int, rank: int | None = None) -> MergedModule:
     """FlexLoRA/HLoRA: W = Σ p_k s_k B_k A_k truncated to ``rank`` (default ``max_rank``) by SVD,
     without the dense d_out×d_in matrix unless that is smaller: the stacked A (R × d_in, R = Σ r_k)
-    is factorised A = L·Q (QR via CholeskyQR of its R×R Gram; Householder QR if that is singular),
-    so W = (B·L)·Q and W's singular triplets are those of the small core C = B·L (d_out × R), whose
-    top ones come from an eigendecomposition of its R×R Gram. Components come out in decreasing
+    is factorised A = Uᵀ·Q (QR via CholeskyQR: U is the Cholesky factor of its R×R Gram, computed
+    with BLAS syrk and LAPACK potrf; Householder QR if the Gram is singular), so W = (B·Uᵀ)·Q and
+    W's singular triplets are those of the small core C = B·Uᵀ (d_out × R), whose top ones come
+    from an eigendecomposition of its R×R Gram (LAPACK's subset driver). Components come out in decreasing
     singular value, √σ on each side, so truncating to r_k is the best rank-r_k approximation.
     Computes in float64 when the factors are float64, else float32."""
     p = _check(As, Bs, scalings, weights, max_rank)
@@ -159,20 +194,20 @@ def svd(As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequence[float], w
         energy = float((S.double() ** 2).sum())
         left, sig, right = U[:, :r], S[:r], Vh[:r]
     else:
-        L, info = torch.linalg.cholesky_ex(As_ @ As_.T)  # As·Asᵀ = L·Lᵀ, so As = L·Q with Q·Qᵀ = I
-        if int(info) != 0:  # rank-deficient stack: Householder QR of Asᵀ = Qa·Ra, so L = Raᵀ
-            _, Ra = torch.linalg.qr(As_.T)
-            L = Ra.T
-        C = Bs_ @ L  # the core: W = C·Q
-        H = C.T @ C
-        energy = float(torch.trace(H.double()))  # ‖W‖²_F = ‖C‖²_F
+        U = _upper_chol_of_gram(As_)  # As·Asᵀ = Uᵀ·U, so As = Uᵀ·Q with Q·Qᵀ = I
+        Qa = None
+        if U is None:  # ill-conditioned or rank-deficient stack: Householder QR, Asᵀ = Qa·Ra (Ra plays U)
+            Qa, U = torch.linalg.qr(As_.T)
+        C = _times_upper_t(Bs_, U)  # the core: W = C·Q
+        H = _gram(C, transposed=True)  # Cᵀ·C (R × R), upper triangle
+        energy = float(torch.diagonal(H).double().sum())  # ‖W‖²_F = ‖C‖²_F
         w, V = _top_eigh(H, r)
         sig = w.clamp_min(0).sqrt()
         keep = sig > sig[0] * torch.finfo(dt).eps * R if r else sig > 0
         sig, V = sig[keep], V[:, keep]
         left = (C @ V) / sig
-        # right singular vectors: Qᵀ·V = Asᵀ·L⁻ᵀ·V (a triangular solve on r columns)
-        right = torch.linalg.solve_triangular(L.T, V, upper=True).T @ As_
+        # right singular vectors: Qᵀ·V = Asᵀ·U⁻¹·V (a triangular solve on r columns)
+        right = (Qa @ V).T if Qa is not None else torch.linalg.solve_triangular(U, V, upper=True).T @ As_
     kept = float((sig.double() ** 2).sum())
     dropped = max(0.0, (energy - kept) / energy) if energy > 0 else 0.0
     root = sig.sqrt()

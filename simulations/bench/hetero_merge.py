@@ -2,7 +2,8 @@
 projections), ranks drawn from {4, 8, 16, 32, 64}; time and peak memory of fedpeft's factored
 path against the dense-matrix SVD of the same weighted sum (float32 factors, as adapters ship).
 
-Each method runs in its own fresh process (peak memory = that process's max RSS above its inputs).
+Each method runs in its own fresh process; peak memory is the resident set sampled every
+millisecond during the merge, above what it was before (the inputs).
 Last line: svd_qr_vs_dense_time_ratio=<x>
 """
 
@@ -12,7 +13,7 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import resource
+import threading
 import time
 
 import torch
@@ -42,10 +43,23 @@ def _worker(method: str, modules: int, sites: int, d: int, q) -> None:
     torch.set_num_threads(2)
     from fedpeft.aggregation.hetero import svd
 
-    seconds, base_rss, out = 0.0, 0, []
+    import psutil
+
+    proc = psutil.Process()
+    seconds, peak, out = 0.0, 0, []
     for m in range(modules):
         As, Bs, s, w, ranks = _inputs(m, sites, d)
-        base_rss = max(base_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        before = proc.memory_info().rss
+        high = [before]
+        stop = threading.Event()
+
+        def sample() -> None:  # the merge's resident high-water mark, sampled every millisecond
+            while not stop.is_set():
+                high[0] = max(high[0], proc.memory_info().rss)
+                time.sleep(0.001)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         t = time.perf_counter()
         if method == "qr":
             res = svd(As, Bs, s, w, max_rank=max(RANKS))
@@ -53,9 +67,11 @@ def _worker(method: str, modules: int, sites: int, d: int, q) -> None:
         else:
             out.append(_dense(As, Bs, s, w, max(RANKS)))
         seconds += time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss
+        stop.set()
+        sampler.join()
+        peak = max(peak, high[0] - before)
     # the two methods' rank-64 products must agree (same best approximation)
-    q.put({"method": method, "seconds": seconds, "peak_extra_bytes": peak * 1024,
+    q.put({"method": method, "seconds": seconds, "peak_extra_bytes": peak,
            "sum_rank": sum(ranks), "products": [(b @ a)[:64, :64].tolist() for b, a in out[:1]]})
 
 
