@@ -8,7 +8,7 @@ from flwr.clientapp import ClientApp
 from fedpeft.config import RunConfig, from_run_config
 from fedpeft.federation import ARRAYS, CONFIG, METRICS, STATUS, from_arrays, metric_record, status_record, to_arrays
 from fedpeft.privacy.vault import SiteVault, site_folder
-from fedpeft.site import check_noise_source, site_evaluate, site_round
+from fedpeft.site import apply_node_config, check_noise_source, site_evaluate, site_round
 from fedpeft.runtime import quiet_libraries, set_threads
 
 app = ClientApp()
@@ -21,6 +21,7 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, str | N
     cfg = from_run_config(dict(msg.content[CONFIG]))
     set_threads(cfg.federation.client_cpus)
     nc = context.node_config
+    cfg = apply_node_config(cfg, nc)  # a deployed site's own columns and privacy budget
     # Flower's Simulation Engine gives every virtual node a partition-id; a real SuperNode does not.
     check_noise_source(cfg, deployed="partition-id" not in nc)
     site = int(nc.get("site-id", nc.get("partition-id", 0)))

@@ -170,6 +170,64 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0 if res.ok else 1
 
 
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from fedpeft.deploy.certs import make_certs
+
+    paths = make_certs(args.out, sans=args.san, sites=args.sites, force=args.force)
+    print(f"CA {paths.ca_cert}; coordinator certificate {paths.server_cert} (SANs: {', '.join(args.san)})")
+    for s, (priv, pub) in paths.site_keys.items():
+        print(f"site {s}: node key {priv} (keep at the site, 0600), public key {pub} (register at the coordinator)")
+    return 0
+
+
+def _coordinator(args: argparse.Namespace):
+    from fedpeft.deploy.coordinator import Coordinator
+
+    return Coordinator(Path(args.state_dir), None if args.insecure else Path(args.certs), host=args.host, port=args.port)
+
+
+def _cmd_coordinator(args: argparse.Namespace) -> int:
+    from fedpeft.deploy.coordinator import CoordinatorError
+
+    coord = _coordinator(args)
+    try:
+        if args.action == "start":
+            pid = coord.start()
+            print(f"SuperLink running (pid {pid}) on {args.host}:{args.port}; state and log in {coord.state_dir}")
+        elif args.action == "stop":
+            print("stopped" if coord.stop() else f"no SuperLink running from {coord.state_dir}")
+        elif args.action == "register":
+            for key in args.keys:
+                print(coord.register(key).strip())
+        elif args.action == "run":
+            rc = args.run_config or ""
+            if rc and Path(rc).is_file():  # flwr resolves a config file against the app, not the cwd
+                rc = str(Path(rc).resolve())
+            res = coord.run(args.app, rc, timeout=args.timeout)
+            print(res.stdout[-4000:])
+    except CoordinatorError as e:
+        print(f"fedpeft: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_site(args: argparse.Namespace) -> int:
+    from fedpeft.deploy.coordinator import OFFLINE_ENV
+    from fedpeft.deploy.site_config import load_site_config
+
+    cfg = load_site_config(args.config, insecure=args.insecure)
+    argv = cfg.supernode_args()
+    print(f"site {cfg.site_id}: {cfg.examples} labelled notes in {cfg.data_path}; connecting to {cfg.address} "
+          f"({'INSECURE, local testing only' if cfg.insecure else 'TLS'})")
+    if args.dry_run:
+        print(" ".join(argv))
+        return 0
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    # become the SuperNode: stopping this process (Ctrl-C, SIGTERM, a service manager) stops it
+    os.execvpe(argv[0], argv, {**os.environ, **OFFLINE_ENV})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +244,30 @@ def main(argv: list[str] | None = None) -> int:
                      help="also run gradient canaries through each site's DP step: a lower bound on epsilon")
     aud.add_argument("--canaries", type=int, default=2000, help="canaries per site for --empirical")
     aud.set_defaults(func=_cmd_audit)
+    crt = sub.add_parser("certs", help="make a CA, the coordinator's TLS certificate and the sites' node keys")
+    crt.add_argument("--out", default="certs", help="folder for the certificates and keys")
+    crt.add_argument("--san", action="append", required=True,
+                     help="a host name or IP the sites will dial (repeat: --san coord.example.org --san 127.0.0.1)")
+    crt.add_argument("--sites", type=int, required=True, help="number of site key pairs")
+    crt.add_argument("--force", action="store_true", help="replace existing keys and certificates")
+    crt.set_defaults(func=_cmd_certs)
+    co = sub.add_parser("coordinator", help="start/stop the SuperLink, register sites, launch a run")
+    co.add_argument("action", choices=["start", "stop", "register", "run"])
+    co.add_argument("keys", nargs="*", help="register: the sites' auth.pub files")
+    co.add_argument("--state-dir", default="coordinator", help="SuperLink state, log, PID and flwr config")
+    co.add_argument("--certs", default="certs", help="folder from `fedpeft certs`")
+    co.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on")
+    co.add_argument("--port", type=int, default=9092)
+    co.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (local testing only)")
+    co.add_argument("--app", default=str(Path(__file__).resolve().parents[1]), help="run: the Flower app folder")
+    co.add_argument("--run-config", default=None, help="run: overrides, Flower syntax, or a preset .toml path")
+    co.add_argument("--timeout", type=float, default=None, help="run: seconds before giving up")
+    co.set_defaults(func=_cmd_coordinator)
+    st = sub.add_parser("site", help="validate a site config, then run this site's SuperNode")
+    st.add_argument("config", metavar="CONFIG.toml")
+    st.add_argument("--insecure", action="store_true", help="connect without TLS (local testing only)")
+    st.add_argument("--dry-run", action="store_true", help="validate and print the flower-supernode command")
+    st.set_defaults(func=_cmd_site)
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -193,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     try:
         return int(args.func(args))
-    except ValueError as e:  # config errors: one clear line, no traceback
+    except (ValueError, FileExistsError) as e:  # config errors: one clear line, no traceback
         print(f"fedpeft: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

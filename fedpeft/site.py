@@ -178,6 +178,27 @@ def check_noise_source(cfg: RunConfig, *, deployed: bool) -> None:
                         "coordinator included, could regenerate and subtract the noise); use dp-noise='secret'")
 
 
+NODE_KEYS = {"text-column": ("data", "text_column", str), "label-column": ("data", "label_column", str),
+             "target-epsilon": ("privacy", "target_epsilon", float), "target-delta": ("privacy", "target_delta", float)}
+
+
+def apply_node_config(cfg: RunConfig, node_config: Mapping[str, object]) -> RunConfig:
+    """A deployed site's own settings win over the run's: its file's columns and its privacy
+    budget. Its label list must be the run's (same classes, same order) or it cannot take part."""
+    labels = node_config.get("labels")
+    if labels is not None:
+        mine = [x.strip() for x in str(labels).split(",") if x.strip()]
+        if mine != list(cfg.data.label_list):
+            raise SiteError(f"labels={','.join(mine)!r} (node config) differ from the run's labels="
+                            f"{','.join(cfg.data.label_list)!r}: a site cannot renumber classes")
+    out = cfg
+    for key, (section, attr, typ) in NODE_KEYS.items():
+        if key in node_config:
+            sec = dataclasses.replace(getattr(out, section), **{attr: typ(node_config[key])})
+            out = dataclasses.replace(out, **{section: sec})
+    return out
+
+
 def round_seed(seed: int, site: int, server_round: int) -> int:
     return int(np.random.SeedSequence([seed, site, server_round, 17]).generate_state(1)[0] % (2**31))
 

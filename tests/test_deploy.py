@@ -1,0 +1,212 @@
+"""Deployment: certificates, site config validation (before any connection), and real processes on
+127.0.0.1 — a TLS + node-authenticated SuperLink and two SuperNodes started by the `fedpeft`
+commands the deploy guide uses, bounded in time, every process gone afterwards."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from cryptography import x509
+
+from fedpeft.config import ConfigError
+from fedpeft.data.notes import LABELS, generate_notes
+from fedpeft.deploy.certs import make_certs
+from fedpeft.deploy.coordinator import Coordinator
+from fedpeft.deploy.site_config import load_site_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _site_files(root: Path, site: int, port: int, certs: Path, **over) -> Path:
+    texts, labels = generate_notes(n=80, seed=20 + site)
+    data = root / f"site{site}.csv"
+    with data.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["note", "diagnosis"])
+        w.writerows([t, LABELS[y]] for t, y in zip(texts, labels))
+    fields = {"address": f"127.0.0.1:{port}", "label_column": "diagnosis", "path": str(data),
+              "labels": json.dumps(list(LABELS)), **over}
+    cfg = root / f"site{site}.toml"
+    cfg.write_text(f"""[site]
+id = {site}
+state-dir = "state-site{site}"
+api-port = {_free_port()}
+
+[coordinator]
+address = "{fields['address']}"
+ca-cert = "{certs / 'ca.crt'}"
+auth-key = "{certs / f'site-{site}' / 'auth'}"
+
+[data]
+path = "{fields['path']}"
+text-column = "note"
+label-column = "{fields['label_column']}"
+labels = {fields['labels']}
+
+[privacy]
+target-epsilon = 6.0
+""")
+    return cfg
+
+
+def test_certs_are_valid_private_keys_0600_and_never_overwritten(tmp_path):
+    # Execute
+    paths = make_certs(tmp_path, sans=["coord.example.org", "127.0.0.1"], sites=2)
+    # Assert: the server certificate is signed by the CA and names both SANs; keys are private
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    srv = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    srv.verify_directly_issued_by(ca)
+    san = srv.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["coord.example.org"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    for p in (paths.ca_key, paths.server_key, *(k for k, _ in paths.site_keys.values())):
+        assert p.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        make_certs(tmp_path, sans=["127.0.0.1"], sites=2)
+    make_certs(tmp_path, sans=["127.0.0.1"], sites=2, force=True)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("certs")
+    make_certs(out, sans=["127.0.0.1", "localhost"], sites=3)
+    return out
+
+
+@pytest.mark.parametrize("over, field, message", [
+    ({"path": "/nonexistent/notes.csv"}, "data.path", "no such file"),
+    ({"label_column": "label"}, "data.label-column", "missing column 'label'"),
+    ({"labels": json.dumps(list(LABELS)[:-1])}, "data.labels", "unknown label"),
+    ({"address": "127.0.0.1:99999"}, "coordinator.address", "port in 1-65535"),
+    ({"address": "https://coord:9092"}, "coordinator.address", "must be host:port"),
+])
+def test_bad_site_config_fails_before_connecting_naming_the_field(tmp_path, certs, over, field, message):
+    cfg = _site_files(tmp_path, 0, 9092, certs, **over)
+    with pytest.raises(ConfigError, match=rf"^{field}.*{message}"):
+        load_site_config(cfg)
+
+
+def test_site_refuses_to_run_without_tls_unless_insecure(tmp_path, certs):
+    cfg = _site_files(tmp_path, 0, 9092, certs)
+    cfg.write_text(cfg.read_text().replace(f'ca-cert = "{certs / "ca.crt"}"\n', ""))
+    with pytest.raises(ConfigError, match="coordinator.ca-cert: missing; a site only connects over TLS"):
+        load_site_config(cfg)
+    args = load_site_config(cfg, insecure=True).supernode_args()
+    assert "--insecure" in args and "--root-certificates" not in args
+
+
+# ---- real processes ------------------------------------------------------------------------
+
+
+
+def _spawn_site(cfg: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fedpeft.cli", "site", str(cfg)], stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, cwd=cfg.parent, start_new_session=True,
+                            env={**os.environ, "FEDPEFT_WORKERS": "1"})
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=10)
+
+
+def _flower_processes(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if marker in cmd and "flower-" in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(p)
+    return found
+
+
+@pytest.mark.slow
+def test_tls_authenticated_federation_of_two_sites_runs_and_cleans_up(tmp_path, certs):
+    # Prepare: the guide's steps — coordinator up, sites registered, SuperNodes started
+    port = _free_port()
+    coord = Coordinator(tmp_path / "coordinator", certs, host="127.0.0.1", port=port)
+    coord.start()
+    sites: list[subprocess.Popen] = []
+    try:
+        for s in range(2):
+            coord.register(certs / f"site-{s}" / "auth.pub")
+        cfgs = [_site_files(tmp_path, s, port, certs) for s in range(2)]
+        sites = [_spawn_site(c, tmp_path / f"site{s}.log") for s, c in enumerate(cfgs)]
+        out = tmp_path / "run"
+        # Execute: 2 rounds of the tiny model over TLS
+        res = coord.run(Path(__file__).resolve().parents[1],
+                        f"model='tiny' lora-layers='' num-sites=2 num-server-rounds=2 min-train-sites=2 "
+                        f"batch-size=16 global-test-size=60 out-dir='{out}'", timeout=400)
+        # Assert: the global adapter, each site's privacy state and ledger, a passing audit
+        assert (out / "adapter" / "adapter_model.safetensors").exists(), res.stdout[-2000:]
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["dp_noise"]["source"] == "secret"
+        for s in range(2):
+            state = tmp_path / f"state-site{s}"
+            assert (state / f"privacy-site{s}.json").exists() and (state / "site-key.pem").exists()
+            entries = [json.loads(x) for x in (state / "ledger.jsonl").read_text().splitlines()]
+            assert [e["kind"] for e in entries] == ["open", "dp-sgd", "dp-sgd"]
+            assert entries[-1]["noise"] == "secret" and entries[-1]["deployed"] is True
+            assert entries[-1]["target_epsilon"] == 6.0  # the site's own budget, from its config
+            assert (out / "ledger" / f"site-{s}.jsonl").read_bytes() == (state / "ledger.jsonl").read_bytes()
+        from fedpeft.privacy.audit.checks import audit_run
+        assert audit_run(out).ok
+    finally:
+        for p in sites:
+            _kill_group(p)
+        coord.stop()
+    # every process is gone
+    deadline = time.monotonic() + 20
+    while _flower_processes(str(port)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _flower_processes(str(port))
+    assert coord.running_pid() is None
+
+
+@pytest.mark.slow
+def test_unregistered_key_other_ca_and_plain_http_are_refused(tmp_path, certs):
+    port = _free_port()
+    coord = Coordinator(tmp_path / "coordinator", certs, host="127.0.0.1", port=port)
+    coord.start()
+    try:
+        other = make_certs(tmp_path / "other", sans=["127.0.0.1"], sites=1)
+
+        def supernode(ca: Path, key: Path) -> subprocess.CompletedProcess:
+            return subprocess.run(["flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+                                   str(ca), "--auth-supernode-private-key", str(key), "--port", str(_free_port()),
+                                   "--max-retries", "1", "--max-wait-time", "10"],
+                                  capture_output=True, text=True, timeout=90)
+
+        # site 2's key was never registered
+        unregistered = supernode(certs / "ca.crt", certs / "site-2" / "auth")
+        assert unregistered.returncode != 0 and "Failed to activate SuperNode" in unregistered.stdout + unregistered.stderr
+        # a site that trusts another CA cannot connect (registered key, wrong trust root)
+        coord.register(certs / "site-0" / "auth.pub")
+        wrong_ca = supernode(other.ca_cert, certs / "site-0" / "auth")
+        assert wrong_ca.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in wrong_ca.stdout + wrong_ca.stderr
+        # plain HTTP to the coordinator fails
+        with pytest.raises(Exception):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
+    finally:
+        coord.stop()
