@@ -121,15 +121,21 @@ def _spawn_site(cfg: Path, log: Path) -> subprocess.Popen:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+    """SIGTERM the process group (the SuperNode and its helpers), SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, sig)
         except ProcessLookupError:
             pass
-    proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # helpers that outlived the leader
+        except ProcessLookupError:
+            pass
+        return
 
 
 def _flower_processes(marker: str) -> list[psutil.Process]:
@@ -192,19 +198,27 @@ def test_unregistered_key_other_ca_and_plain_http_are_refused(tmp_path, certs):
     try:
         other = make_certs(tmp_path / "other", sans=["127.0.0.1"], sites=1)
 
-        def supernode(ca: Path, key: Path) -> subprocess.CompletedProcess:
-            return subprocess.run(["flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
-                                   str(ca), "--auth-supernode-private-key", str(key), "--port", str(_free_port()),
-                                   "--max-retries", "1", "--max-wait-time", "10"],
-                                  capture_output=True, text=True, timeout=90)
+        def supernode(ca: Path, key: Path) -> tuple[int, str]:
+            """Exit code and log of a SuperNode that tries once (its helper child keeps pipes open,
+            so the log goes to a file and the whole process group is killed afterwards)."""
+            log = tmp_path / f"supernode-{_free_port()}.log"
+            proc = subprocess.Popen(["flower-supernode", "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+                                     str(ca), "--auth-supernode-private-key", str(key), "--port", str(_free_port()),
+                                     "--max-retries", "1", "--max-wait-time", "10"],
+                                    stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                code = proc.wait(timeout=90)
+            finally:
+                _kill_group(proc)
+            return code, log.read_text()
 
         # site 2's key was never registered
-        unregistered = supernode(certs / "ca.crt", certs / "site-2" / "auth")
-        assert unregistered.returncode != 0 and "Failed to activate SuperNode" in unregistered.stdout + unregistered.stderr
+        code, log = supernode(certs / "ca.crt", certs / "site-2" / "auth")
+        assert code != 0 and "Failed to activate SuperNode" in log
         # a site that trusts another CA cannot connect (registered key, wrong trust root)
         coord.register(certs / "site-0" / "auth.pub")
-        wrong_ca = supernode(other.ca_cert, certs / "site-0" / "auth")
-        assert wrong_ca.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in wrong_ca.stdout + wrong_ca.stderr
+        code, log = supernode(other.ca_cert, certs / "site-0" / "auth")
+        assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in log
         # plain HTTP to the coordinator fails
         with pytest.raises(Exception):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
