@@ -155,6 +155,10 @@ def check_adapter_state(expected: Mapping[str, torch.Tensor], got: Mapping[str, 
     unexpected = sorted(set(got) - set(expected))
     if missing:
         raise AdapterStateError(f"missing adapter keys ({len(missing)}): {missing[:5]}")
+    base = [k for k in unexpected if "lora_" not in k]
+    if base:  # the frozen base never leaves a site, and no site may rewrite it
+        raise AdapterStateError(f"key {base[0]!r} names a frozen base weight, not an adapter tensor "
+                                f"({len(unexpected)} unexpected keys)")
     if unexpected:
         raise AdapterStateError(f"unexpected adapter keys ({len(unexpected)}): {unexpected[:5]}")
     for k, ref in expected.items():
@@ -163,6 +167,8 @@ def check_adapter_state(expected: Mapping[str, torch.Tensor], got: Mapping[str, 
             raise AdapterStateError(f"{k}: shape {tuple(t.shape)} != expected {tuple(ref.shape)}")
         if not torch.is_floating_point(t):
             raise AdapterStateError(f"{k}: dtype {t.dtype} is not floating point")
+        if torch.is_floating_point(ref) and t.dtype != ref.dtype:
+            raise AdapterStateError(f"{k}: dtype {t.dtype} != expected {ref.dtype}")
         if not torch.isfinite(t).all():
             raise AdapterStateError(f"{k}: contains NaN or Inf")
 

@@ -201,7 +201,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
                 print(coord.register(key).strip())
         elif args.action == "run":
             rc = args.run_config or ""
-            if rc and Path(rc).is_file():  # flwr resolves a config file against the app, not the cwd
+            if rc and rc.endswith(".toml") and Path(rc).is_file():  # flwr resolves a file against the app
                 rc = str(Path(rc).resolve())
             res = coord.run(args.app, rc, timeout=args.timeout)
             print(res.stdout[-4000:])

@@ -280,11 +280,16 @@ class FederationConfig:
     min_train_sites: int = field(default=2, metadata=_help("fewest valid replies that make a round", "min-train-sites"))
     strategy: str = field(default="fedavg", metadata=_help("Flower strategy: fedavg, fedprox, fedadam, fedyogi, fedadagrad", "strategy"))
     merge: str = field(default="fedavg", metadata=_help(
-        "merge rule: 'fedavg' (weighted mean of deltas; equal ranks) or a heterogeneous-rank rule: "
-        "'zero_pad' (HetLoRA), 'svd' (FlexLoRA/HLoRA), 'stack' (FLoRA), 'frozen_a' (FFA-LoRA, nested)", "merge"))
+        "merge rule: 'fedavg' (weighted mean of deltas; equal ranks), a robust rule for equal ranks "
+        "('median', 'trimmed_mean', 'norm_bound'), or a heterogeneous-rank rule: 'zero_pad' (HetLoRA), "
+        "'svd' (FlexLoRA/HLoRA), 'stack' (FLoRA), 'frozen_a' (FFA-LoRA, nested)", "merge"))
     server_lr: float = field(default=1e-2, metadata=_help("server learning rate (FedAdam/FedYogi/FedAdagrad eta)", "server-lr"))
     client_cpus: float = field(default=1.0, metadata=_help("CPUs per virtual client (Ray)", "client-cpus"))
     out_dir: str = field(default="runs/latest", metadata=_help("where metrics, adapter and plots go", "out-dir"))
+    max_reply_mib: float = field(default=64.0, metadata=_help("largest train reply accepted (MiB of tensors)",
+                                                              "max-reply-mib"))
+    max_num_examples: int = field(default=10_000_000, metadata=_help(
+        "largest num-examples a reply may claim (a weight an attacker controls)", "max-num-examples"))
 
     def __post_init__(self) -> None:
         if self.num_sites < 1:
@@ -299,6 +304,10 @@ class FederationConfig:
             raise _bad("min-train-sites", self.min_train_sites, "must be >= 1")
         if self.strategy not in ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"):
             raise _bad("strategy", self.strategy, "must be fedavg, fedprox, fedadam, fedyogi or fedadagrad")
+        if not self.max_reply_mib > 0:
+            raise _bad("max-reply-mib", self.max_reply_mib, "must be > 0")
+        if self.max_num_examples < 1:
+            raise _bad("max-num-examples", self.max_num_examples, "must be >= 1")
         if self.client_cpus <= 0:
             raise _bad("client-cpus", self.client_cpus, "must be > 0")
 
@@ -314,6 +323,7 @@ _SECTIONS: dict[str, type] = {
 
 
 RANK_RULES = ("zero_pad", "svd", "stack", "frozen_a")
+DELTA_RULES = ("fedavg", "median", "trimmed_mean", "norm_bound")
 
 
 @dataclass
@@ -329,8 +339,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         """Checks that span sections: mixed ranks need a rank rule, rank rules need LoRA."""
         merge, ranks = self.federation.merge, self.adapter.rank_list
-        if merge not in ("fedavg", *RANK_RULES):
-            raise _bad("merge", merge, f"must be fedavg or one of {', '.join(RANK_RULES)}")
+        if merge not in (*DELTA_RULES, *RANK_RULES):
+            raise _bad("merge", merge, f"must be one of {', '.join((*DELTA_RULES, *RANK_RULES))}")
+        if merge in DELTA_RULES and merge != "fedavg" and len(set(ranks)) > 1:
+            raise ConfigError(f"merge={merge!r} needs equal ranks; lora-ranks={self.adapter.ranks!r} mixes them")
         if merge == "fedavg" and len(set(ranks)) > 1:
             raise ConfigError(f"merge='fedavg' averages same-shaped deltas, but lora-ranks={self.adapter.ranks!r} "
                               f"mixes ranks; use merge= one of {', '.join(RANK_RULES)}")

@@ -74,13 +74,50 @@ def _status(content: RecordDict) -> tuple[str, str, bytes | None, str | None]:
         (str(pub) if pub else None)
 
 
+@dataclass
+class ReplyLimits:
+    """What no honest reply exceeds: payload size, example count, and (DP runs) how far a site's
+    optimiser can move any coordinate in one round (``max_update(num_examples)``)."""
+
+    max_bytes: int = 64 * 2**20
+    max_examples: int = 10_000_000
+    server_round: int | None = None  # replies must echo the round they answer
+    max_update: Callable[[int], float] | None = None
+
+
+def _payload_bytes(record: ArrayRecord) -> int:
+    return sum(len(a.data) for a in record.values())
+
+
 def validate_train_reply(content: RecordDict, *, expected: Mapping[str, torch.Tensor],
                          ledgers: ServerCopies | None = None, server_round: int = 0,
-                         expected_for: Callable[[int], Mapping[str, torch.Tensor]] | None = None) -> TrainReply:
-    """Check a train reply against the global adapter's keys and shapes (with mixed ranks,
-    ``expected_for(declared lora-rank)``) and, with ``ledgers`` (DP runs), against the site's signed
-    ledger; raise ReplyError naming the field."""
+                         expected_for: Callable[[int], Mapping[str, torch.Tensor]] | None = None,
+                         limits: ReplyLimits | None = None) -> TrainReply:
+    """Check a train reply against the global adapter's keys, shapes and dtypes (with mixed ranks,
+    ``expected_for(declared lora-rank)``), against ``limits`` (size, example count, stale round,
+    update magnitude) and, with ``ledgers`` (DP runs), against the site's signed ledger; raise
+    ReplyError naming the field."""
+    limits = limits or ReplyLimits()
+    if ARRAYS in content.array_records:
+        size = _payload_bytes(content.array_records[ARRAYS])
+        if size > limits.max_bytes:
+            raise ReplyError(f"{ARRAYS}: payload of {size} bytes is over the limit of {limits.max_bytes} bytes")
+    metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else {}
+    if limits.server_round is not None and "server-round" in metrics and \
+            int(metrics["server-round"]) != limits.server_round:
+        raise ReplyError(f"server-round={int(metrics['server-round'])}: a stale reply (this is round "
+                         f"{limits.server_round})")
+    n = metrics.get(NUM_EXAMPLES)
+    if isinstance(n, (int, float)) and not isinstance(n, bool) and n > limits.max_examples:
+        raise ReplyError(f"{NUM_EXAMPLES}={n!r}: absurdly large (limit {limits.max_examples})")
     reply = _validate_content(content, expected=expected, expected_for=expected_for)
+    if reply.delta is not None and limits.max_update is not None:
+        bound = limits.max_update(reply.num_examples)
+        worst = max(float(t.abs().max()) for t in reply.delta.values() if t.numel())
+        if worst > bound:
+            raise ReplyError(f"{ARRAYS}: an update of {worst:.4g} in one coordinate is beyond what the optimiser "
+                             f"can move it in this round's steps ({bound:.4g}; DP clipping and the learning rate "
+                             "bound it)")
     if ledgers is not None:
         if reply.ledger is None or not reply.public_key:
             raise ReplyError(f"ledger: site {reply.site} sent no signed ledger; a DP release must carry one")

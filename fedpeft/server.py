@@ -53,7 +53,8 @@ class RunRecorder:
             row.update({
                 "sites": dict(sorted(sites.items(), key=lambda kv: int(kv[0]))),
                 "bytes_up": int(sum(m.get("bytes-up", 0.0) for m in rlog.train.values())),
-                "bytes_down": rlog.bytes_down, "rejected": rlog.rejected, "skipped": rlog.skipped,
+                "bytes_down": rlog.bytes_down, "rejected": rlog.rejected, "failures": rlog.failures,
+                "skipped": rlog.skipped,
                 "declined": {str(k): v for k, v in sorted(rlog.declined.items())},
                 "merged": {str(k): v for k, v in sorted(rlog.merged.items())},
                 "client_epsilon": rlog.client_epsilon,

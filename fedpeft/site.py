@@ -246,6 +246,7 @@ def site_train(
         "noise-multiplier": state.noise_multiplier if state else 0.0,
         "bfloat16": float(models.resolve_precision(cfg.model.precision, device) == "bfloat16"),
         "lora-rank": float(rank if rank is not None else cfg.adapter.rank),
+        "server-round": float(server_round),
     }
     return delta, metrics, (res.privacy_state.to_json() if res.privacy_state else None)
 

@@ -8,7 +8,9 @@ strategies (FedProx, FedAdam, FedYogi, FedAdagrad), their server logic runs on t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from fedpeft.adapters import state_bytes
 from fedpeft.aggregation import create_merge
 from fedpeft.aggregation.hetero import rank_merges
 from fedpeft.config import RunConfig
-from fedpeft.federation import METRICS, ReplyError, from_arrays, to_arrays, validate_train_reply
+from fedpeft.federation import METRICS, ReplyError, ReplyLimits, from_arrays, to_arrays, validate_train_reply
 from fedpeft.privacy.client_dp import ClientBudgetExhausted, ClientLevelDP
 from fedpeft.privacy.ledger import ServerCopies, delta_hash
 
@@ -37,6 +39,7 @@ class RoundLog:
     train: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
     rejected: list[str] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)  # {"node", "site", "round", "reason"} per rejected reply
     declined: dict[int, str] = field(default_factory=dict)  # site -> why (its budget)
     merged: dict[int, str] = field(default_factory=dict)  # site -> SHA-256 of the delta merged
     sent: int = 0  # train requests sent this round
@@ -57,6 +60,8 @@ class DeltaMerge(FedAvg):
         self.ledgers: ServerCopies | None = None  # DP runs: every release must match a signed entry
         self.client_dp: ClientLevelDP | None = None  # client-level DP: clip + noise after validation
         self.rank_cfg: RunConfig | None = None  # a heterogeneous-rank rule: merge whole adapters by rank
+        self.limits = ReplyLimits()
+        self.update_bound = None  # DP runs: (num_examples) -> largest honest |update| in a coordinate
         self.set_merge("fedavg", min_valid_replies=1)
 
     def set_merge(self, name: str, *, min_valid_replies: int) -> None:
@@ -83,19 +88,31 @@ class DeltaMerge(FedAvg):
         assert self._global is not None, "configure_train must run before aggregate_train"
         rlog = self._log(server_round)
         valid = []
+        seen: set[int] = set()
+        limits = dataclasses.replace(self.limits, server_round=server_round, max_update=self.update_bound)
+
+        def reject(node: int, site: int | None, reason: str) -> None:
+            rlog.rejected.append(f"node {node}: {reason}")
+            rlog.failures.append({"node": node, "site": site, "round": server_round, "reason": reason})
+            log.warning("round %d: rejected reply from node %d: %s", server_round, node, reason)
+
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                rlog.rejected.append(f"node {node}: {msg.error.reason}")
-                log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                reject(node, None, str(msg.error.reason))
                 continue
             try:
                 reply = validate_train_reply(msg.content, expected=self._global, ledgers=self.ledgers,
-                                             server_round=server_round, expected_for=self._expected_for())
+                                             server_round=server_round, expected_for=self._expected_for(),
+                                             limits=limits)
             except ReplyError as e:
-                rlog.rejected.append(f"node {node}: {e}")
-                log.warning("round %d: rejected reply from node %d: %s", server_round, node, e)
+                site = dict(msg.content.metric_records.get(METRICS, {})).get("site") if msg.content else None
+                reject(node, int(site) if isinstance(site, (int, float)) else None, str(e))
                 continue
+            if reply.site in seen:
+                reject(node, reply.site, f"site {reply.site}: a second reply in round {server_round}")
+                continue
+            seen.add(reply.site)
             if reply.delta is None:
                 rlog.declined[reply.site] = reply.reason
                 log.info("round %d: site %d declined: %s", server_round, reply.site, reply.reason)
@@ -188,6 +205,20 @@ class DeltaMerge(FedAvg):
 _FLOWER = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
 
 
+def adam_update_bound(cfg: RunConfig, num_examples: int) -> float:
+    """The most one coordinate can move in a round of DP training with AdamW: each step moves it by
+    at most lr·(1-β1)/√(1-β2) (≈ 3.16·lr at the default betas), whatever the (clipped, noised)
+    gradient; times the round's steps, with 2 % slack for float rounding. A reply beyond it did
+    not come from the declared training."""
+    from fedpeft.training import steps_per_round
+
+    steps = steps_per_round(num_examples=num_examples, batch_size=cfg.train.batch_size,
+                            local_epochs=cfg.train.local_epochs)
+    lr = cfg.train.lr * max(1.0, cfg.train.adapter_lr_scale)
+    beta1, beta2 = 0.9, 0.999
+    return 1.02 * steps * lr * max(1.0, (1 - beta1) / (1 - beta2) ** 0.5)
+
+
 def make_strategy(cfg: RunConfig) -> DeltaMerge:
     """Flower's named strategy with ``DeltaMerge`` doing the aggregation underneath it."""
     fed = cfg.federation
@@ -214,6 +245,9 @@ def make_strategy(cfg: RunConfig) -> DeltaMerge:
         strategy.ledgers = ServerCopies(Path(fed.out_dir) / "ledger")
     if cfg.rank_rule is not None:
         strategy.rank_cfg = cfg
+    strategy.limits = ReplyLimits(max_bytes=int(fed.max_reply_mib * 2**20), max_examples=fed.max_num_examples)
+    if cfg.privacy.enabled and cfg.train.optimizer == "adamw":
+        strategy.update_bound = functools.partial(adam_update_bound, cfg)
     p = cfg.privacy
     if p.client_dp:
         if fed.merge != "fedavg":

@@ -56,7 +56,9 @@ def _reply(delta, *, site=0, n=10, node=1, error: str | None = None) -> _Reply:
     "bad, message",
     [
         ({"a.lora_A.weight": torch.zeros(2, 3)}, "missing adapter keys"),
-        ({**GLOBAL, "bert.pooler.dense.weight": torch.zeros(2, 2)}, "unexpected adapter keys"),
+        ({**GLOBAL, "bert.pooler.dense.weight": torch.zeros(2, 2)}, "names a frozen base weight"),
+        ({**GLOBAL, "b.lora_A.weight": torch.zeros(2, 3)}, "unexpected adapter keys"),
+        ({"a.lora_A.weight": torch.zeros(2, 3, dtype=torch.float64), "head.bias": torch.zeros(2)}, "dtype torch.float64 != expected torch.float32"),
         ({"a.lora_A.weight": torch.zeros(3, 3), "head.bias": torch.zeros(2)}, r"shape \(3, 3\)"),
         ({"a.lora_A.weight": torch.full((2, 3), float("inf")), "head.bias": torch.zeros(2)}, "NaN or Inf"),
     ],
@@ -141,3 +143,76 @@ def test_flower_fedadam_runs_on_top_of_the_delta_merge(monkeypatch):
     # not by the raw merged delta (0.5): the FedAdam logic ran over our merge
     assert len(messages) == 2 and strategy.rounds[1].bytes_down == 2 * sum(v.numel() * 4 for v in GLOBAL.values())
     assert torch.all(new["head.bias"] > 0) and torch.all(new["head.bias"] < 0.5)
+
+
+def test_median_trimmed_mean_and_norm_bound_hand_computed():
+    # Prepare: one coordinate, five sites; one attacker sends 100
+    ds = [{"w": torch.tensor([v])} for v in (1.0, 2.0, 3.0, 4.0, 100.0)]
+    w = [1.0] * 5
+    # Execute / Assert: median 3; trimmed (20 % = one each side) mean of 2,3,4 = 3; even count median
+    assert float(create_merge("median")(ds, w)["w"]) == 3.0
+    assert float(create_merge("trimmed_mean")(ds, w)["w"]) == 3.0
+    assert float(create_merge("median")(ds[:4], [1.0] * 4)["w"]) == 2.5
+    # norm bounding: bound = median norm 3 -> 1, 2, 3, 3, 3 -> mean 2.4
+    assert float(create_merge("norm_bound")(ds, w)["w"]) == pytest.approx(2.4)
+    # two coordinates, norms 5 and 10 with explicit bound 5: (3,4) and (3,4)·... -> mean
+    from fedpeft.aggregation.robust import norm_bound
+    two = [{"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([6.0, 8.0])}]
+    torch.testing.assert_close(norm_bound(two, [1.0, 1.0], bound=5.0)["w"], torch.tensor([3.0, 4.0]))
+
+
+def _reply_m(delta, metrics: dict, node: int = 7) -> _Reply:
+    return _Reply(RecordDict({"arrays": to_arrays(delta), "metrics": MetricRecord(metrics)}), node=node)
+
+
+_BAD = {
+    "nan": (lambda: _reply_m({k: torch.full_like(v, float("nan")) for k, v in GLOBAL.items()},
+                             {"num-examples": 10, "site": 5}), "NaN or Inf"),
+    "shape": (lambda: _reply_m({"a.lora_A.weight": torch.zeros(3, 3), "head.bias": torch.zeros(2)},
+                               {"num-examples": 10, "site": 5}), r"shape \(3, 3\)"),
+    "dtype": (lambda: _reply_m({"a.lora_A.weight": torch.zeros(2, 3, dtype=torch.float64), "head.bias": torch.zeros(2)},
+                               {"num-examples": 10, "site": 5}), "dtype torch.float64"),
+    "missing-key": (lambda: _reply_m({"head.bias": torch.zeros(2)}, {"num-examples": 10, "site": 5}),
+                    "missing adapter keys"),
+    "base-weight": (lambda: _reply_m({**GLOBAL, "bert.encoder.layer.0.attention.self.query.weight": torch.zeros(2, 2)},
+                                     {"num-examples": 10, "site": 5}), "names a frozen base weight"),
+    "no-examples": (lambda: _reply_m(GLOBAL, {"site": 5}), "num-examples=None"),
+    "zero-examples": (lambda: _reply_m(GLOBAL, {"num-examples": 0, "site": 5}), "num-examples=0"),
+    "negative-examples": (lambda: _reply_m(GLOBAL, {"num-examples": -4, "site": 5}), "num-examples=-4"),
+    "absurd-examples": (lambda: _reply_m(GLOBAL, {"num-examples": 10**12, "site": 5}), "absurdly large"),
+    "huge-update": (lambda: _reply_m({k: torch.full_like(v, 50.0) for k, v in GLOBAL.items()},
+                                     {"num-examples": 10, "site": 5}), "beyond what the optimiser"),
+    "payload": (lambda: _reply_m({"a.lora_A.weight": torch.zeros(2000, 3), "head.bias": torch.zeros(2)},
+                                 {"num-examples": 10, "site": 5}), "over the limit"),
+    "stale-round": (lambda: _reply_m(GLOBAL, {"num-examples": 10, "site": 5, "server-round": 1}), "stale reply"),
+    "second-reply": (lambda: _reply_m({k: torch.full_like(v, 0.2) for k, v in GLOBAL.items()},
+                                      {"num-examples": 10, "site": 0}), "a second reply in round 2"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_BAD))
+def test_each_bad_update_is_rejected_by_name_and_the_round_merges_the_good_ones(kind):
+    from fedpeft.federation import ReplyLimits
+    from fedpeft.strategy import adam_update_bound
+
+    # Prepare: two good replies (sites 0 and 2) and one bad one; limits: 20 KB, an AdamW DP bound
+    good0 = {k: 0.01 * torch.ones_like(v) for k, v in GLOBAL.items()}
+    good2 = {k: 0.03 * torch.ones_like(v) for k, v in GLOBAL.items()}
+    strategy = _strategy()
+    strategy.limits = ReplyLimits(max_bytes=20_000, max_examples=1_000_000)
+    cfg = RunConfig(privacy=PrivacyConfig(enabled=True))
+    strategy.update_bound = lambda n: adam_update_bound(cfg, n)
+    make, message = _BAD[kind]
+    ok = {"server-round": 2}
+    replies = [_reply_m(good0, {"num-examples": 10, "site": 0, **ok}, node=1), make(),
+               _reply_m(good2, {"num-examples": 30, "site": 2, **ok}, node=2)]
+    # Execute
+    arrays, _ = strategy.aggregate_train(2, replies)
+    # Assert: the named error, recorded with site and round; the merge is of the good replies alone
+    log = strategy.rounds[2]
+    assert len(log.failures) == 1 and log.failures[0]["round"] == 2, log.failures
+    assert __import__("re").search(message, log.failures[0]["reason"]), log.failures[0]["reason"]
+    expected = create_merge("fedavg")([good0, good2], [10.0, 30.0])
+    new = arrays.to_torch_state_dict()
+    for k in GLOBAL:
+        torch.testing.assert_close(new[k], GLOBAL[k] + expected[k], rtol=0, atol=0)

@@ -35,3 +35,4 @@ def available_merges() -> list[str]:
 
 
 from fedpeft.aggregation import fedavg as _fedavg  # noqa: E402,F401  (registers the built-ins)
+from fedpeft.aggregation import robust as _robust  # noqa: E402,F401

@@ -1,0 +1,76 @@
+"""Robust merges for adapter deltas: coordinate-wise median, trimmed mean and norm bounding.
+
+Flower ships FedMedian/FedTrimmedAvg as whole strategies over numpy model arrays; fedpeft needs
+them as merge rules over deltas, after its own validation, composable with its strategies, so
+they are small pure functions here (same maths: Yin et al. 2018; Sun et al. 2019 for norm bounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedpeft.aggregation import Tensors, register_merge
+from fedpeft.aggregation.fedavg import fedavg
+
+
+def _check(deltas: Sequence[Tensors], weights: Sequence[float], name: str) -> None:
+    if not deltas:
+        raise ValueError(f"{name}: no deltas to merge")
+    if len(deltas) != len(weights):
+        raise ValueError(f"{name}: {len(deltas)} deltas but {len(weights)} weights")
+    if any(w < 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"{name}: weights must be >= 0 with a positive sum, got {list(weights)}")
+
+
+@register_merge("median")
+def median(deltas: Sequence[Tensors], weights: Sequence[float]) -> Tensors:
+    """Coordinate-wise median of the deltas (unweighted: a weight is a claim an attacker controls);
+    with an even count, the mean of the two middle values."""
+    _check(deltas, weights, "median")
+    out: Tensors = {}
+    for k in deltas[0]:
+        stacked = torch.stack([d[k].double() for d in deltas])
+        s, _ = stacked.sort(dim=0)
+        n = s.shape[0]
+        mid = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+        out[k] = mid.to(deltas[0][k].dtype)
+    return out
+
+
+def trimmed_mean(deltas: Sequence[Tensors], weights: Sequence[float], *, trim: float = 0.2) -> Tensors:
+    """Coordinate-wise mean after dropping the ``trim`` fraction of largest and of smallest values
+    (at least one each side when trim > 0 and there are 3 or more deltas)."""
+    _check(deltas, weights, "trimmed_mean")
+    if not 0 <= trim < 0.5:
+        raise ValueError(f"trim={trim!r}: must be in [0, 0.5)")
+    n = len(deltas)
+    cut = int(trim * n)
+    if trim > 0 and n >= 3:
+        cut = max(cut, 1)
+    out: Tensors = {}
+    for k in deltas[0]:
+        s, _ = torch.stack([d[k].double() for d in deltas]).sort(dim=0)
+        out[k] = s[cut:n - cut].mean(dim=0).to(deltas[0][k].dtype)
+    return out
+
+
+register_merge("trimmed_mean")(trimmed_mean)
+
+
+def delta_norm(delta: Tensors) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in delta.values())))
+
+
+@register_merge("norm_bound")
+def norm_bound(deltas: Sequence[Tensors], weights: Sequence[float], *, bound: float | None = None) -> Tensors:
+    """Weighted mean after scaling every delta to L2 norm at most ``bound`` (default: the median of
+    the deltas' norms, so a few huge deltas cannot dominate)."""
+    _check(deltas, weights, "norm_bound")
+    norms = [delta_norm(d) for d in deltas]
+    if bound is None:
+        s = sorted(norms)
+        bound = s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
+    scaled = [{k: v * min(1.0, bound / n) if n > 0 else v for k, v in d.items()} for d, n in zip(deltas, norms)]
+    return fedavg(scaled, weights)
