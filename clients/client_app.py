@@ -8,7 +8,7 @@ from flwr.clientapp import ClientApp
 from fedpeft.config import RunConfig, from_run_config
 from fedpeft.federation import ARRAYS, CONFIG, METRICS, STATUS, from_arrays, metric_record, status_record, to_arrays
 from fedpeft.privacy.vault import SiteVault, site_folder
-from fedpeft.site import apply_node_config, check_noise_source, site_evaluate, site_round
+from fedpeft.site import apply_node_config, check_noise_source, settle_ledger, site_evaluate, site_round
 from fedpeft.runtime import quiet_libraries, set_threads
 
 app = ClientApp()
@@ -63,4 +63,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, site, num, path = _setup(msg, context)
     metrics = site_evaluate(cfg, site=site, num_sites=num, global_state=from_arrays(msg.content[ARRAYS]),
                             data_path=path)
-    return Message(RecordDict({METRICS: metric_record(metrics)}), reply_to=msg)
+    content = RecordDict({METRICS: metric_record(metrics)})
+    if cfg.privacy.enabled:  # a crash in training left steps unsigned: sign them now, send the ledger
+        deployed = "partition-id" not in context.node_config
+        reply = settle_ledger(cfg, _vault(context, cfg, site, deployed), deployed=deployed)
+        if reply is not None:
+            content[STATUS] = status_record(reply)
+    return Message(content, reply_to=msg)

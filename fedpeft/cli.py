@@ -85,9 +85,13 @@ def simulate(flat: dict[str, Any]) -> dict[str, Any]:
     cfg = from_run_config(flat)
     # A simulation plays every party and starts from nothing: an earlier run's site folders (keys,
     # spent budgets), ledger copies and audit in the same out-dir would be mistaken for this run's.
-    for part in ("sites", "ledger", "audit", "checkpoints"):
+    for part in ("sites", "ledger", "audit", "checkpoints", "server-state.json"):
         old = Path(cfg.federation.out_dir) / part
-        if old.exists():
+        if cfg.federation.resume:  # a resumed run continues from exactly these
+            break
+        if old.is_file():
+            old.unlink()
+        elif old.exists():
             log.info("removing %s from an earlier run", old)
             shutil.rmtree(old)
     backend, workers = _backend(cfg, torch.cuda.is_available())
@@ -134,7 +138,26 @@ def simulate(flat: dict[str, Any]) -> dict[str, Any]:
     return json.loads((Path(cfg.federation.out_dir) / "metrics.json").read_text())
 
 
+def resume_config(run_dir: str) -> dict[str, Any]:
+    """The interrupted run's own config (from its metrics.json), told to resume in place."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.exists():
+        raise ValueError(f"--resume {run_dir!r}: no metrics.json there; nothing to resume")
+    flat = dict(json.loads(path.read_text())["config"])
+    flat.update({"resume": True, "out-dir": str(run_dir)})
+    return flat
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    if args.resume:
+        flat = resume_config(args.resume)
+        if args.run_config:
+            raise ValueError("--resume continues the run as it was configured; drop --run-config")
+        metrics = simulate(flat)
+        print(f"done: resumed after round {metrics.get('resumed_after')}, "
+              f"{len(metrics['rounds']) - 1} rounds, final global accuracy "
+              f"{metrics['rounds'][-1]['global']['accuracy']:.4f}")
+        return 0
     flat = simulation_config(args.preset, args.run_config, args.out)
     metrics = simulate(flat)
     last = metrics["rounds"][-1]
@@ -235,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--preset", default="hospitals", help="hospitals | devices | smoke | path/to/preset.toml")
     sim.add_argument("--run-config", nargs="+", default=None, help="overrides, Flower syntax: \"key=value ...\"")
     sim.add_argument("--out", default=None, help="output folder (default: the preset's out-dir)")
+    sim.add_argument("--resume", default=None, metavar="DIR",
+                     help="continue an interrupted run in DIR after its last complete round")
     sim.set_defaults(func=_cmd_simulate)
     aud = sub.add_parser("audit", help="verify a run's signed privacy ledgers and recompute every site's epsilon")
     aud.add_argument("run_dir", metavar="DIR", help="a run folder (out-dir of a simulation or coordinator)")

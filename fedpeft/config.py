@@ -286,6 +286,15 @@ class FederationConfig:
     server_lr: float = field(default=1e-2, metadata=_help("server learning rate (FedAdam/FedYogi/FedAdagrad eta)", "server-lr"))
     client_cpus: float = field(default=1.0, metadata=_help("CPUs per virtual client (Ray)", "client-cpus"))
     out_dir: str = field(default="runs/latest", metadata=_help("where metrics, adapter and plots go", "out-dir"))
+    resume: bool = field(default=False, metadata=_help(
+        "continue the run in out-dir after its last complete round (server-state.json) instead of "
+        "starting over", "resume"))
+    round_timeout: float = field(default=0.0, metadata=_help(
+        "seconds the server waits for a round's replies before merging what arrived (0 = no limit)",
+        "round-timeout"))
+    fault_crash: float = field(default=0.0, metadata=_help(
+        "simulations only: fraction of sites that crash in each round after their first DP step (fault "
+        "injection; chosen from the run seed, site and round)", "fault-crash"))
     max_reply_mib: float = field(default=64.0, metadata=_help("largest train reply accepted (MiB of tensors)",
                                                               "max-reply-mib"))
     max_num_examples: int = field(default=10_000_000, metadata=_help(
@@ -304,6 +313,10 @@ class FederationConfig:
             raise _bad("min-train-sites", self.min_train_sites, "must be >= 1")
         if self.strategy not in ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"):
             raise _bad("strategy", self.strategy, "must be fedavg, fedprox, fedadam, fedyogi or fedadagrad")
+        if not 0.0 <= self.fault_crash <= 1.0:
+            raise _bad("fault-crash", self.fault_crash, "must be in [0, 1]")
+        if self.round_timeout < 0:
+            raise _bad("round-timeout", self.round_timeout, "must be >= 0 (0 = no limit)")
         if not self.max_reply_mib > 0:
             raise _bad("max-reply-mib", self.max_reply_mib, "must be > 0")
         if self.max_num_examples < 1:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -12,7 +13,7 @@ from typing import Any
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from fedpeft import adapters, models, training
+from fedpeft import adapters, checkpoint, models, training
 from fedpeft.config import RunConfig, from_run_config, to_run_config
 from fedpeft.data.sites import global_test_set, make_site, split_counts
 from fedpeft.federation import config_record, from_arrays, to_arrays
@@ -36,6 +37,14 @@ class RunRecorder:
             "labels": cfg.data.label_list, "precision": precision, "dp_noise": noise_statement(cfg),
             "rounds": [],
         }
+
+    def resume_from(self, path: Path, done: int) -> None:
+        """Keep the rows of rounds 0..done from an interrupted run's metrics.json."""
+        if path.exists():
+            old = json.loads(path.read_text())
+            self.data["rounds"] = [r for r in old.get("rounds", []) if r["round"] <= done]
+            self.t0 -= float(old.get("wall_s", 0.0))
+        self.data["resumed_after"] = done
 
     def record(self, rnd: int, ev: training.EvalResult, rlog: RoundLog | None) -> None:
         row: dict[str, Any] = {"round": rnd, "global": {"accuracy": ev.accuracy, "loss": ev.loss,
@@ -120,14 +129,27 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     meta = {"labels": labels, "model": cfg.model.name, "model-layers": cfg.model.layers,
             "pooling": cfg.model.pooling, "adapter": cfg.adapter.method, "merge": cfg.federation.merge,
             "lora-ranks": cfg.adapter.rank_list}
+    # Resume: continue after the last committed round (adapter, strategy moments, RNG, metrics)
+    done = 0
+    saved = checkpoint.load_server_state(out) if cfg.federation.resume else None
+    if saved is not None:
+        done = int(saved["round"])
+        init = checkpoint.restore(out, saved, strategy)
+        strategy.round_offset = done
+        rec.resume_from(out / "metrics.json", done)
+        log.info("resuming after round %d of %d from %s", done, cfg.federation.num_rounds, out)
     progress = _progress()
-    task = progress.add_task("", total=cfg.federation.num_rounds)
+    task = progress.add_task("", total=cfg.federation.num_rounds, completed=done)
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
         model = scorer(from_arrays(arrays))
         ev = training.evaluate(model, test_ds, device=device, num_labels=len(labels), precision=cfg.model.precision)
+        rnd += done
+        if rnd == done and done > 0:  # the resumed-from round is already recorded and committed
+            return MetricRecord({"accuracy": ev.accuracy, "loss": ev.loss, "macro-f1": ev.macro_f1})
         adapters.save_adapter(model, out / "checkpoints" / f"round-{rnd:03d}", metadata={**meta, "round": rnd})
         rec.record(rnd, ev, strategy.rounds.get(rnd))
+        checkpoint.save_server_state(out, rnd, strategy)  # the commit point of the round
         log.info("round %d: global accuracy %.4f loss %.4f", rnd, ev.accuracy, ev.loss)
         if rnd > 0:
             progress.update(task, advance=1, description=f"acc {ev.accuracy:.3f}")
@@ -136,9 +158,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     # Execute
     flat = to_run_config(cfg)
     with progress:  # two records: Flower writes "server-round" into each
-        result = strategy.start(grid=grid, initial_arrays=to_arrays(init), num_rounds=cfg.federation.num_rounds,
+        result = strategy.start(grid=grid, initial_arrays=to_arrays(init), num_rounds=cfg.federation.num_rounds - done,
                                 train_config=config_record(flat), evaluate_config=config_record(flat),
-                                evaluate_fn=evaluate_fn)
+                                evaluate_fn=evaluate_fn, timeout=cfg.federation.round_timeout or 86400.0)
 
     # Export: final adapter in PEFT format, plots
     final = from_arrays(result.arrays) if len(result.arrays) else init  # every round skipped: keep round 0

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from fedpeft import adapters, models, prefix, ranks, training
 from fedpeft.config import AdapterConfig, ModelConfig, RunConfig
 from fedpeft.data.sites import SiteData, make_site
 from fedpeft.privacy.accountant import BudgetExceeded, PrivacyState
+from fedpeft.privacy.ledger import delta_hash
 from fedpeft.privacy.vault import SiteVault
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,18 @@ log = logging.getLogger(__name__)
 
 class SiteError(RuntimeError):
     """This site cannot take part (missing or malformed data); the message names the site."""
+
+
+class InjectedFault(RuntimeError):
+    """A crash injected on purpose (``fault-crash``, simulations only)."""
+
+
+def crashes(cfg: RunConfig, site: int, server_round: int) -> bool:
+    """Fault injection: does this site crash in this round (a pure function of seed, site, round)?"""
+    if cfg.federation.fault_crash <= 0:
+        return False
+    u = np.random.default_rng([cfg.train.seed, site, server_round, 99]).random()
+    return bool(u < cfg.federation.fault_crash)
 
 
 @functools.lru_cache(maxsize=2)
@@ -206,7 +219,7 @@ def round_seed(seed: int, site: int, server_round: int) -> int:
 def site_train(
     cfg: RunConfig, *, site: int, num_sites: int, server_round: int,
     global_state: Mapping[str, torch.Tensor], privacy_json: str | None, data_path: str | None = None,
-    rank: int | None = None,
+    rank: int | None = None, before_step: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], str | None]:
     """Train from the global adapter (with a rank rule: from this site's projection of it, at its
     rank); return (delta = local - start, metrics, new privacy JSON)."""
@@ -231,7 +244,7 @@ def site_train(
     noise_seed = seed if cfg.privacy.noise == "seeded" else None
     res = training.train_local(model, ds, train=cfg.train, privacy=cfg.privacy, privacy_state=state,
                                device=device, seed=seed, noise_seed=noise_seed, anchor=anchor,
-                               precision=cfg.model.precision)
+                               precision=cfg.model.precision, before_step=before_step)
     local = adapters.get_adapter_state(model)
     delta = {k: local[k] - start[k].to(local[k].dtype) for k in ranks.sent_keys(cfg, local)}
     local_acc = float("nan")
@@ -283,13 +296,31 @@ def site_round(
         delta, metrics, _ = site_train(cfg, site=site, num_sites=num_sites, server_round=server_round,
                                        global_state=global_state, privacy_json=None, data_path=data_path, rank=rank)
         return RoundReply("trained", delta, metrics)
+    gsha = delta_hash(global_state)
+    replay = vault.load_release(server_round=server_round, global_sha256=gsha)
+    if replay is not None:  # a retried round (a server resumed after a crash): resend, do not retrain
+        log.info("site %d round %d: resending the release already made for this global adapter", site, server_round)
+        return RoundReply("trained", replay[0], replay[1], "", vault.ledger_bytes(), vault.public_key())
+    vault.reconcile(noise=cfg.privacy.noise, deployed=deployed)  # steps an earlier crash spent without a ledger entry get one now
     prev = vault.privacy_json()
+    crash = not deployed and crashes(cfg, site, server_round)
+    work = site_work(cfg, site=site, num_sites=num_sites, data_path=data_path)
+    start_state = privacy_plan(cfg, len(work.train), prev)
+
+    def before_step(k: int) -> None:
+        """Write-ahead: step k is on disk before its noise is drawn (a crash after counts it)."""
+        if crash and k == 2:
+            raise InjectedFault(f"site {site}: injected crash in round {server_round} after 1 DP step")
+        vault.save_privacy(start_state.with_steps(k, server_round).to_json())
+
     try:
         delta, metrics, new_json = site_train(cfg, site=site, num_sites=num_sites, server_round=server_round,
-                                              global_state=global_state, privacy_json=prev, data_path=data_path, rank=rank)
+                                              global_state=global_state, privacy_json=prev, data_path=data_path,
+                                              rank=rank, before_step=before_step)
+        if crash:  # a one-step round: crash after it, before the reply leaves
+            raise InjectedFault(f"site {site}: injected crash in round {server_round} after its DP steps")
     except BudgetExceeded as e:
-        work = site_work(cfg, site=site, num_sites=num_sites, data_path=data_path)
-        state = privacy_plan(cfg, len(work.train), prev)
+        state = start_state
         vault.record_decline(server_round=server_round, state=state, reason=str(e))
         log.info("site %d round %d: declined: %s", site, server_round, e)
         return RoundReply("declined", None, {"site": float(site), "epsilon": state.epsilon()}, str(e),
@@ -299,7 +330,16 @@ def site_round(
     vault.save_privacy(new_json)  # the steps are spent: state first, then the signed record of them
     vault.record_release(server_round=server_round, before=PrivacyState.from_json(prev) if prev else None,
                          after=after, delta=delta, noise=cfg.privacy.noise, deployed=deployed)
+    vault.save_release(server_round=server_round, global_sha256=gsha, delta=delta, metrics=metrics)
     return RoundReply("trained", delta, metrics, "", vault.ledger_bytes(), vault.public_key())
+
+
+def settle_ledger(cfg: RunConfig, vault: SiteVault, *, deployed: bool) -> RoundReply | None:
+    """After a crash: sign the steps the privacy state counts but the ledger does not; return a
+    status carrying the ledger for the server's copy (None when there was nothing to settle)."""
+    if vault.privacy_json() is None or vault.reconcile(noise=cfg.privacy.noise, deployed=deployed) is None:
+        return None
+    return RoundReply("evaluated", None, {}, "", vault.ledger_bytes(), vault.public_key())
 
 
 def site_evaluate(

@@ -61,6 +61,7 @@ class DeltaMerge(FedAvg):
         self.client_dp: ClientLevelDP | None = None  # client-level DP: clip + noise after validation
         self.rank_cfg: RunConfig | None = None  # a heterogeneous-rank rule: merge whole adapters by rank
         self.limits = ReplyLimits()
+        self.round_offset = 0  # a resumed run: Flower counts rounds from 1 again; sites and logs must not
         self.update_bound = None  # DP runs: (num_examples) -> largest honest |update| in a coordinate
         self.set_merge("fedavg", min_valid_replies=1)
 
@@ -76,6 +77,7 @@ class DeltaMerge(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
+        server_round += self.round_offset
         self._global = from_arrays(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._log(server_round).bytes_down = len(messages) * state_bytes(self._global)
@@ -86,12 +88,14 @@ class DeltaMerge(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate each reply on its own, merge the valid deltas, return global + merged delta."""
         assert self._global is not None, "configure_train must run before aggregate_train"
+        server_round += self.round_offset
         rlog = self._log(server_round)
         valid = []
         seen: set[int] = set()
         limits = dataclasses.replace(self.limits, server_round=server_round, max_update=self.update_bound)
 
         def reject(node: int, site: int | None, reason: str) -> None:
+            reason = reason if len(reason) < 600 else reason[:300] + " … " + reason[-300:]
             rlog.rejected.append(f"node {node}: {reason}")
             rlog.failures.append({"node": node, "site": site, "round": server_round, "reason": reason})
             log.warning("round %d: rejected reply from node %d: %s", server_round, node, reason)
@@ -156,6 +160,21 @@ class DeltaMerge(FedAvg):
         })
         return to_arrays(new_global), metrics
 
+    def _sync_ledger(self, msg: Message, metrics: dict, rlog: RoundLog, server_round: int) -> None:
+        """An evaluate reply may carry a ledger with recovery entries (steps a crashed round spent)."""
+        from fedpeft.federation import STATUS
+        from fedpeft.privacy.ledger import LedgerError
+
+        rec = msg.content.config_records.get(STATUS) if self.ledgers is not None else None
+        if rec is None or "ledger" not in rec or "site" not in metrics:
+            return
+        try:
+            self.ledgers.sync(site=int(metrics["site"]), data=str(rec["ledger"]).encode(),
+                              public_key=str(rec.get("public-key", "")))
+        except LedgerError as e:
+            rlog.failures.append({"node": msg.metadata.src_node_id, "site": int(metrics["site"]),
+                                  "round": server_round, "reason": f"ledger: {e}"})
+
     def _expected_for(self):
         """With a rank rule: the tensors a site of a given rank must send (its start's shapes)."""
         cfg, glob = self.rank_cfg, self._global
@@ -183,7 +202,12 @@ class DeltaMerge(FedAvg):
         rlog.dropped_energy = max(dropped.values(), default=0.0)
         return new_global
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> Iterable[Message]:
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         rlog = self._log(server_round)
         ok = []
@@ -192,6 +216,7 @@ class DeltaMerge(FedAvg):
                 rlog.rejected.append(f"evaluate node {msg.metadata.src_node_id}: {msg.error.reason}")
                 continue
             m = dict(msg.content.metric_records.get(METRICS, {}))
+            self._sync_ledger(msg, m, rlog, server_round)
             if "site" in m and "accuracy" in m:
                 rlog.evaluate[int(m["site"])] = {k: float(v) for k, v in m.items()}
                 ok.append(m)

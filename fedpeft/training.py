@@ -12,7 +12,7 @@ import math
 import secrets
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,8 +132,12 @@ def train_local(
     noise_seed: int | None = None,
     anchor: Mapping[str, torch.Tensor] | None = None,
     precision: str = "float32",
+    before_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train the adapter in place for ``train.local_epochs``.
+
+    ``before_step(k)`` runs before the k-th private step draws its noise (write-ahead accounting:
+    a crash after it still leaves the step counted); it may raise to abort the round.
 
     With ``privacy.enabled`` a ``privacy_state`` is required (see ``plan_privacy``); the returned
     state carries the extended accountant history. ``anchor`` (parameter name -> global value)
@@ -203,6 +207,8 @@ def train_local(
             warnings.filterwarnings("ignore", message=".*(Secure RNG|Full backward hook).*")
             for _ in range(train.local_epochs):
                 for batch in loader:
+                    if before_step is not None and engine is not None:
+                        before_step(steps + 1)
                     if batch[0].shape[0] == 0:  # Poisson sampling drew nobody: release noise only
                         optimizer.zero_grad(set_to_none=True)
                         for p in params:  # an empty per-sample gradient; Opacus adds the noise and counts the step

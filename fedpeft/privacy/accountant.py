@@ -102,6 +102,16 @@ class PrivacyState:
     planned_steps: int
     accountant: str = "rdp"
     history: list[tuple[float, float, int]] = field(default_factory=list)
+    round: int = 0  # the last round that spent steps (recovery entries in the ledger name it)
+
+    def with_steps(self, steps: int, server_round: int) -> "PrivacyState":
+        """This state after ``steps`` more steps at its (sigma, q), merged as Opacus' history does."""
+        hist = [tuple(h) for h in self.history]
+        if hist and hist[-1][0] == self.noise_multiplier and hist[-1][1] == self.sample_rate:
+            hist[-1] = (hist[-1][0], hist[-1][1], hist[-1][2] + steps)
+        else:
+            hist.append((self.noise_multiplier, self.sample_rate, steps))
+        return PrivacyState(**{**self.__dict__, "history": hist, "round": server_round})
 
     @property
     def steps_taken(self) -> int:

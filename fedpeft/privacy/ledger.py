@@ -282,3 +282,13 @@ class ServerCopies:
             atomic_write_bytes(pub, trusted.encode())
         update_copy(self.ledger_path(site), data, site=site, trusted_pem=trusted)
         return last
+
+    def sync(self, *, site: int, data: bytes, public_key: str) -> int:
+        """Bring the copy up to the site's ledger outside a train reply (e.g. a recovery entry sent
+        with an evaluate reply): verified and append-only, no round check."""
+        pub = self.pub_path(site)
+        trusted = pub.read_text() if pub.exists() else public_key
+        added = update_copy(self.ledger_path(site), data, site=site, trusted_pem=trusted)
+        if not pub.exists():
+            atomic_write_bytes(pub, trusted.encode())
+        return added

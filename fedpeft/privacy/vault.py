@@ -7,6 +7,7 @@ ledger's lines and the public key.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,32 @@ class SiteVault:
     def save_privacy(self, text: str) -> None:
         save_state_json(self.folder, self.site, text)
 
+    def save_release(self, *, server_round: int, global_sha256: str, delta: Mapping[str, torch.Tensor],
+                     metrics: Mapping[str, float]) -> None:
+        """Keep this round's release: a retried request for the same round and global adapter gets
+        the same delta again (re-sending a release costs no privacy; training again would)."""
+        from safetensors.torch import save_file
+
+        from fedpeft.io import atomic_dir
+
+        with atomic_dir(self.folder / "last-release") as tmp:
+            save_file({k: v.contiguous() for k, v in delta.items()}, str(tmp / "delta.safetensors"))
+            (tmp / "release.json").write_text(json.dumps({"round": server_round, "global_sha256": global_sha256,
+                                                          "metrics": dict(metrics)}))
+
+    def load_release(self, *, server_round: int, global_sha256: str
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]] | None:
+        from safetensors.torch import load_file
+
+        folder = self.folder / "last-release"
+        try:
+            meta = json.loads((folder / "release.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("round") != server_round or meta.get("global_sha256") != global_sha256:
+            return None
+        return load_file(str(folder / "delta.safetensors")), dict(meta["metrics"])
+
     def record_release(self, *, server_round: int, before: PrivacyState | None, after: PrivacyState,
                        delta: Mapping[str, torch.Tensor], noise: str, deployed: bool) -> bytes:
         """One ``dp-sgd`` entry for the steps this round took (the history's new tail)."""
@@ -69,6 +96,31 @@ class SiteVault:
             "planned_steps": after.planned_steps, "steps_total": after.steps_taken,
             "adjacency": "add/remove one record of this site",
             "delta_sha256": delta_hash(delta),
+        })
+
+    def reconcile(self, *, noise: str, deployed: bool) -> bytes | None:
+        """If the privacy state counts more steps than the ledger (a crash after write-ahead
+        accounting, before the release was signed), sign a ``dp-sgd`` entry for those steps, with no
+        delta (none left the site). Returns the entry's line, or None when they agree."""
+        text = self.privacy_json()
+        if text is None:
+            return None
+        state = PrivacyState.from_json(text)
+        signed = 0
+        for line in self.ledger.lines():
+            entry = json.loads(line)
+            if entry.get("kind") == "dp-sgd":
+                signed = int(entry.get("steps_total", signed + int(entry.get("steps", 0))))
+        missing = state.steps_taken - signed
+        if missing <= 0:
+            return None
+        return self.ledger.append("dp-sgd", {
+            "round": state.round, "sigma": state.noise_multiplier, "sample_rate": state.sample_rate,
+            "steps": missing, "max_grad_norm": state.max_grad_norm, "delta": state.target_delta,
+            "accountant": state.accountant, "noise": noise, "deployed": deployed,
+            "epsilon_after": state.epsilon(), "target_epsilon": state.target_epsilon,
+            "planned_steps": state.planned_steps, "steps_total": state.steps_taken,
+            "adjacency": "add/remove one record of this site", "delta_sha256": None, "recovered": True,
         })
 
     def record_decline(self, *, server_round: int, state: PrivacyState, reason: str) -> bytes:
