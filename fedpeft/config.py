@@ -295,6 +295,13 @@ class FederationConfig:
     fault_crash: float = field(default=0.0, metadata=_help(
         "simulations only: fraction of sites that crash in each round after their first DP step (fault "
         "injection; chosen from the run seed, site and round)", "fault-crash"))
+    attack: str = field(default="none", metadata=_help(
+        "simulations only: what attacking sites send instead of their delta: 'none', 'sign-flip' "
+        "(-attack-scale x delta), 'scale' (attack-scale x delta) or 'random' (Gaussian noise of "
+        "attack-scale x the delta's norm)", "attack"))
+    attack_fraction: float = field(default=0.2, metadata=_help(
+        "simulations only: fraction of sites that attack (chosen from the run seed)", "attack-fraction"))
+    attack_scale: float = field(default=4.0, metadata=_help("strength of the attack", "attack-scale"))
     max_reply_mib: float = field(default=64.0, metadata=_help("largest train reply accepted (MiB of tensors)",
                                                               "max-reply-mib"))
     max_num_examples: int = field(default=10_000_000, metadata=_help(
@@ -313,6 +320,10 @@ class FederationConfig:
             raise _bad("min-train-sites", self.min_train_sites, "must be >= 1")
         if self.strategy not in ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"):
             raise _bad("strategy", self.strategy, "must be fedavg, fedprox, fedadam, fedyogi or fedadagrad")
+        if self.attack not in ("none", "sign-flip", "scale", "random"):
+            raise _bad("attack", self.attack, "must be none, sign-flip, scale or random")
+        if not 0.0 <= self.attack_fraction <= 1.0:
+            raise _bad("attack-fraction", self.attack_fraction, "must be in [0, 1]")
         if not 0.0 <= self.fault_crash <= 1.0:
             raise _bad("fault-crash", self.fault_crash, "must be in [0, 1]")
         if self.round_timeout < 0:

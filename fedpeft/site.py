@@ -22,6 +22,7 @@ from fedpeft import adapters, models, prefix, ranks, training
 from fedpeft.config import AdapterConfig, ModelConfig, RunConfig
 from fedpeft.data.sites import SiteData, make_site
 from fedpeft.privacy.accountant import BudgetExceeded, PrivacyState
+from fedpeft.faults import InjectedFault, attacked, attackers, crashes
 from fedpeft.privacy.ledger import delta_hash
 from fedpeft.privacy.vault import SiteVault
 
@@ -30,18 +31,6 @@ log = logging.getLogger(__name__)
 
 class SiteError(RuntimeError):
     """This site cannot take part (missing or malformed data); the message names the site."""
-
-
-class InjectedFault(RuntimeError):
-    """A crash injected on purpose (``fault-crash``, simulations only)."""
-
-
-def crashes(cfg: RunConfig, site: int, server_round: int) -> bool:
-    """Fault injection: does this site crash in this round (a pure function of seed, site, round)?"""
-    if cfg.federation.fault_crash <= 0:
-        return False
-    u = np.random.default_rng([cfg.train.seed, site, server_round, 99]).random()
-    return bool(u < cfg.federation.fault_crash)
 
 
 @functools.lru_cache(maxsize=2)
@@ -185,7 +174,11 @@ def site_work(cfg: RunConfig, *, site: int, num_sites: int, data_path: str | Non
 
 
 def check_noise_source(cfg: RunConfig, *, deployed: bool) -> None:
-    """A deployed site never uses DP noise the coordinator could reproduce from the run config."""
+    """A deployed site never uses DP noise the coordinator could reproduce from the run config, and
+    never obeys the simulation-only fault and attack injection a run config could ask for."""
+    if deployed and (cfg.federation.attack != "none" or cfg.federation.fault_crash > 0):
+        raise SiteError(f"attack={cfg.federation.attack!r} fault-crash={cfg.federation.fault_crash}: fault and attack "
+                        "injection are for simulations; refused on a deployed site")
     if deployed and cfg.privacy.enabled and cfg.privacy.noise == "seeded":
         raise SiteError("dp-noise='seeded': refused on a deployed site (anyone with the run seed, the "
                         "coordinator included, could regenerate and subtract the noise); use dp-noise='secret'")
@@ -247,6 +240,8 @@ def site_train(
                                precision=cfg.model.precision, before_step=before_step)
     local = adapters.get_adapter_state(model)
     delta = {k: local[k] - start[k].to(local[k].dtype) for k in ranks.sent_keys(cfg, local)}
+    if site in attackers(cfg):  # fault injection: a poisoned site (simulations only)
+        delta = attacked(cfg, site, server_round, delta)
     local_acc = float("nan")
     if work.test is not None:  # the locally trained adapter on this site's own held-out notes
         local_acc = training.evaluate(model, work.test, device=device, num_labels=len(cfg.data.label_list),

@@ -64,7 +64,7 @@ def test_presets_are_valid_configs():
     from fedpeft.cli import PRESET_DIR, simulation_config
 
     names = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
-    assert names == ["devices", "hetero-hospitals", "hospitals", "hospitals-large", "smoke"]
+    assert names == ["attacks", "devices", "hetero-hospitals", "hospitals", "hospitals-large", "smoke"]
     for name in names:
         cfg = from_run_config(simulation_config(name, None, None))
         assert cfg.preset == name and cfg.federation.out_dir == f"runs/{name}"

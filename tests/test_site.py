@@ -76,3 +76,25 @@ def test_site_declines_past_its_planned_budget_and_signs_both(tmp_path):
     assert [e["kind"] for e in entries] == ["open", "dp-sgd", "declined"]
     assert entries[1]["epsilon_after"] == pytest.approx(state.epsilon()) and entries[1]["noise"] == "seeded"
     assert r2.ledger == vault.ledger_bytes()
+
+
+def test_attack_and_fault_injection_are_simulation_only_and_do_what_they_say():
+    from fedpeft.site import attackers, check_noise_source
+
+    # Prepare: 3 sites, sign-flip at 1/3 (one attacker)
+    cfg = from_run_config({**TINY, "num-sites": 3, "attack": "sign-flip", "attack-fraction": 0.34,
+                           "attack-scale": 4.0, "dp": False})
+    bad = attackers(cfg)
+    assert len(bad) == 1
+    honest_cfg = from_run_config({**TINY, "num-sites": 3, "dp": False})
+    glob = initial_adapter_state(cfg)
+    s = next(iter(bad))
+    # Execute
+    honest, _, _ = site_train(honest_cfg, site=s, num_sites=3, server_round=1, global_state=glob, privacy_json=None)
+    poisoned, _, _ = site_train(cfg, site=s, num_sites=3, server_round=1, global_state=glob, privacy_json=None)
+    # Assert: exactly -4 x the honest delta (same seed, no DP); a deployed site refuses the config
+    for k in honest:
+        torch.testing.assert_close(poisoned[k], -4.0 * honest[k], rtol=1e-6, atol=1e-7)
+    with pytest.raises(SiteError, match="refused on a deployed site"):
+        check_noise_source(cfg, deployed=True)
+    check_noise_source(cfg, deployed=False)
