@@ -164,6 +164,9 @@ class PrivacyConfig:
         "rounds this site plans to train (sigma is calibrated so that many rounds spend exactly the "
         "budget); 0 = every round of the run. Asked for more, the site declines once another round "
         "would exceed target-epsilon", "dp-planned-rounds"))
+    audit_canaries: int = field(default=0, metadata=_help(
+        "simulations only: gradient canaries per site inside its real DP training, for `fedpeft audit "
+        "--empirical` (0 = none; e.g. 1000)", "audit-canaries"))
     client_dp: bool = field(default=False, metadata=_help(
         "client-level DP on the server as well: each site's whole delta clipped to client-dp-clip, Gaussian "
         "noise added to their sum (protects one whole site, not just one record; needs merge='fedavg')",
@@ -188,6 +191,8 @@ class PrivacyConfig:
             raise _bad("accountant", self.accountant, "must be 'rdp' or 'prv'")
         if self.grad_sample_mode not in ("hooks", "functorch", "ew", "ghost"):
             raise _bad("grad-sample-mode", self.grad_sample_mode, "must be hooks, functorch, ew or ghost")
+        if self.audit_canaries < 0:
+            raise _bad("audit-canaries", self.audit_canaries, "must be >= 0")
         if not self.client_noise_multiplier > 0:
             raise _bad("client-dp-noise-multiplier", self.client_noise_multiplier, "must be > 0")
         if not self.client_clip > 0:

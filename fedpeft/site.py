@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import os
+import secrets
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -22,6 +23,7 @@ from fedpeft import adapters, models, prefix, ranks, training
 from fedpeft.config import AdapterConfig, ModelConfig, RunConfig
 from fedpeft.data.sites import SiteData, make_site
 from fedpeft.privacy.accountant import BudgetExceeded, PrivacyState
+from fedpeft.privacy.audit.canaries import TrainingCanaries
 from fedpeft.faults import InjectedFault, attacked, attackers, crashes
 from fedpeft.privacy.ledger import delta_hash
 from fedpeft.privacy.vault import SiteVault
@@ -176,9 +178,11 @@ def site_work(cfg: RunConfig, *, site: int, num_sites: int, data_path: str | Non
 def check_noise_source(cfg: RunConfig, *, deployed: bool) -> None:
     """A deployed site never uses DP noise the coordinator could reproduce from the run config, and
     never obeys the simulation-only fault and attack injection a run config could ask for."""
-    if deployed and (cfg.federation.attack != "none" or cfg.federation.fault_crash > 0):
-        raise SiteError(f"attack={cfg.federation.attack!r} fault-crash={cfg.federation.fault_crash}: fault and attack "
-                        "injection are for simulations; refused on a deployed site")
+    if deployed and (cfg.federation.attack != "none" or cfg.federation.fault_crash > 0
+                     or cfg.privacy.audit_canaries > 0):
+        raise SiteError(f"attack={cfg.federation.attack!r} fault-crash={cfg.federation.fault_crash} audit-canaries="
+                        f"{cfg.privacy.audit_canaries}: fault, attack and canary injection are for simulations; "
+                        "refused on a deployed site")
     if deployed and cfg.privacy.enabled and cfg.privacy.noise == "seeded":
         raise SiteError("dp-noise='seeded': refused on a deployed site (anyone with the run seed, the "
                         "coordinator included, could regenerate and subtract the noise); use dp-noise='secret'")
@@ -213,6 +217,7 @@ def site_train(
     cfg: RunConfig, *, site: int, num_sites: int, server_round: int,
     global_state: Mapping[str, torch.Tensor], privacy_json: str | None, data_path: str | None = None,
     rank: int | None = None, before_step: Callable[[int], None] | None = None,
+    canaries: TrainingCanaries | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], str | None]:
     """Train from the global adapter (with a rank rule: from this site's projection of it, at its
     rank); return (delta = local - start, metrics, new privacy JSON)."""
@@ -235,11 +240,18 @@ def site_train(
     seed = round_seed(cfg.train.seed, site, server_round)
     # Secret by default: DP noise and sampling seeded from this machine's entropy (training.train_local).
     noise_seed = seed if cfg.privacy.noise == "seeded" else None
+    before_release = None
+    if canaries is not None and state is not None:  # audit canaries join the real batches
+        gen = torch.Generator().manual_seed(noise_seed ^ 0xC4 if noise_seed is not None else secrets.randbits(63))
+        before_release = canaries.hook(dict(model.named_parameters()), state.sample_rate, state.max_grad_norm, gen)
     res = training.train_local(model, ds, train=cfg.train, privacy=cfg.privacy, privacy_state=state,
                                device=device, seed=seed, noise_seed=noise_seed, anchor=anchor,
-                               precision=cfg.model.precision, before_step=before_step)
+                               precision=cfg.model.precision, before_step=before_step,
+                               before_release=before_release)
     local = adapters.get_adapter_state(model)
     delta = {k: local[k] - start[k].to(local[k].dtype) for k in ranks.sent_keys(cfg, local)}
+    if canaries is not None:
+        canaries.score(delta)
     if site in attackers(cfg):  # fault injection: a poisoned site (simulations only)
         delta = attacked(cfg, site, server_round, delta)
     local_acc = float("nan")
@@ -308,10 +320,15 @@ def site_round(
             raise InjectedFault(f"site {site}: injected crash in round {server_round} after 1 DP step")
         vault.save_privacy(start_state.with_steps(k, server_round).to_json())
 
+    canaries = None
+    if cfg.privacy.audit_canaries and not deployed:
+        canaries = vault.load_canaries() or TrainingCanaries.create(
+            {k: tuple(v.shape) for k, v in global_state.items()}, cfg.privacy.audit_canaries,
+            round_seed(cfg.train.seed, site, 0) if cfg.privacy.noise == "seeded" else secrets.randbits(63))
     try:
         delta, metrics, new_json = site_train(cfg, site=site, num_sites=num_sites, server_round=server_round,
                                               global_state=global_state, privacy_json=prev, data_path=data_path,
-                                              rank=rank, before_step=before_step)
+                                              rank=rank, before_step=before_step, canaries=canaries)
         if crash:  # a one-step round: crash after it, before the reply leaves
             raise InjectedFault(f"site {site}: injected crash in round {server_round} after its DP steps")
     except BudgetExceeded as e:
@@ -326,6 +343,8 @@ def site_round(
     vault.record_release(server_round=server_round, before=PrivacyState.from_json(prev) if prev else None,
                          after=after, delta=delta, noise=cfg.privacy.noise, deployed=deployed)
     vault.save_release(server_round=server_round, global_sha256=gsha, delta=delta, metrics=metrics)
+    if canaries is not None:
+        vault.save_canaries(canaries)
     return RoundReply("trained", delta, metrics, "", vault.ledger_bytes(), vault.public_key())
 
 

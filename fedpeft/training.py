@@ -133,11 +133,14 @@ def train_local(
     anchor: Mapping[str, torch.Tensor] | None = None,
     precision: str = "float32",
     before_step: Callable[[int], None] | None = None,
+    before_release: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train the adapter in place for ``train.local_epochs``.
 
     ``before_step(k)`` runs before the k-th private step draws its noise (write-ahead accounting:
     a crash after it still leaves the step counted); it may raise to abort the round.
+    ``before_release()`` runs when a batch's per-sample gradients are in ``p.grad_sample``, just
+    before the step that clips them and adds the noise (audit canaries join the batch there).
 
     With ``privacy.enabled`` a ``privacy_state`` is required (see ``plan_privacy``); the returned
     state carries the extended accountant history. ``anchor`` (parameter name -> global value)
@@ -213,6 +216,8 @@ def train_local(
                         optimizer.zero_grad(set_to_none=True)
                         for p in params:  # an empty per-sample gradient; Opacus adds the noise and counts the step
                             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                        if before_release is not None:
+                            before_release()
                         optimizer.step()
                         steps += 1
                         continue
@@ -237,6 +242,8 @@ def train_local(
                             optimizer.signal_skip_step(do_skip=True)
                             optimizer.step()
                             optimizer.zero_grad(set_to_none=True)
+                    if before_release is not None and engine is not None:
+                        before_release()
                     optimizer.step()
                     if anchor is not None and train.proximal_mu > 0:
                         _proximal_step(named, anchor, lr=train.lr, mu=train.proximal_mu)

@@ -70,3 +70,45 @@ def test_canary_bound_catches_a_broken_run_claiming_epsilon_1(broken):
     audit = run_gradient_canaries(sigma=0.0 if broken == "no-noise" else sigma, sample_rate=0.34, steps=15,
                                   seed=1, clip=broken != "no-clipping")
     assert max(audit.epsilon_lower_bound, audit.epsilon_lower_bound_fdp) >= 3.0
+
+
+def _canary_run(*, broken: bool, eps: float):
+    """Three rounds of one site's real DP training (1-layer MiniLM) with 1,000 canaries inside."""
+    from unittest import mock
+
+    from opacus.optimizers import DPOptimizer
+
+    from fedpeft.config import from_run_config
+    from fedpeft.privacy.audit.canaries import TrainingCanaries
+    from fedpeft.site import initial_adapter_state, site_train
+
+    cfg = from_run_config({"model": "minilm", "model-layers": 1, "lora-layers": "0", "notes-per-site": 300,
+                           "num-server-rounds": 3, "local-epochs": 2, "batch-size": 64, "dp-noise": "seeded",
+                           "optimizer": "sgd", "target-epsilon": eps, "num-sites": 3})
+    glob = initial_adapter_state(cfg)
+    canaries = TrainingCanaries.create({k: tuple(v.shape) for k, v in glob.items()}, 1000, 7)
+
+    def no_noise(self):  # the deliberate bug: clipped gradients released without noise
+        for p in self.params:
+            p.grad = p.summed_grad.view_as(p)
+
+    patch = mock.patch.object(DPOptimizer, "add_noise", no_noise) if broken else mock.patch.dict({})
+    pj = None
+    with patch:
+        for rnd in (1, 2, 3):
+            d, metrics, pj = site_train(cfg, site=0, num_sites=3, server_round=rnd, global_state=glob,
+                                        privacy_json=pj, canaries=canaries)
+            glob = {k: glob[k] + d[k] for k in glob}
+    return metrics["epsilon"], max(canaries.lower_bounds(1e-5))
+
+
+@pytest.mark.slow
+def test_in_training_canaries_honest_run_stays_below_its_claim():
+    claimed, lower = _canary_run(broken=False, eps=8.0)
+    assert 0 <= lower <= claimed
+
+
+@pytest.mark.slow
+def test_in_training_canaries_catch_a_run_without_noise_that_claims_epsilon_1():
+    claimed, lower = _canary_run(broken=True, eps=1.0)
+    assert claimed <= 1.0 and lower >= 3.0

@@ -211,7 +211,8 @@ def test_thirty_percent_of_sites_crashing_every_round_is_survived_and_accounted(
     from fedpeft.privacy.audit.checks import audit_run
 
     # Execute: smoke with fault injection, 3 rounds
-    flat = simulation_config("smoke", ["dp-noise='seeded' fault-crash=0.3 num-server-rounds=3"], str(tmp_path))
+    flat = simulation_config("smoke", ["dp-noise='seeded' fault-crash=0.3 num-server-rounds=3 audit-canaries=500"],
+                             str(tmp_path))
     metrics = simulate(flat)
     # Assert: the run completes; crashes are recorded per round; a round is never merged from too few
     failures = [f for r in metrics["rounds"][1:] for f in r["failures"]]
@@ -221,7 +222,10 @@ def test_thirty_percent_of_sites_crashing_every_round_is_survived_and_accounted(
     # every site's epsilon is exactly that of the steps it took (crashed rounds included): the
     # signed ledger (server copy) and the site's own state agree, and the audit recomputes it
     res = audit_run(tmp_path)
+    from fedpeft.privacy.audit.checks import empirical_audit
+    empirical_audit(res)  # the canaries that ran inside the sites' training, through Flower
     assert res.ok, res.failures
+    assert res.empirical["kinds"] == ["in-training"]
     for s in range(3):
         state = PrivacyState.from_json((tmp_path / "sites" / f"site-{s}" / f"privacy-site{s}.json").read_text())
         assert res.sites[s].steps == state.steps_taken

@@ -83,6 +83,18 @@ class SiteVault:
             return None
         return load_file(str(folder / "delta.safetensors")), dict(meta["metrics"])
 
+    def load_canaries(self):
+        """The site's audit canaries (labels are secret to the site), or None."""
+        from fedpeft.privacy.audit.canaries import TrainingCanaries
+
+        path = self.folder / "canaries.json"
+        return TrainingCanaries.from_json(path.read_text()) if path.exists() else None
+
+    def save_canaries(self, canaries) -> None:
+        from fedpeft.io import atomic_write_bytes
+
+        atomic_write_bytes(self.folder / "canaries.json", canaries.to_json().encode())
+
     def record_release(self, *, server_round: int, before: PrivacyState | None, after: PrivacyState,
                        delta: Mapping[str, torch.Tensor], noise: str, deployed: bool) -> bytes:
         """One ``dp-sgd`` entry for the steps this round took (the history's new tail)."""

@@ -14,7 +14,9 @@ generator, the number of steps — with a canary that is worst case for it (Stei
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -61,3 +63,87 @@ def run_gradient_canaries(*, sigma: float, sample_rate: float, steps: int, max_g
     return CanaryAudit(canaries=canaries, steps=steps, sigma=sigma, sample_rate=sample_rate, delta=delta,
                        epsilon_lower_bound=epsilon_one_run(ins, outs, significance=0.05, delta=delta),
                        epsilon_lower_bound_fdp=epsilon_one_run_fdp(ins, outs, significance=0.05, delta=delta))
+
+
+@dataclass
+class TrainingCanaries:
+    """Gradient canaries inside a site's real DP training (``audit-canaries``, simulations).
+
+    Each canary is one coordinate of a LoRA tensor; IN canaries (a secret coin flip each) join
+    every batch as records do — Poisson-sampled at the site's rate q — with a per-sample gradient
+    of norm C along their coordinate, so Opacus clips and noises them with the real data. After
+    each round the canary's score grows by how far the released delta moved its coordinate
+    against the canary gradient. Labels and scores stay in the site's folder.
+    """
+
+    keys: list[str]  # adapter-state key of each canary's tensor
+    index: list[int]  # flat index in that tensor
+    included: list[bool]
+    scores: list[float]
+    seed: int
+
+    @classmethod
+    def create(cls, state_shapes: dict[str, tuple[int, ...]], count: int, seed: int) -> "TrainingCanaries":
+        """``count`` distinct coordinates of the LoRA tensors, chosen and labelled from ``seed``."""
+        g = torch.Generator().manual_seed(seed)
+        keys = sorted(k for k in state_shapes if ".lora_" in k)
+        sizes = torch.tensor([int(torch.tensor(state_shapes[k]).prod()) for k in keys])
+        total = int(sizes.sum())
+        if count > total:
+            raise ValueError(f"audit-canaries={count}: more than the {total} LoRA coordinates")
+        flat = torch.randperm(total, generator=g)[:count]
+        offsets = torch.cumsum(sizes, 0) - sizes
+        which = torch.searchsorted(torch.cumsum(sizes, 0), flat, right=True)
+        return cls(keys=[keys[i] for i in which.tolist()], index=(flat - offsets[which]).tolist(),
+                   included=(torch.rand(count, generator=g) < 0.5).tolist(), scores=[0.0] * count, seed=seed)
+
+    def hook(self, named: dict[str, torch.nn.Parameter], sample_rate: float, clip: float,
+             generator: torch.Generator) -> Callable[[], None]:
+        """``before_release`` for ``training.train_local``: append this step's sampled IN canaries'
+        per-sample gradients (norm ``clip``, one coordinate each) to every parameter's grad_sample."""
+        params = {k: named[_param_name(k, named)] for k in set(self.keys)}
+        ins = [i for i, inc in enumerate(self.included) if inc]
+
+        def inject() -> None:
+            picked = [i for i in ins if float(torch.rand(1, generator=generator)) < sample_rate]
+            if not picked:
+                return
+            rows = {id(p): torch.zeros((len(picked), *p.shape), dtype=p.dtype, device=p.device)
+                    for p in named.values() if p.requires_grad}
+            for r, i in enumerate(picked):
+                p = params[self.keys[i]]
+                rows[id(p)][r].view(-1)[self.index[i]] = clip
+            for p in named.values():
+                if p.requires_grad and getattr(p, "grad_sample", None) is not None:
+                    p.grad_sample = torch.cat([p.grad_sample, rows[id(p)]], dim=0)
+
+        return inject
+
+    def score(self, delta: dict[str, torch.Tensor]) -> None:
+        """The round's release moved each canary's coordinate by delta; a canary gradient pushes it down."""
+        for i, (k, j) in enumerate(zip(self.keys, self.index)):
+            if k in delta:
+                self.scores[i] += -float(delta[k].reshape(-1)[j])
+
+    def lower_bounds(self, delta: float) -> tuple[float, float]:
+        ins = [s for s, inc in zip(self.scores, self.included) if inc]
+        outs = [s for s, inc in zip(self.scores, self.included) if not inc]
+        return (epsilon_one_run(ins, outs, significance=0.05, delta=delta),
+                epsilon_one_run_fdp(ins, outs, significance=0.05, delta=delta))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainingCanaries":
+        return cls(**json.loads(text))
+
+
+def _param_name(state_key: str, named: dict[str, torch.nn.Parameter]) -> str:
+    """peft's parameter name for an adapter-state key (the adapter name sits before ``.weight``)."""
+    cand = state_key.replace(".weight", ".default.weight")
+    if cand in named:
+        return cand
+    if state_key in named:
+        return state_key
+    raise KeyError(f"{state_key}: no such adapter parameter")

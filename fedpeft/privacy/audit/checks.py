@@ -251,13 +251,28 @@ def privacy_statement(res: AuditResult) -> str:
 
 
 def empirical_audit(res: AuditResult, *, canaries: int = 2000, seed: int | None = None) -> None:
-    """Per site: gradient canaries through Opacus' DP step with the ledger's own (sigma, q, steps,
-    C); a lower bound above the claimed epsilon falsifies the claim (a failure naming the site)."""
-    from fedpeft.privacy.audit.canaries import run_gradient_canaries
+    """Per site: the gradient canaries that ran inside its training (``audit-canaries``; their
+    secret labels and scores in ``DIR/sites/site-<id>/canaries.json``) when there are any, else
+    canaries through Opacus' DP step with the ledger's own (sigma, q, steps, C); a lower bound
+    above the claimed epsilon falsifies the claim (a failure naming the site)."""
+    from fedpeft.privacy.audit.canaries import TrainingCanaries, run_gradient_canaries
 
     sites: dict[str, dict[str, float]] = {}
+    kinds: set[str] = set()
     for s, a in sorted(res.sites.items()):
         if not a.history:
+            continue
+        inside = Path(res.run_dir) / "sites" / f"site-{s}" / "canaries.json"
+        if inside.exists():
+            tc = TrainingCanaries.from_json(inside.read_text())
+            steinke, fdp = tc.lower_bounds(a.delta)
+            lb = max(steinke, fdp)
+            kinds.add("in-training")
+            sites[str(s)] = {"epsilon_lower_bound": lb, "steinke": steinke, "fdp": fdp, "claimed": a.epsilon_rdp,
+                             "canaries": len(tc.scores), "kind": "in-training"}
+            if lb > a.epsilon_rdp * (1 + res.tolerance):
+                res.failures.append(f"site {s}: empirical lower bound epsilon >= {lb:.3f} (95 % confidence) "
+                                    f"exceeds the claimed {a.epsilon_rdp:.3f}: the DP claim is false")
             continue
         sigmas = {h[0] for h in a.history}
         rates = {h[1] for h in a.history}
@@ -267,16 +282,21 @@ def empirical_audit(res: AuditResult, *, canaries: int = 2000, seed: int | None 
         audit = run_gradient_canaries(sigma=sigma, sample_rate=q, steps=a.steps, max_grad_norm=a.max_grad_norm,
                                       canaries=canaries, delta=a.delta, seed=seed)
         lb = max(audit.epsilon_lower_bound, audit.epsilon_lower_bound_fdp)
+        kinds.add("mechanism")
         sites[str(s)] = {"epsilon_lower_bound": lb, "steinke": audit.epsilon_lower_bound,
-                         "fdp": audit.epsilon_lower_bound_fdp, "claimed": a.epsilon_rdp, "canaries": canaries}
+                         "fdp": audit.epsilon_lower_bound_fdp, "claimed": a.epsilon_rdp, "canaries": canaries,
+                         "kind": "mechanism"}
         if lb > a.epsilon_rdp * (1 + res.tolerance):
             res.failures.append(f"site {s}: empirical lower bound epsilon >= {lb:.3f} (95 % confidence) exceeds "
                                 f"the claimed {a.epsilon_rdp:.3f}: the DP claim is false")
     res.empirical = {
-        "method": "white-box gradient canaries through Opacus' DPOptimizer with each site's ledger parameters; "
-                  "one-run bounds of Steinke, Nasr & Jagielski (2023) and Mahloujifar, Melis & Chaudhuri "
-                  "(2025) at 95 % confidence; the larger is reported",
+        "method": ("white-box gradient canaries — 'in-training': inserted into the site's real DP-SGD batches "
+                   "and scored on its released deltas; 'mechanism': through Opacus' DPOptimizer with the "
+                   "site's ledger parameters — with the one-run bounds of Steinke, Nasr & Jagielski (2023) "
+                   "and Mahloujifar, Melis & Chaudhuri (2025) at 95 % confidence; the larger is reported"),
+        "kinds": sorted(kinds),
         "sites": sites,
-        "summary": "; ".join(f"site {k}: lower bound {v['epsilon_lower_bound']:.3f} vs claimed {v['claimed']:.3f}"
+        "summary": "; ".join(f"site {k}: lower bound {v['epsilon_lower_bound']:.3f} vs claimed {v['claimed']:.3f} "
+                             f"({v['kind']}, {v['canaries']} canaries)"
                              for k, v in sites.items()) or "no DP releases to audit",
     }
