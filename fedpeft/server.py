@@ -140,6 +140,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         log.info("resuming after round %d of %d from %s", done, cfg.federation.num_rounds, out)
     progress = _progress()
     task = progress.add_task("", total=cfg.federation.num_rounds, completed=done)
+    last_energy: dict[str, Any] = {}
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
         model = scorer(from_arrays(arrays))
@@ -147,7 +148,11 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         rnd += done
         if rnd == done and done > 0:  # the resumed-from round is already recorded and committed
             return MetricRecord({"accuracy": ev.accuracy, "loss": ev.loss, "macro-f1": ev.macro_f1})
-        adapters.save_adapter(model, out / "checkpoints" / f"round-{rnd:03d}", metadata={**meta, "round": rnd})
+        rlog = strategy.rounds.get(rnd)
+        energy = {"dropped-energy": rlog.dropped_by_module} if rlog is not None and rlog.dropped_by_module else {}
+        last_energy.update(energy)  # the global adapter records what truncation dropped, per module
+        adapters.save_adapter(model, out / "checkpoints" / f"round-{rnd:03d}",
+                              metadata={**meta, "round": rnd, **energy})
         rec.record(rnd, ev, strategy.rounds.get(rnd))
         checkpoint.save_server_state(out, rnd, strategy)  # the commit point of the round
         log.info("round %d: global accuracy %.4f loss %.4f", rnd, ev.accuracy, ev.loss)
@@ -164,7 +169,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
 
     # Export: final adapter in PEFT format, plots
     final = from_arrays(result.arrays) if len(result.arrays) else init  # every round skipped: keep round 0
-    adapters.save_adapter(scorer(final), out / "adapter", metadata=meta)
+    adapters.save_adapter(scorer(final), out / "adapter", metadata={**meta, **last_energy})
     try:
         write_plots(out, rec.data, cfg)
     except Exception as e:  # a plot must never lose the run's results

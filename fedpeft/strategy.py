@@ -46,6 +46,7 @@ class RoundLog:
     client_epsilon: float | None = None  # client-level epsilon after this round (client-dp)
     ranks: dict[int, int] = field(default_factory=dict)  # site -> LoRA rank it trained (rank rules)
     dropped_energy: float | None = None  # svd: largest share of a module's update cut by truncation
+    dropped_by_module: dict[str, float] = field(default_factory=dict)  # svd: that share, per LoRA module
     bytes_down: int = 0
     skipped: bool = False
 
@@ -200,6 +201,7 @@ class DeltaMerge(FedAvg):
             rlog.ranks[r.site] = rank
         new_global, dropped = ranks.merge_states(cfg, glob, locals_)
         rlog.dropped_energy = max(dropped.values(), default=0.0)
+        rlog.dropped_by_module = dropped
         return new_global
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

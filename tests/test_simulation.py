@@ -172,6 +172,8 @@ def test_mixed_ranks_run_through_flower_and_export(tmp_path):
     base = models.load_base_model(cfg.model, num_labels=len(cfg.data.label_list), labels=cfg.data.label_list)
     model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
     assert model.peft_config["default"].r == 8
+    energy = json.loads((tmp_path / "adapter" / "fedpeft.json").read_text())["dropped-energy"]
+    assert len(energy) == 3 and all(0 <= v < 0.5 for v in energy.values())  # q, k, v of the one layer
 
 
 def test_sigkill_then_resume_gives_bitwise_the_uninterrupted_adapter(tmp_path, smoke_run):
