@@ -14,6 +14,7 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import MetricRecord, RecordDict
@@ -51,6 +52,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="attacks")
     ap.add_argument("--rules", default=",".join(RULES))
+    ap.add_argument("--attacks", default="sign-flip", help="comma-separated: sign-flip, scale, random "
+                    "(the last line reports sign-flip, or the first given)")
+    ap.add_argument("--out", default="runs/bench-attacks")
     ap.add_argument("--run-config", action="append", default=None)
     args = ap.parse_args()
     quiet_libraries()
@@ -61,28 +65,58 @@ def main() -> None:
     clean = res[-1].accuracy
     round_s += [r.seconds for r in res[1:]]
     print(json.dumps({"rule": "fedavg, no attackers", "accuracy": clean}), flush=True)
-    for rule in args.rules.split(","):
-        cfg = from_run_config({**base, "merge": rule})
-        _, res = run_federation(cfg)
-        round_s += [r.seconds for r in res[1:]]
-        table.append({"rule": rule, "accuracy": res[-1].accuracy, "per_round": [round(r.accuracy, 4) for r in res]})
-        print(json.dumps(table[-1]), flush=True)
-    cfg = from_run_config({**base, "merge": "fedavg"})
+    attacks = args.attacks.split(",")
+    for attack in attacks:
+        for rule in args.rules.split(","):
+            cfg = from_run_config({**base, "merge": rule, "attack": attack})
+            _, res = run_federation(cfg)
+            round_s += [r.seconds for r in res[1:]]
+            table.append({"attack": attack, "rule": rule, "accuracy": res[-1].accuracy,
+                          "per_round": [round(r.accuracy, 4) for r in res]})
+            print(json.dumps(table[-1]), flush=True)
+    _plot(table, clean, Path(args.out) / "attacks.png")
+    head = "sign-flip" if "sign-flip" in attacks else attacks[0]
+    cfg = from_run_config({**base, "merge": "fedavg", "attack": head})
     val = validation_seconds(cfg, glob, cfg.federation.num_rounds)
     overhead = val / statistics.mean(round_s)
-    acc = {r["rule"]: r["accuracy"] for r in table}
+    acc = {r["rule"]: r["accuracy"] for r in table if r["attack"] == head}
     robust = {k: v for k, v in acc.items() if k != "fedavg"}
     print(f"\nattack={cfg.federation.attack} fraction={cfg.federation.attack_fraction} "
           f"scale={cfg.federation.attack_scale} attackers={sorted(site.attackers(cfg))} "
           f"cpu={platform.processor() or platform.machine()}")
-    print("| merge | final accuracy |\n|---|---|")
-    print(f"| fedavg, no attackers (reference) | {clean:.4f} |")
+    print("| attack | merge | final accuracy |\n|---|---|---|")
+    print(f"| none | fedavg (reference) | {clean:.4f} |")
     for r in table:
-        print(f"| {r['rule']} | {r['accuracy']:.4f} |")
+        print(f"| {r['attack']} | {r['rule']} | {r['accuracy']:.4f} |")
+    print(f"plot: {Path(args.out) / 'attacks.png'}")
     print(f"validation: {1000 * val:.1f} ms for {cfg.federation.num_sites} replies vs a mean round of "
           f"{statistics.mean(round_s):.1f} s")
     print(f"fedavg_acc={acc.get('fedavg', float('nan')):.4f} best_robust_acc={max(robust.values()):.4f} "
           f"validation_overhead={overhead:.5f}")
+
+
+def _plot(table: list[dict], clean: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = list(dict.fromkeys(r["attack"] for r in table))
+    rules = list(dict.fromkeys(r["rule"] for r in table))
+    acc = {(r["attack"], r["rule"]): r["accuracy"] for r in table}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(rules)
+    for j, rule in enumerate(rules):
+        ax.bar([i + j * width for i in range(len(attacks))], [acc[(a, rule)] for a in attacks], width, label=rule)
+    ax.axhline(clean, ls="--", color="gray", label="no attackers (fedavg)")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(attacks))], attacks)
+    ax.set_ylabel("final global accuracy")
+    ax.set_title("poisoned sites (20 %) vs merge rules")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
