@@ -338,8 +338,8 @@ def site_round(
         return RoundReply("declined", None, {"site": float(site), "epsilon": state.epsilon()}, str(e),
                           vault.ledger_bytes(), vault.public_key())
     assert new_json is not None
-    after = PrivacyState.from_json(new_json)
-    vault.save_privacy(new_json)  # the steps are spent: state first, then the signed record of them
+    after = dataclasses.replace(PrivacyState.from_json(new_json), round=server_round)
+    vault.save_privacy(after.to_json())  # the steps are spent: state first, then the signed record of them
     vault.record_release(server_round=server_round, before=PrivacyState.from_json(prev) if prev else None,
                          after=after, delta=delta, noise=cfg.privacy.noise, deployed=deployed)
     vault.save_release(server_round=server_round, global_sha256=gsha, delta=delta, metrics=metrics)

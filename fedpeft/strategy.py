@@ -25,9 +25,11 @@ from fedpeft.adapters import state_bytes
 from fedpeft.aggregation import create_merge
 from fedpeft.aggregation.hetero import rank_merges
 from fedpeft.config import RunConfig
-from fedpeft.federation import METRICS, ReplyError, ReplyLimits, from_arrays, to_arrays, validate_train_reply
+from fedpeft.federation import (
+    METRICS, STATUS, ReplyError, ReplyLimits, from_arrays, to_arrays, validate_train_reply,
+)
 from fedpeft.privacy.client_dp import ClientBudgetExhausted, ClientLevelDP
-from fedpeft.privacy.ledger import ServerCopies, delta_hash
+from fedpeft.privacy.ledger import LedgerError, ServerCopies, delta_hash
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +165,6 @@ class DeltaMerge(FedAvg):
 
     def _sync_ledger(self, msg: Message, metrics: dict, rlog: RoundLog, server_round: int) -> None:
         """An evaluate reply may carry a ledger with recovery entries (steps a crashed round spent)."""
-        from fedpeft.federation import STATUS
-        from fedpeft.privacy.ledger import LedgerError
-
         rec = msg.content.config_records.get(STATUS) if self.ledgers is not None else None
         if rec is None or "ledger" not in rec or "site" not in metrics:
             return
