@@ -308,11 +308,15 @@ def site_round(
     if replay is not None:  # a retried round (a server resumed after a crash): resend, do not retrain
         log.info("site %d round %d: resending the release already made for this global adapter", site, server_round)
         return RoundReply("trained", replay[0], replay[1], "", vault.ledger_bytes(), vault.public_key())
+    seeded = cfg.privacy.noise == "seeded"
+    if seeded and vault.privacy_json() is not None:  # a cut-short seeded round will redo the same steps
+        vault.rollback_seeded_retry(server_round=server_round, global_sha256=gsha)
     vault.reconcile(noise=cfg.privacy.noise, deployed=deployed)  # steps an earlier crash spent without a ledger entry get one now
     prev = vault.privacy_json()
     crash = not deployed and crashes(cfg, site, server_round)
     work = site_work(cfg, site=site, num_sites=num_sites, data_path=data_path)
     start_state = privacy_plan(cfg, len(work.train), prev)
+    vault.begin_round(server_round=server_round, global_sha256=gsha, before=start_state.to_json(), seeded=seeded)
 
     def before_step(k: int) -> None:
         """Write-ahead: step k is on disk before its noise is drawn (a crash after counts it)."""
@@ -334,6 +338,7 @@ def site_round(
     except BudgetExceeded as e:
         state = start_state
         vault.record_decline(server_round=server_round, state=state, reason=str(e))
+        vault.end_round()
         log.info("site %d round %d: declined: %s", site, server_round, e)
         return RoundReply("declined", None, {"site": float(site), "epsilon": state.epsilon()}, str(e),
                           vault.ledger_bytes(), vault.public_key())
@@ -343,6 +348,7 @@ def site_round(
     vault.record_release(server_round=server_round, before=PrivacyState.from_json(prev) if prev else None,
                          after=after, delta=delta, noise=cfg.privacy.noise, deployed=deployed)
     vault.save_release(server_round=server_round, global_sha256=gsha, delta=delta, metrics=metrics)
+    vault.end_round()
     if canaries is not None:
         vault.save_canaries(canaries)
     return RoundReply("trained", delta, metrics, "", vault.ledger_bytes(), vault.public_key())

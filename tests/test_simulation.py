@@ -177,8 +177,9 @@ def test_mixed_ranks_run_through_flower_and_export(tmp_path):
 
 
 def test_sigkill_then_resume_gives_bitwise_the_uninterrupted_adapter(tmp_path, smoke_run):
-    """A real SIGKILL of the whole simulation (Ray included) after round 1 is committed, then
-    `fedpeft simulate --resume`: same final adapter, bit for bit, and no DP step lost or doubled."""
+    """A real SIGKILL of the whole simulation (Ray included) while a site is in the middle of round 2
+    (round 1 committed), then `fedpeft simulate --resume`: same final adapter, bit for bit, and no
+    DP step lost or doubled (the cut-short seeded steps are redone, not counted twice)."""
     out_ref, flat, _ = smoke_run
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "fedpeft.cli", "simulate", "--preset", "smoke", "--run-config",
@@ -186,9 +187,14 @@ def test_sigkill_then_resume_gives_bitwise_the_uninterrupted_adapter(tmp_path, s
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / "server-state.json"
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (state.exists() and json.loads(state.read_text())["round"] >= 1):
+    def mid_round_2() -> bool:
+        if not (state.exists() and json.loads(state.read_text())["round"] >= 1):
+            return False
+        return any(json.loads(p.read_text())["round"] == 2 for p in out.glob("sites/site-*/inflight.json"))
+
+    while time.monotonic() < deadline and not mid_round_2():
         assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.2)
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (out / "adapter").exists()  # it really was interrupted

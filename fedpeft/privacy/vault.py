@@ -83,6 +83,39 @@ class SiteVault:
             return None
         return load_file(str(folder / "delta.safetensors")), dict(meta["metrics"])
 
+    def begin_round(self, *, server_round: int, global_sha256: str, before: str, seeded: bool) -> None:
+        """Note the round in flight and the privacy state before it (write-ahead's starting point)."""
+        from fedpeft.io import atomic_write_json
+
+        atomic_write_json(self.folder / "inflight.json", {"round": server_round, "global_sha256": global_sha256,
+                                                          "before": before, "seeded": seeded})
+
+    def end_round(self) -> None:
+        (self.folder / "inflight.json").unlink(missing_ok=True)
+
+    def rollback_seeded_retry(self, *, server_round: int, global_sha256: str) -> bool:
+        """A retry of a round that was cut short, with seeded noise and the same global adapter, will
+        draw exactly the same noise for the same steps: those are not new steps, so the state goes
+        back to before the round (unless the ledger already signed them). Returns whether it did."""
+        path = self.folder / "inflight.json"
+        try:
+            inflight = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        if not (inflight.get("seeded") and inflight.get("round") == server_round
+                and inflight.get("global_sha256") == global_sha256):
+            return False
+        before = PrivacyState.from_json(inflight["before"])
+        signed = 0
+        for line in self.ledger.lines():
+            entry = json.loads(line)
+            if entry.get("kind") == "dp-sgd":
+                signed = int(entry.get("steps_total", signed))
+        if signed != before.steps_taken:
+            return False
+        self.save_privacy(inflight["before"])
+        return True
+
     def load_canaries(self):
         """The site's audit canaries (labels are secret to the site), or None."""
         from fedpeft.privacy.audit.canaries import TrainingCanaries
