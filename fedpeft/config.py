@@ -300,6 +300,10 @@ class FederationConfig:
     fault_crash: float = field(default=0.0, metadata=_help(
         "simulations only: fraction of sites that crash in each round after their first DP step (fault "
         "injection; chosen from the run seed, site and round)", "fault-crash"))
+    fault_late: float = field(default=0.0, metadata=_help(
+        "simulations only: fraction of sites that answer fault-late-seconds late in each round", "fault-late"))
+    fault_late_seconds: float = field(default=30.0, metadata=_help(
+        "simulations only: how late a late site answers", "fault-late-seconds"))
     attack: str = field(default="none", metadata=_help(
         "simulations only: what attacking sites send instead of their delta: 'none', 'sign-flip' "
         "(-attack-scale x delta), 'scale' (attack-scale x delta) or 'random' (Gaussian noise of "
@@ -329,6 +333,10 @@ class FederationConfig:
             raise _bad("attack", self.attack, "must be none, sign-flip, scale or random")
         if not 0.0 <= self.attack_fraction <= 1.0:
             raise _bad("attack-fraction", self.attack_fraction, "must be in [0, 1]")
+        if not 0.0 <= self.fault_late <= 1.0:
+            raise _bad("fault-late", self.fault_late, "must be in [0, 1]")
+        if self.fault_late_seconds < 0:
+            raise _bad("fault-late-seconds", self.fault_late_seconds, "must be >= 0")
         if not 0.0 <= self.fault_crash <= 1.0:
             raise _bad("fault-crash", self.fault_crash, "must be in [0, 1]")
         if self.round_timeout < 0:

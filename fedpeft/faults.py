@@ -37,6 +37,13 @@ def attacked(cfg: RunConfig, site: int, server_round: int, delta: dict[str, torc
     return {k: torch.randn(v.shape, generator=g) * (fed.attack_scale * norm / n**0.5) for k, v in delta.items()}
 
 
+def is_late(cfg: RunConfig, site: int, server_round: int) -> bool:
+    """Fault injection: does this site answer late in this round (seed, site, round)?"""
+    if cfg.federation.fault_late <= 0:
+        return False
+    return bool(np.random.default_rng([cfg.train.seed, site, server_round, 98]).random() < cfg.federation.fault_late)
+
+
 def crashes(cfg: RunConfig, site: int, server_round: int) -> bool:
     """Fault injection: does this site crash in this round (a pure function of seed, site, round)?"""
     if cfg.federation.fault_crash <= 0:

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import secrets
+import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -24,7 +25,7 @@ from fedpeft.config import AdapterConfig, ModelConfig, RunConfig
 from fedpeft.data.sites import SiteData, make_site
 from fedpeft.privacy.accountant import BudgetExceeded, PrivacyState
 from fedpeft.privacy.audit.canaries import TrainingCanaries
-from fedpeft.faults import InjectedFault, attacked, attackers, crashes
+from fedpeft.faults import InjectedFault, attacked, attackers, crashes, is_late
 from fedpeft.privacy.ledger import delta_hash
 from fedpeft.privacy.vault import SiteVault
 
@@ -179,8 +180,9 @@ def check_noise_source(cfg: RunConfig, *, deployed: bool) -> None:
     """A deployed site never uses DP noise the coordinator could reproduce from the run config, and
     never obeys the simulation-only fault and attack injection a run config could ask for."""
     if deployed and (cfg.federation.attack != "none" or cfg.federation.fault_crash > 0
-                     or cfg.privacy.audit_canaries > 0):
-        raise SiteError(f"attack={cfg.federation.attack!r} fault-crash={cfg.federation.fault_crash} audit-canaries="
+                     or cfg.federation.fault_late > 0 or cfg.privacy.audit_canaries > 0):
+        raise SiteError(f"attack={cfg.federation.attack!r} fault-crash={cfg.federation.fault_crash} "
+                        f"fault-late={cfg.federation.fault_late} audit-canaries="
                         f"{cfg.privacy.audit_canaries}: fault, attack and canary injection are for simulations; "
                         "refused on a deployed site")
     if deployed and cfg.privacy.enabled and cfg.privacy.noise == "seeded":
@@ -299,6 +301,8 @@ def site_round(
 
     The privacy state and the ledger live in ``vault`` (the site's own folder); without DP there is
     nothing to account and no ledger."""
+    if not deployed and is_late(cfg, site, server_round):  # fault injection: answer late
+        time.sleep(cfg.federation.fault_late_seconds)
     if not cfg.privacy.enabled or vault is None:
         delta, metrics, _ = site_train(cfg, site=site, num_sites=num_sites, server_round=server_round,
                                        global_state=global_state, privacy_json=None, data_path=data_path, rank=rank)

@@ -45,6 +45,7 @@ class RoundLog:
     declined: dict[int, str] = field(default_factory=dict)  # site -> why (its budget)
     merged: dict[int, str] = field(default_factory=dict)  # site -> SHA-256 of the delta merged
     sent: int = 0  # train requests sent this round
+    sent_nodes: list[int] = field(default_factory=list)
     client_epsilon: float | None = None  # client-level epsilon after this round (client-dp)
     ranks: dict[int, int] = field(default_factory=dict)  # site -> LoRA rank it trained (rank rules)
     dropped_energy: float | None = None  # svd: largest share of a module's update cut by truncation
@@ -85,6 +86,7 @@ class DeltaMerge(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._log(server_round).bytes_down = len(messages) * state_bytes(self._global)
         self._log(server_round).sent = len(messages)
+        self._log(server_round).sent_nodes = [m.metadata.dst_node_id for m in messages]
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -92,6 +94,7 @@ class DeltaMerge(FedAvg):
         """Validate each reply on its own, merge the valid deltas, return global + merged delta."""
         assert self._global is not None, "configure_train must run before aggregate_train"
         server_round += self.round_offset
+        replies = list(replies)
         rlog = self._log(server_round)
         valid = []
         seen: set[int] = set()
@@ -125,6 +128,10 @@ class DeltaMerge(FedAvg):
                 log.info("round %d: site %d declined: %s", server_round, reply.site, reply.reason)
                 continue
             valid.append(reply)
+        answered = {m for m in (getattr(getattr(r, "metadata", None), "src_node_id", None) for r in replies)}
+        for node in rlog.sent_nodes:  # asked, but nothing came back before the round's timeout
+            if node not in answered:
+                reject(node, None, "no reply within the round's timeout (round-timeout)")
         if len(valid) < self.min_valid_replies:
             log.warning("round %d: %d valid replies < min-train-sites=%d; global adapter unchanged",
                         server_round, len(valid), self.min_valid_replies)

@@ -238,3 +238,20 @@ def test_thirty_percent_of_sites_crashing_every_round_is_survived_and_accounted(
         state = PrivacyState.from_json((tmp_path / "sites" / f"site-{s}" / f"privacy-site{s}.json").read_text())
         assert res.sites[s].steps == state.steps_taken
         assert res.sites[s].claimed_epsilon == pytest.approx(state.epsilon(), rel=1e-9)
+
+
+def test_a_late_site_is_left_out_by_the_round_timeout_and_recorded(tmp_path):
+    # Prepare: one round; site 0 answers 45 s late (seed 2 picks it); the server waits 30 s (a
+    # punctual round, cold start included, takes ~10 s on 2 cores). One round only: a sleeping
+    # virtual site keeps its Ray worker busy, which would delay the next round's punctual sites too.
+    flat = simulation_config("smoke", ["dp-noise='seeded' seed=2 fault-late=0.2 fault-late-seconds=45 "
+                                       "round-timeout=30 num-server-rounds=1"], str(tmp_path))
+    cfg = from_run_config(flat)
+    from fedpeft.faults import is_late
+    assert [s for s in range(3) if is_late(cfg, s, 1)] == [0]
+    # Execute
+    metrics = simulate(flat)
+    # Assert: the round merged the two punctual sites and named the missing reply
+    r = metrics["rounds"][1]
+    assert [f["reason"] for f in r["failures"]] == ["no reply within the round's timeout (round-timeout)"]
+    assert sorted(r["merged"], key=int) == ["1", "2"] and not r["skipped"]
