@@ -65,6 +65,7 @@ class DeltaMerge(FedAvg):
         self.client_dp: ClientLevelDP | None = None  # client-level DP: clip + noise after validation
         self.rank_cfg: RunConfig | None = None  # a heterogeneous-rank rule: merge whole adapters by rank
         self.limits = ReplyLimits()
+        self._starts: dict[int, dict[str, torch.Tensor]] = {}  # rank rules: each rank's start this round
         self.round_offset = 0  # a resumed run: Flower counts rounds from 1 again; sites and logs must not
         self.update_bound = None  # DP runs: (num_examples) -> largest honest |update| in a coordinate
         self.set_merge("fedavg", min_valid_replies=1)
@@ -83,6 +84,7 @@ class DeltaMerge(FedAvg):
                         ) -> Iterable[Message]:
         server_round += self.round_offset
         self._global = from_arrays(arrays)
+        self._starts = {}
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._log(server_round).bytes_down = len(messages) * state_bytes(self._global)
         self._log(server_round).sent = len(messages)
@@ -189,10 +191,17 @@ class DeltaMerge(FedAvg):
             return None
 
         def expected(rank: int) -> dict[str, torch.Tensor]:
-            start = ranks.start_state(cfg, glob, ranks.site_rank(cfg, 0, rank))
+            start = self._start(ranks.site_rank(cfg, 0, rank))
             return {k: start[k] for k in ranks.sent_keys(cfg, start)}
 
         return expected
+
+    def _start(self, rank: int) -> dict[str, torch.Tensor]:
+        """A rank's starting adapter this round (what its sites trained from), computed once."""
+        if rank not in self._starts:
+            assert self.rank_cfg is not None and self._global is not None
+            self._starts[rank] = ranks.start_state(self.rank_cfg, self._global, rank)
+        return self._starts[rank]
 
     def _merge_ranks(self, valid: list, rlog: RoundLog) -> dict[str, torch.Tensor]:
         """Rebuild each site's local adapter (its start + its delta) and merge them by rank."""
@@ -201,7 +210,7 @@ class DeltaMerge(FedAvg):
         locals_ = []
         for r in valid:
             rank = int(r.metrics["lora-rank"])
-            start = ranks.start_state(cfg, glob, rank)
+            start = self._start(rank)
             locals_.append(({k: v + r.delta[k].to(v.dtype) if k in r.delta else v for k, v in start.items()},
                             rank, float(r.num_examples)))
             rlog.ranks[r.site] = rank
