@@ -51,7 +51,8 @@ def train(msg: Message, context: Context) -> Message:
     reply = site_round(cfg, site=site, num_sites=num, server_round=int(msg.content[CONFIG]["server-round"]),
                        global_state=from_arrays(msg.content[ARRAYS]),
                        vault=_vault(context, cfg, site, deployed) if cfg.privacy.enabled else None,
-                       data_path=path, deployed=deployed, rank=_node_rank(context))
+                       data_path=path, deployed=deployed, rank=_node_rank(context),
+                       attempt=int(msg.content[CONFIG].get("attempt", 0)))
     content = RecordDict({METRICS: metric_record(reply.metrics), STATUS: status_record(reply)})
     if reply.delta is not None:
         content[ARRAYS] = to_arrays(reply.delta)

@@ -297,6 +297,9 @@ class FederationConfig:
     round_timeout: float = field(default=0.0, metadata=_help(
         "seconds the server waits for a round's replies before merging what arrived (0 = no limit)",
         "round-timeout"))
+    round_retries: int = field(default=0, metadata=_help(
+        "when a round has fewer than min-train-sites good replies, ask the sites without one again this "
+        "many times before skipping the round (a site resends a release it already made)", "round-retries"))
     fault_crash: float = field(default=0.0, metadata=_help(
         "simulations only: fraction of sites that crash in each round after their first DP step (fault "
         "injection; chosen from the run seed, site and round)", "fault-crash"))
@@ -333,6 +336,8 @@ class FederationConfig:
             raise _bad("attack", self.attack, "must be none, sign-flip, scale or random")
         if not 0.0 <= self.attack_fraction <= 1.0:
             raise _bad("attack-fraction", self.attack_fraction, "must be in [0, 1]")
+        if self.round_retries < 0:
+            raise _bad("round-retries", self.round_retries, "must be >= 0")
         if not 0.0 <= self.fault_late <= 1.0:
             raise _bad("fault-late", self.fault_late, "must be in [0, 1]")
         if self.fault_late_seconds < 0:

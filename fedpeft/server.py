@@ -66,7 +66,7 @@ class RunRecorder:
                 "skipped": rlog.skipped,
                 "declined": {str(k): v for k, v in sorted(rlog.declined.items())},
                 "merged": {str(k): v for k, v in sorted(rlog.merged.items())},
-                "client_epsilon": rlog.client_epsilon,
+                "client_epsilon": rlog.client_epsilon, "retries": rlog.retries,
                 "ranks": {str(k): v for k, v in sorted(rlog.ranks.items())},
                 "dropped_energy": rlog.dropped_energy,
             })

@@ -296,6 +296,7 @@ class RoundReply:
 def site_round(
     cfg: RunConfig, *, site: int, num_sites: int, server_round: int, global_state: Mapping[str, torch.Tensor],
     vault: SiteVault | None, data_path: str | None = None, deployed: bool = False, rank: int | None = None,
+    attempt: int = 0,
 ) -> RoundReply:
     """One train request: check the budget, train, save the privacy state, sign the ledger entry.
 
@@ -317,7 +318,7 @@ def site_round(
         vault.rollback_seeded_retry(server_round=server_round, global_sha256=gsha)
     vault.reconcile(noise=cfg.privacy.noise, deployed=deployed)  # steps an earlier crash spent without a ledger entry get one now
     prev = vault.privacy_json()
-    crash = not deployed and crashes(cfg, site, server_round)
+    crash = not deployed and attempt == 0 and crashes(cfg, site, server_round)  # injected on first tries
     work = site_work(cfg, site=site, num_sites=num_sites, data_path=data_path)
     start_state = privacy_plan(cfg, len(work.train), prev)
     vault.begin_round(server_round=server_round, global_sha256=gsha, before=start_state.to_json(), seeded=seeded)

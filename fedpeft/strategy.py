@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi
 
@@ -26,7 +26,7 @@ from fedpeft.aggregation import create_merge
 from fedpeft.aggregation.hetero import rank_merges
 from fedpeft.config import RunConfig
 from fedpeft.federation import (
-    METRICS, STATUS, ReplyError, ReplyLimits, from_arrays, to_arrays, validate_train_reply,
+    CONFIG, METRICS, STATUS, ReplyError, ReplyLimits, from_arrays, to_arrays, validate_train_reply,
 )
 from fedpeft.privacy.client_dp import ClientBudgetExhausted, ClientLevelDP
 from fedpeft.privacy.ledger import LedgerError, ServerCopies, delta_hash
@@ -47,6 +47,7 @@ class RoundLog:
     sent: int = 0  # train requests sent this round
     sent_nodes: list[int] = field(default_factory=list)
     client_epsilon: float | None = None  # client-level epsilon after this round (client-dp)
+    retries: int = 0  # times the round asked missing sites again
     ranks: dict[int, int] = field(default_factory=dict)  # site -> LoRA rank it trained (rank rules)
     dropped_energy: float | None = None  # svd: largest share of a module's update cut by truncation
     dropped_by_module: dict[str, float] = field(default_factory=dict)  # svd: that share, per LoRA module
@@ -66,6 +67,10 @@ class DeltaMerge(FedAvg):
         self.rank_cfg: RunConfig | None = None  # a heterogeneous-rank rule: merge whole adapters by rank
         self.limits = ReplyLimits()
         self._starts: dict[int, dict[str, torch.Tensor]] = {}  # rank rules: each rank's start this round
+        self._grid: Grid | None = None
+        self._sent: dict[int, Message] = {}
+        self.round_retries = 0  # re-ask sites without a good reply this many times before skipping a round
+        self.retry_timeout: float | None = None
         self.round_offset = 0  # a resumed run: Flower counts rounds from 1 again; sites and logs must not
         self.update_bound = None  # DP runs: (num_examples) -> largest honest |update| in a coordinate
         self.set_merge("fedavg", min_valid_replies=1)
@@ -89,7 +94,16 @@ class DeltaMerge(FedAvg):
         self._log(server_round).bytes_down = len(messages) * state_bytes(self._global)
         self._log(server_round).sent = len(messages)
         self._log(server_round).sent_nodes = [m.metadata.dst_node_id for m in messages]
+        self._grid = grid
+        self._sent = {m.metadata.dst_node_id: m for m in messages}
         return messages
+
+    def _resend(self, node: int, attempt: int) -> Message:
+        """The round's train request again, marked with its attempt (the site knows it is a retry)."""
+        msg = self._sent[node]
+        content = RecordDict({k: v for k, v in msg.content.items()})
+        content[CONFIG] = ConfigRecord({**dict(msg.content[CONFIG]), "attempt": attempt})
+        return Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -108,32 +122,48 @@ class DeltaMerge(FedAvg):
             rlog.failures.append({"node": node, "site": site, "round": server_round, "reason": reason})
             log.warning("round %d: rejected reply from node %d: %s", server_round, node, reason)
 
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                reject(node, None, str(msg.error.reason))
-                continue
-            try:
-                reply = validate_train_reply(msg.content, expected=self._global, ledgers=self.ledgers,
-                                             server_round=server_round, expected_for=self._expected_for(),
-                                             limits=limits)
-            except ReplyError as e:
-                site = dict(msg.content.metric_records.get(METRICS, {})).get("site") if msg.content else None
-                reject(node, int(site) if isinstance(site, (int, float)) else None, str(e))
-                continue
-            if reply.site in seen:
-                reject(node, reply.site, f"site {reply.site}: a second reply in round {server_round}")
-                continue
-            seen.add(reply.site)
-            if reply.delta is None:
-                rlog.declined[reply.site] = reply.reason
-                log.info("round %d: site %d declined: %s", server_round, reply.site, reply.reason)
-                continue
-            valid.append(reply)
-        answered = {m for m in (getattr(getattr(r, "metadata", None), "src_node_id", None) for r in replies)}
-        for node in rlog.sent_nodes:  # asked, but nothing came back before the round's timeout
-            if node not in answered:
-                reject(node, None, "no reply within the round's timeout (round-timeout)")
+        def collect(batch: list, asked: list[int]) -> set[int]:
+            """Validate a batch of replies into ``valid``; return the nodes whose reply was good."""
+            good: set[int] = set()
+            for msg in batch:
+                node = msg.metadata.src_node_id
+                if msg.has_error():
+                    reject(node, None, str(msg.error.reason))
+                    continue
+                try:
+                    reply = validate_train_reply(msg.content, expected=self._global, ledgers=self.ledgers,
+                                                 server_round=server_round, expected_for=self._expected_for(),
+                                                 limits=limits)
+                except ReplyError as e:
+                    site = dict(msg.content.metric_records.get(METRICS, {})).get("site") if msg.content else None
+                    reject(node, int(site) if isinstance(site, (int, float)) else None, str(e))
+                    continue
+                if reply.site in seen:
+                    reject(node, reply.site, f"site {reply.site}: a second reply in round {server_round}")
+                    continue
+                seen.add(reply.site)
+                good.add(node)
+                if reply.delta is None:
+                    rlog.declined[reply.site] = reply.reason
+                    log.info("round %d: site %d declined: %s", server_round, reply.site, reply.reason)
+                    continue
+                valid.append(reply)
+            answered = {getattr(getattr(r, "metadata", None), "src_node_id", None) for r in batch}
+            for node in asked:  # asked, but nothing came back before the round's timeout
+                if node not in answered:
+                    reject(node, None, "no reply within the round's timeout (round-timeout)")
+            return good
+
+        done = collect(replies, rlog.sent_nodes)
+        for attempt in range(1, self.round_retries + 1):  # too few good replies: ask the others again
+            missing = [n for n in rlog.sent_nodes if n not in done]
+            if len(valid) >= self.min_valid_replies or not missing or self._grid is None:
+                break
+            log.warning("round %d: %d valid replies < min-train-sites=%d; asking %d sites again (attempt %d)",
+                        server_round, len(valid), self.min_valid_replies, len(missing), attempt + 1)
+            rlog.retries += 1
+            again = [self._resend(n, attempt) for n in missing if n in self._sent]
+            done |= collect(list(self._grid.send_and_receive(again, timeout=self.retry_timeout)), missing)
         if len(valid) < self.min_valid_replies:
             log.warning("round %d: %d valid replies < min-train-sites=%d; global adapter unchanged",
                         server_round, len(valid), self.min_valid_replies)
@@ -287,6 +317,8 @@ def make_strategy(cfg: RunConfig) -> DeltaMerge:
         strategy.ledgers = ServerCopies(Path(fed.out_dir) / "ledger")
     if cfg.rank_rule is not None:
         strategy.rank_cfg = cfg
+    strategy.round_retries = fed.round_retries
+    strategy.retry_timeout = fed.round_timeout or None
     strategy.limits = ReplyLimits(max_bytes=int(fed.max_reply_mib * 2**20), max_examples=fed.max_num_examples)
     if cfg.privacy.enabled and cfg.train.optimizer == "adamw":
         strategy.update_bound = functools.partial(adam_update_bound, cfg)

@@ -255,3 +255,21 @@ def test_a_late_site_is_left_out_by_the_round_timeout_and_recorded(tmp_path):
     r = metrics["rounds"][1]
     assert [f["reason"] for f in r["failures"]] == ["no reply within the round's timeout (round-timeout)"]
     assert sorted(r["merged"], key=int) == ["1", "2"] and not r["skipped"]
+
+
+def test_a_round_short_of_replies_asks_again_and_ends_as_if_nothing_failed(tmp_path, smoke_run):
+    """Sites 0 and 1 crash mid-round 1 (after a DP step); round 1 then has 1 good reply < 2, so the
+    server asks them again (round-retries=1). With seeded noise the retried steps are the same steps:
+    the final adapter and every site's privacy history equal the run that never failed."""
+    out_ref, _, _ = smoke_run
+    flat = simulation_config("smoke", ["dp-noise='seeded' fault-crash=0.5 round-retries=1"], str(tmp_path))
+    metrics = simulate(flat)
+    r1 = metrics["rounds"][1]
+    assert r1["retries"] == 1 and not r1["skipped"] and sorted(r1["merged"], key=int) == ["0", "1", "2"]
+    assert sum("injected crash" in f["reason"] for f in r1["failures"]) == 2
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (out_ref / "adapter" / "adapter_model.safetensors").read_bytes()
+    for s in range(3):
+        mine = json.loads((tmp_path / "sites" / f"site-{s}" / f"privacy-site{s}.json").read_text())["history"]
+        ref = json.loads((out_ref / "sites" / f"site-{s}" / f"privacy-site{s}.json").read_text())["history"]
+        assert mine == ref
