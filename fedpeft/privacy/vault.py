@@ -93,6 +93,15 @@ class SiteVault:
     def end_round(self) -> None:
         (self.folder / "inflight.json").unlink(missing_ok=True)
 
+    def signed_steps(self) -> int:
+        """DP steps the ledger has signed so far (its last ``dp-sgd`` entry's running total)."""
+        signed = 0
+        for line in self.ledger.lines():
+            entry = json.loads(line)
+            if entry.get("kind") == "dp-sgd":
+                signed = int(entry.get("steps_total", signed + int(entry.get("steps", 0))))
+        return signed
+
     def rollback_seeded_retry(self, *, server_round: int, global_sha256: str) -> bool:
         """A retry of a round that was cut short, with seeded noise and the same global adapter, will
         draw exactly the same noise for the same steps: those are not new steps, so the state goes
@@ -106,12 +115,7 @@ class SiteVault:
                 and inflight.get("global_sha256") == global_sha256):
             return False
         before = PrivacyState.from_json(inflight["before"])
-        signed = 0
-        for line in self.ledger.lines():
-            entry = json.loads(line)
-            if entry.get("kind") == "dp-sgd":
-                signed = int(entry.get("steps_total", signed))
-        if signed != before.steps_taken:
+        if self.signed_steps() != before.steps_taken:
             return False
         self.save_privacy(inflight["before"])
         return True
@@ -151,12 +155,7 @@ class SiteVault:
         if text is None:
             return None
         state = PrivacyState.from_json(text)
-        signed = 0
-        for line in self.ledger.lines():
-            entry = json.loads(line)
-            if entry.get("kind") == "dp-sgd":
-                signed = int(entry.get("steps_total", signed + int(entry.get("steps", 0))))
-        missing = state.steps_taken - signed
+        missing = state.steps_taken - self.signed_steps()
         if missing <= 0:
             return None
         return self.ledger.append("dp-sgd", {
