@@ -307,6 +307,11 @@ class FederationConfig:
         "simulations only: fraction of sites that answer fault-late-seconds late in each round", "fault-late"))
     fault_late_seconds: float = field(default=30.0, metadata=_help(
         "simulations only: how late a late site answers", "fault-late-seconds"))
+    fault_hang: float = field(default=0.0, metadata=_help(
+        "simulations only: fraction of sites that hang after their first DP step in each round, silent for "
+        "fault-hang-seconds and then gone without a reply (needs round-timeout)", "fault-hang"))
+    fault_hang_seconds: float = field(default=60.0, metadata=_help(
+        "simulations only: how long a hung site stays silent (longer than round-timeout)", "fault-hang-seconds"))
     attack: str = field(default="none", metadata=_help(
         "simulations only: what attacking sites send instead of their delta: 'none', 'sign-flip' "
         "(-attack-scale x delta), 'scale' (attack-scale x delta) or 'random' (Gaussian noise of "
@@ -346,6 +351,11 @@ class FederationConfig:
             raise _bad("fault-crash", self.fault_crash, "must be in [0, 1]")
         if self.round_timeout < 0:
             raise _bad("round-timeout", self.round_timeout, "must be >= 0 (0 = no limit)")
+        if not 0.0 <= self.fault_hang <= 1.0:
+            raise _bad("fault-hang", self.fault_hang, "must be in [0, 1]")
+        if self.fault_hang > 0 and not 0 < self.round_timeout < self.fault_hang_seconds:
+            raise _bad("fault-hang-seconds", self.fault_hang_seconds, f"a hang must outlast round-timeout "
+                       f"(round-timeout={self.round_timeout}; 0 would wait for the hung site forever)")
         if not self.max_reply_mib > 0:
             raise _bad("max-reply-mib", self.max_reply_mib, "must be > 0")
         if self.max_num_examples < 1:

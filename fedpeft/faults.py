@@ -12,7 +12,7 @@ from fedpeft.config import RunConfig
 
 
 class InjectedFault(RuntimeError):
-    """A crash injected on purpose (``fault-crash``, simulations only)."""
+    """A crash or hang injected on purpose (``fault-crash``, ``fault-hang``; simulations only)."""
 
 
 def attackers(cfg: RunConfig) -> set[int]:
@@ -42,6 +42,13 @@ def is_late(cfg: RunConfig, site: int, server_round: int) -> bool:
     if cfg.federation.fault_late <= 0:
         return False
     return bool(np.random.default_rng([cfg.train.seed, site, server_round, 98]).random() < cfg.federation.fault_late)
+
+
+def hangs(cfg: RunConfig, site: int, server_round: int) -> bool:
+    """Fault injection: does this site hang in this round (seed, site, round)?"""
+    if cfg.federation.fault_hang <= 0:
+        return False
+    return bool(np.random.default_rng([cfg.train.seed, site, server_round, 97]).random() < cfg.federation.fault_hang)
 
 
 def crashes(cfg: RunConfig, site: int, server_round: int) -> bool:

@@ -77,12 +77,12 @@ def _status(content: RecordDict) -> tuple[str, str, bytes | None, str | None]:
 @dataclass
 class ReplyLimits:
     """What no honest reply exceeds: payload size, example count, and (DP runs) how far a site's
-    optimiser can move any coordinate in one round (``max_update(num_examples)``)."""
+    optimiser can move any coordinate in one round (``max_update(reply)``, see ``update_bounds``)."""
 
     max_bytes: int = 64 * 2**20
     max_examples: int = 10_000_000
     server_round: int | None = None  # replies must echo the round they answer
-    max_update: Callable[[int], float] | None = None
+    max_update: Callable[[TrainReply], float] | None = None
 
 
 def _payload_bytes(record: ArrayRecord) -> int:
@@ -112,7 +112,7 @@ def validate_train_reply(content: RecordDict, *, expected: Mapping[str, torch.Te
         raise ReplyError(f"{NUM_EXAMPLES}={n!r}: absurdly large (limit {limits.max_examples})")
     reply = _validate_content(content, expected=expected, expected_for=expected_for)
     if reply.delta is not None and limits.max_update is not None:
-        bound = limits.max_update(reply.num_examples)
+        bound = limits.max_update(reply)
         worst = max(float(t.abs().max()) for t in reply.delta.values() if t.numel())
         if worst > bound:
             raise ReplyError(f"{ARRAYS}: an update of {worst:.4g} in one coordinate is beyond what the optimiser "

@@ -25,7 +25,7 @@ from fedpeft.config import AdapterConfig, ModelConfig, RunConfig
 from fedpeft.data.sites import SiteData, make_site
 from fedpeft.privacy.accountant import BudgetExceeded, PrivacyState
 from fedpeft.privacy.audit.canaries import TrainingCanaries
-from fedpeft.faults import InjectedFault, attacked, attackers, crashes, is_late
+from fedpeft.faults import InjectedFault, attacked, attackers, crashes, hangs, is_late
 from fedpeft.privacy.ledger import delta_hash
 from fedpeft.privacy.vault import SiteVault
 
@@ -179,10 +179,11 @@ def site_work(cfg: RunConfig, *, site: int, num_sites: int, data_path: str | Non
 def check_noise_source(cfg: RunConfig, *, deployed: bool) -> None:
     """A deployed site never uses DP noise the coordinator could reproduce from the run config, and
     never obeys the simulation-only fault and attack injection a run config could ask for."""
-    if deployed and (cfg.federation.attack != "none" or cfg.federation.fault_crash > 0
-                     or cfg.federation.fault_late > 0 or cfg.privacy.audit_canaries > 0):
-        raise SiteError(f"attack={cfg.federation.attack!r} fault-crash={cfg.federation.fault_crash} "
-                        f"fault-late={cfg.federation.fault_late} audit-canaries="
+    fed = cfg.federation
+    if deployed and (fed.attack != "none" or fed.fault_crash > 0 or fed.fault_hang > 0
+                     or fed.fault_late > 0 or cfg.privacy.audit_canaries > 0):
+        raise SiteError(f"attack={fed.attack!r} fault-crash={fed.fault_crash} fault-hang={fed.fault_hang} "
+                        f"fault-late={fed.fault_late} audit-canaries="
                         f"{cfg.privacy.audit_canaries}: fault, attack and canary injection are for simulations; "
                         "refused on a deployed site")
     if deployed and cfg.privacy.enabled and cfg.privacy.noise == "seeded":
@@ -319,14 +320,23 @@ def site_round(
     vault.reconcile(noise=cfg.privacy.noise, deployed=deployed)  # steps an earlier crash spent without a ledger entry get one now
     prev = vault.privacy_json()
     crash = not deployed and attempt == 0 and crashes(cfg, site, server_round)  # injected on first tries
+    hang = not crash and not deployed and attempt == 0 and hangs(cfg, site, server_round)
+
+    def fault(when: str) -> None:
+        if hang:  # silent past the server's round-timeout, then gone (a watchdog killed it)
+            time.sleep(cfg.federation.fault_hang_seconds)
+            raise InjectedFault(f"site {site}: injected hang in round {server_round} {when}, "
+                                f"silent for {cfg.federation.fault_hang_seconds:g} s")
+        raise InjectedFault(f"site {site}: injected crash in round {server_round} {when}")
+
     work = site_work(cfg, site=site, num_sites=num_sites, data_path=data_path)
     start_state = privacy_plan(cfg, len(work.train), prev)
     vault.begin_round(server_round=server_round, global_sha256=gsha, before=start_state.to_json(), seeded=seeded)
 
     def before_step(k: int) -> None:
         """Write-ahead: step k is on disk before its noise is drawn (a crash after counts it)."""
-        if crash and k == 2:
-            raise InjectedFault(f"site {site}: injected crash in round {server_round} after 1 DP step")
+        if (crash or hang) and k == 2:
+            fault("after 1 DP step")
         vault.save_privacy(start_state.with_steps(k, server_round).to_json())
 
     canaries = None
@@ -338,8 +348,8 @@ def site_round(
         delta, metrics, new_json = site_train(cfg, site=site, num_sites=num_sites, server_round=server_round,
                                               global_state=global_state, privacy_json=prev, data_path=data_path,
                                               rank=rank, before_step=before_step, canaries=canaries)
-        if crash:  # a one-step round: crash after it, before the reply leaves
-            raise InjectedFault(f"site {site}: injected crash in round {server_round} after its DP steps")
+        if crash or hang:  # a one-step round: fail after it, before the reply leaves
+            fault("after its DP steps")
     except BudgetExceeded as e:
         state = start_state
         vault.record_decline(server_round=server_round, state=state, reason=str(e))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from fedpeft.federation import (
 )
 from fedpeft.privacy.client_dp import ClientBudgetExhausted, ClientLevelDP
 from fedpeft.privacy.ledger import LedgerError, ServerCopies, delta_hash
+from fedpeft.update_bounds import update_bound
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class DeltaMerge(FedAvg):
         self.round_retries = 0  # re-ask sites without a good reply this many times before skipping a round
         self.retry_timeout: float | None = None
         self.round_offset = 0  # a resumed run: Flower counts rounds from 1 again; sites and logs must not
-        self.update_bound = None  # DP runs: (num_examples) -> largest honest |update| in a coordinate
+        self.update_bound = None  # DP runs: (reply) -> largest honest |update| in a coordinate (update_bounds)
         self.set_merge("fedavg", min_valid_replies=1)
 
     def set_merge(self, name: str, *, min_valid_replies: int) -> None:
@@ -277,20 +277,6 @@ class DeltaMerge(FedAvg):
 _FLOWER = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
 
 
-def adam_update_bound(cfg: RunConfig, num_examples: int) -> float:
-    """The most one coordinate can move in a round of DP training with AdamW: each step moves it by
-    at most lr·(1-β1)/√(1-β2) (≈ 3.16·lr at the default betas), whatever the (clipped, noised)
-    gradient; times the round's steps, with 2 % slack for float rounding. A reply beyond it did
-    not come from the declared training."""
-    from fedpeft.training import steps_per_round
-
-    steps = steps_per_round(num_examples=num_examples, batch_size=cfg.train.batch_size,
-                            local_epochs=cfg.train.local_epochs)
-    lr = cfg.train.lr * max(1.0, cfg.train.adapter_lr_scale)
-    beta1, beta2 = 0.9, 0.999
-    return 1.02 * steps * lr * max(1.0, (1 - beta1) / (1 - beta2) ** 0.5)
-
-
 def make_strategy(cfg: RunConfig) -> DeltaMerge:
     """Flower's named strategy with ``DeltaMerge`` doing the aggregation underneath it."""
     fed = cfg.federation
@@ -320,8 +306,7 @@ def make_strategy(cfg: RunConfig) -> DeltaMerge:
     strategy.round_retries = fed.round_retries
     strategy.retry_timeout = fed.round_timeout or None
     strategy.limits = ReplyLimits(max_bytes=int(fed.max_reply_mib * 2**20), max_examples=fed.max_num_examples)
-    if cfg.privacy.enabled and cfg.train.optimizer == "adamw":
-        strategy.update_bound = functools.partial(adam_update_bound, cfg)
+    strategy.update_bound = update_bound(cfg)
     p = cfg.privacy
     if p.client_dp:
         if fed.merge != "fedavg":

@@ -193,7 +193,7 @@ _BAD = {
 @pytest.mark.parametrize("kind", sorted(_BAD))
 def test_each_bad_update_is_rejected_by_name_and_the_round_merges_the_good_ones(kind):
     from fedpeft.federation import ReplyLimits
-    from fedpeft.strategy import adam_update_bound
+    from fedpeft.update_bounds import update_bound
 
     # Prepare: two good replies (sites 0 and 2) and one bad one; limits: 20 KB, an AdamW DP bound
     good0 = {k: 0.01 * torch.ones_like(v) for k, v in GLOBAL.items()}
@@ -201,7 +201,7 @@ def test_each_bad_update_is_rejected_by_name_and_the_round_merges_the_good_ones(
     strategy = _strategy()
     strategy.limits = ReplyLimits(max_bytes=20_000, max_examples=1_000_000)
     cfg = RunConfig(privacy=PrivacyConfig(enabled=True))
-    strategy.update_bound = lambda n: adam_update_bound(cfg, n)
+    strategy.update_bound = update_bound(cfg)
     make, message = _BAD[kind]
     ok = {"server-round": 2}
     replies = [_reply_m(good0, {"num-examples": 10, "site": 0, **ok}, node=1), make(),

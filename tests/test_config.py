@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
         ("model-dropout", 1.0, "model-dropout=1.0: must be in"),
         ("dp-noise", "fixed", "dp-noise='fixed': must be one of secret, seeded"),
         ("max-physical-batch-size", -1, "max-physical-batch-size=-1: must be >= 0"),
+        ("fault-crash", 1.5, "fault-crash=1.5: must be in"),
+        ("fault-hang", 0.2, "fault-hang-seconds=60.0: a hang must outlast round-timeout (round-timeout=0.0"),
+        ("round-timeout", -1, "round-timeout=-1.0: must be >= 0"),
         ("no-such-key", 1, "no-such-key=1: unknown config key"),
     ],
 )

@@ -257,6 +257,34 @@ def test_a_late_site_is_left_out_by_the_round_timeout_and_recorded(tmp_path):
     assert sorted(r["merged"], key=int) == ["1", "2"] and not r["skipped"]
 
 
+def test_a_hung_site_is_timed_out_and_its_drawn_noise_is_accounted(tmp_path):
+    """Site 1 hangs in round 1 after its first DP step (seed 8 picks it, and nobody in round 2): the
+    server stops waiting at round-timeout, merges the other two and records the missing reply; in
+    round 2 site 1 trains again, and its signed ledger counts the hung round's step."""
+    from fedpeft.faults import hangs
+    from fedpeft.privacy.accountant import PrivacyState
+    from fedpeft.privacy.audit.checks import audit_run
+
+    # Prepare
+    flat = simulation_config("smoke", ["dp-noise='seeded' seed=8 fault-hang=0.3 fault-hang-seconds=40 "
+                                       "round-timeout=25"], str(tmp_path))
+    cfg = from_run_config(flat)
+    assert [[s for s in range(3) if hangs(cfg, s, r)] for r in (1, 2)] == [[1], []]
+    # Execute
+    metrics = simulate(flat)
+    # Assert: round 1 merged sites 0 and 2 and named the silent one; round 2 merged all three
+    r1, r2 = metrics["rounds"][1], metrics["rounds"][2]
+    assert [f["reason"] for f in r1["failures"]] == ["no reply within the round's timeout (round-timeout)"]
+    assert sorted(r1["merged"], key=int) == ["0", "2"] and not r1["skipped"]
+    assert sorted(r2["merged"], key=int) == ["0", "1", "2"]
+    # site 1 took 1 step in round 1 (its noise was drawn before it hung) and a full round 2
+    state = PrivacyState.from_json((tmp_path / "sites" / "site-1" / "privacy-site1.json").read_text())
+    assert state.steps_taken == 1 + state.planned_steps // 2  # planned: 2 rounds of equal steps
+    res = audit_run(tmp_path)
+    assert res.ok, res.failures
+    assert res.sites[1].steps == state.steps_taken
+
+
 def test_a_round_short_of_replies_asks_again_and_ends_as_if_nothing_failed(tmp_path, smoke_run):
     """Sites 0 and 1 crash mid-round 1 (after a DP step); round 1 then has 1 good reply < 2, so the
     server asks them again (round-retries=1). With seeded noise the retried steps are the same steps:
