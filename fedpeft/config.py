@@ -288,6 +288,10 @@ class FederationConfig:
         "merge rule: 'fedavg' (weighted mean of deltas; equal ranks), a robust rule for equal ranks "
         "('median', 'trimmed_mean', 'norm_bound'), or a heterogeneous-rank rule: 'zero_pad' (HetLoRA), "
         "'svd' (FlexLoRA/HLoRA), 'stack' (FLoRA), 'frozen_a' (FFA-LoRA, nested)", "merge"))
+    robust: str = field(default="none", metadata=_help(
+        "robust reduction composed with a rank rule: 'median' or 'trimmed_mean' replace the weighted mean of "
+        "zero_pad, frozen_a or svd; 'norm_bound' bounds each site's update first (any rank rule). With equal "
+        "ranks use merge='median' etc. directly", "robust"))
     server_lr: float = field(default=1e-2, metadata=_help("server learning rate (FedAdam/FedYogi/FedAdagrad eta)", "server-lr"))
     client_cpus: float = field(default=1.0, metadata=_help("CPUs per virtual client (Ray)", "client-cpus"))
     out_dir: str = field(default="runs/latest", metadata=_help("where metrics, adapter and plots go", "out-dir"))
@@ -337,6 +341,8 @@ class FederationConfig:
             raise _bad("min-train-sites", self.min_train_sites, "must be >= 1")
         if self.strategy not in ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"):
             raise _bad("strategy", self.strategy, "must be fedavg, fedprox, fedadam, fedyogi or fedadagrad")
+        if self.robust not in ("none", "median", "trimmed_mean", "norm_bound"):
+            raise _bad("robust", self.robust, "must be none, median, trimmed_mean or norm_bound")
         if self.attack not in ("none", "sign-flip", "scale", "random"):
             raise _bad("attack", self.attack, "must be none, sign-flip, scale or random")
         if not 0.0 <= self.attack_fraction <= 1.0:
@@ -398,6 +404,13 @@ class RunConfig:
         if merge == "fedavg" and len(set(ranks)) > 1:
             raise ConfigError(f"merge='fedavg' averages same-shaped deltas, but lora-ranks={self.adapter.ranks!r} "
                               f"mixes ranks; use merge= one of {', '.join(RANK_RULES)}")
+        robust = self.federation.robust
+        if robust != "none" and merge not in RANK_RULES:
+            raise ConfigError(f"robust={robust!r} composes with a rank rule (merge= one of {', '.join(RANK_RULES)}); "
+                              f"with equal ranks use merge={robust!r} (merge={merge!r} now)")
+        if robust in ("median", "trimmed_mean") and merge == "stack":
+            raise ConfigError(f"robust={robust!r} with merge='stack': stacked components share no coordinates; "
+                              "use robust='norm_bound', or merge='zero_pad', 'frozen_a' or 'svd'")
         if merge in RANK_RULES and self.federation.strategy not in ("fedavg", "fedprox"):
             raise ConfigError(f"merge={merge!r} with strategy={self.federation.strategy!r}: a server optimiser's "
                               "moments need a fixed adapter shape; use strategy='fedavg' or 'fedprox'")

@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedpeft.aggregation.hetero import MergedModule, create_rank_merge, lora_scaling, project
+from fedpeft.aggregation.robust import coordinate_median, delta_norm
+from fedpeft.aggregation.robust_ranks import create_reducer, robust_rank_merge
 from fedpeft.config import AdapterConfig, RunConfig
 
 Tensors = dict[str, torch.Tensor]
@@ -116,19 +118,44 @@ def folded_update(global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
             for m in lora_modules(global_state)}
 
 
+def bound_updates(cfg: RunConfig, global_state: Mapping[str, torch.Tensor],
+                  locals_: Sequence[tuple[Mapping[str, torch.Tensor], int, float]]
+                  ) -> list[tuple[Tensors, int, float]]:
+    """``robust='norm_bound'`` before any rank rule: each site's update (its local adapter minus
+    the start it was sent) scaled to L2 norm at most the median of the updates' norms."""
+    starts = {r: start_state(cfg, global_state, r) for r in {r for _, r, _ in locals_}}
+    deltas = [{k: st[k].double() - starts[r][k].double() for k in st} for st, r, _ in locals_]
+    norms = [delta_norm(d) for d in deltas]
+    bound = float(coordinate_median(torch.tensor(norms, dtype=torch.float64)))
+    out = []
+    for (st, r, w), d, n in zip(locals_, deltas, norms):
+        f = min(1.0, bound / n) if n > 0 else 1.0
+        out.append(({k: (starts[r][k].double() + f * d[k]).to(st[k].dtype) for k in st}, r, w))
+    return out
+
+
 def merge_states(cfg: RunConfig, global_state: Mapping[str, torch.Tensor],
                  locals_: Sequence[tuple[Mapping[str, torch.Tensor], int, float]]
                  ) -> tuple[Tensors, dict[str, float]]:
     """New global adapter from the sites' (local adapter, rank, weight); plus, per module, the share
-    of the merged update's energy that truncation dropped (``svd``; 0 for exact rules)."""
+    of the merged update's energy that truncation dropped (``svd``; 0 for exact rules). With
+    ``robust`` set, a coordinate-wise reduction replaces the weighted means (``robust_ranks``) or
+    the updates are norm-bounded first (``bound_updates``)."""
     rule = cfg.rank_rule
     assert rule is not None
     fn = create_rank_merge(rule)
+    robust = cfg.federation.robust
+    if robust == "norm_bound":
+        locals_ = bound_updates(cfg, global_state, locals_)
+    reduce = create_reducer(robust) if robust in ("median", "trimmed_mean") else None
     weights = [w for _, _, w in locals_]
     total = float(sum(weights))
     out: Tensors = {}
     for k, v in global_state.items():  # the head and anything not LoRA: weighted mean
         if k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX):
+            continue
+        if reduce is not None:
+            out[k] = reduce(torch.stack([state[k].double() for state, _, _ in locals_])).to(v.dtype)
             continue
         acc = torch.zeros_like(v, dtype=torch.float64)
         for state, _, w in locals_:
@@ -141,7 +168,8 @@ def merge_states(cfg: RunConfig, global_state: Mapping[str, torch.Tensor],
         As = [st[m + A_SUFFIX] for st, _, _ in locals_]
         Bs = [st[m + B_SUFFIX] for st, _, _ in locals_]
         extra = {"shared_A": global_state[m + A_SUFFIX].double()} if rule == "frozen_a" else {}
-        merged: MergedModule = fn(As, Bs, scalings, weights, max_rank=max_rank, **extra)
+        merged: MergedModule = (fn(As, Bs, scalings, weights, max_rank=max_rank, **extra) if reduce is None
+                                else robust_rank_merge(rule, reduce, As, Bs, scalings, max_rank=max_rank, **extra))
         if rule == "stack":  # this round's stack joins every earlier round's (each folded by then)
             merged = MergedModule(torch.cat([global_state[m + A_SUFFIX].double(), merged.A], 0),
                                   torch.cat([global_state[m + B_SUFFIX].double(), merged.B], 1))

@@ -24,36 +24,42 @@ def _check(deltas: Sequence[Tensors], weights: Sequence[float], name: str) -> No
         raise ValueError(f"{name}: weights must be >= 0 with a positive sum, got {list(weights)}")
 
 
-@register_merge("median")
-def median(deltas: Sequence[Tensors], weights: Sequence[float]) -> Tensors:
-    """Coordinate-wise median of the deltas (unweighted: a weight is a claim an attacker controls);
-    with an even count, the mean of the two middle values."""
-    _check(deltas, weights, "median")
-    out: Tensors = {}
-    for k in deltas[0]:
-        stacked = torch.stack([d[k].double() for d in deltas])
-        s, _ = stacked.sort(dim=0)
-        n = s.shape[0]
-        mid = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-        out[k] = mid.to(deltas[0][k].dtype)
-    return out
+def coordinate_median(stacked: torch.Tensor) -> torch.Tensor:
+    """Median over dim 0 (the sites); with an even count, the mean of the two middle values."""
+    s, _ = stacked.sort(dim=0)
+    n = s.shape[0]
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
-def trimmed_mean(deltas: Sequence[Tensors], weights: Sequence[float], *, trim: float = 0.2) -> Tensors:
-    """Coordinate-wise mean after dropping the ``trim`` fraction of largest and of smallest values
-    (at least one each side when trim > 0 and there are 3 or more deltas)."""
-    _check(deltas, weights, "trimmed_mean")
+def coordinate_trimmed_mean(stacked: torch.Tensor, trim: float = 0.2) -> torch.Tensor:
+    """Mean over dim 0 after dropping the ``trim`` fraction of largest and of smallest values (at
+    least one each side when trim > 0 and there are 3 or more sites)."""
     if not 0 <= trim < 0.5:
         raise ValueError(f"trim={trim!r}: must be in [0, 0.5)")
-    n = len(deltas)
+    n = stacked.shape[0]
     cut = int(trim * n)
     if trim > 0 and n >= 3:
         cut = max(cut, 1)
-    out: Tensors = {}
-    for k in deltas[0]:
-        s, _ = torch.stack([d[k].double() for d in deltas]).sort(dim=0)
-        out[k] = s[cut:n - cut].mean(dim=0).to(deltas[0][k].dtype)
-    return out
+    s, _ = stacked.sort(dim=0)
+    return s[cut:n - cut].mean(dim=0)
+
+
+REDUCERS = {"median": coordinate_median, "trimmed_mean": coordinate_trimmed_mean}
+
+
+@register_merge("median")
+def median(deltas: Sequence[Tensors], weights: Sequence[float]) -> Tensors:
+    """Coordinate-wise median of the deltas (unweighted: a weight is a claim an attacker controls)."""
+    _check(deltas, weights, "median")
+    return {k: coordinate_median(torch.stack([d[k].double() for d in deltas])).to(deltas[0][k].dtype)
+            for k in deltas[0]}
+
+
+def trimmed_mean(deltas: Sequence[Tensors], weights: Sequence[float], *, trim: float = 0.2) -> Tensors:
+    """Coordinate-wise trimmed mean of the deltas (``coordinate_trimmed_mean``; unweighted)."""
+    _check(deltas, weights, "trimmed_mean")
+    return {k: coordinate_trimmed_mean(torch.stack([d[k].double() for d in deltas]), trim).to(deltas[0][k].dtype)
+            for k in deltas[0]}
 
 
 register_merge("trimmed_mean")(trimmed_mean)
