@@ -224,3 +224,72 @@ def test_unregistered_key_other_ca_and_plain_http_are_refused(tmp_path, certs):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
     finally:
         coord.stop()
+
+
+@pytest.mark.slow
+def test_coordinator_killed_mid_run_resumes_after_its_last_round_without_doubling_a_step(tmp_path, certs):
+    """The coordinator's machine dies (SIGKILL to the SuperLink and its ServerApp) after round 1 is
+    committed; the sites keep running. `coordinator start` and `coordinator run` with resume=true
+    continue after the last committed round: every round recorded once, every site's ledger holds
+    exactly one DP release per round (a round the sites had already trained is resent, not
+    retrained), and the audit passes."""
+    import threading
+
+    from fedpeft.deploy.coordinator import CoordinatorError
+    from fedpeft.privacy.audit.checks import audit_run
+
+    # Prepare
+    port = _free_port()
+    coord = Coordinator(tmp_path / "coordinator", certs, host="127.0.0.1", port=port)
+    coord.start()
+    sites: list[subprocess.Popen] = []
+    app = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    run_config = (f"model='tiny' lora-layers='' num-sites=2 num-server-rounds=2 min-train-sites=2 "
+                  f"batch-size=16 global-test-size=60 out-dir='{out}'")
+    try:
+        for s in range(2):
+            coord.register(certs / f"site-{s}" / "auth.pub")
+        cfgs = [_site_files(tmp_path, s, port, certs) for s in range(2)]
+        sites = [_spawn_site(c, tmp_path / f"site{s}.log") for s, c in enumerate(cfgs)]
+
+        def first_run() -> None:
+            try:
+                coord.run(app, run_config, timeout=400)
+            except (CoordinatorError, subprocess.TimeoutExpired):
+                pass  # the coordinator dies under it
+
+        t = threading.Thread(target=first_run, daemon=True)
+        t.start()
+        state = out / "server-state.json"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if state.exists() and json.loads(state.read_text())["round"] >= 1:
+                break
+            for s, p in enumerate(sites):
+                if p.poll() is not None:
+                    pytest.fail(f"site {s} exited: {(tmp_path / f'site{s}.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        else:
+            pytest.fail("round 1 was never committed")
+        # Execute: the crash, then the guide's restart with resume=true
+        os.killpg(coord.running_pid(), signal.SIGKILL)
+        t.join(timeout=120)
+        killed_after = json.loads(state.read_text())["round"]
+        coord.start()
+        coord.run(app, run_config + " resume=true", timeout=400)
+        # Assert
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["resumed_after"] == killed_after == 1
+        assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+        assert (out / "adapter" / "adapter_model.safetensors").exists()
+        for s in range(2):
+            entries = [json.loads(x) for x in (tmp_path / f"state-site{s}" / "ledger.jsonl").read_text().splitlines()]
+            releases = [e for e in entries if e["kind"] == "dp-sgd"]
+            assert [e["round"] for e in releases] == [1, 2], entries
+        res = audit_run(out)
+        assert res.ok, res.failures
+    finally:
+        for p in sites:
+            _kill_group(p)
+        coord.stop()

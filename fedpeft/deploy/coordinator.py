@@ -84,7 +84,7 @@ class Coordinator:
             os.kill(pid, 0)
         except ProcessLookupError:
             return None
-        return pid
+        return None if _is_zombie(pid) else pid  # dead, not yet reaped by the process that started it
 
     def start(self, *, timeout: float = 60.0) -> int:
         """Start the SuperLink in the background (its own process group); wait until it listens."""
