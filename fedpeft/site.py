@@ -301,14 +301,25 @@ def site_round(
 ) -> RoundReply:
     """One train request: check the budget, train, save the privacy state, sign the ledger entry.
 
-    The privacy state and the ledger live in ``vault`` (the site's own folder); without DP there is
-    nothing to account and no ledger."""
+    The privacy state and the ledger live in ``vault`` (the site's own folder), one request at a
+    time (``SiteVault.exclusive``); without DP there is nothing to account and no ledger."""
     if not deployed and is_late(cfg, site, server_round):  # fault injection: answer late
         time.sleep(cfg.federation.fault_late_seconds)
     if not cfg.privacy.enabled or vault is None:
         delta, metrics, _ = site_train(cfg, site=site, num_sites=num_sites, server_round=server_round,
                                        global_state=global_state, privacy_json=None, data_path=data_path, rank=rank)
         return RoundReply("trained", delta, metrics)
+    with vault.exclusive():
+        return _private_round(cfg, site=site, num_sites=num_sites, server_round=server_round,
+                              global_state=global_state, vault=vault, data_path=data_path, deployed=deployed,
+                              rank=rank, attempt=attempt)
+
+
+def _private_round(
+    cfg: RunConfig, *, site: int, num_sites: int, server_round: int, global_state: Mapping[str, torch.Tensor],
+    vault: SiteVault, data_path: str | None, deployed: bool, rank: int | None, attempt: int,
+) -> RoundReply:
+    """``site_round`` under DP, holding the site's vault."""
     gsha = delta_hash(global_state)
     replay = vault.load_release(server_round=server_round, global_sha256=gsha)
     if replay is not None:  # a retried round (a server resumed after a crash): resend, do not retrain
@@ -372,9 +383,10 @@ def site_round(
 def settle_ledger(cfg: RunConfig, vault: SiteVault, *, deployed: bool) -> RoundReply | None:
     """After a crash: sign the steps the privacy state counts but the ledger does not; return a
     status carrying the ledger for the server's copy (None when there was nothing to settle)."""
-    if vault.privacy_json() is None or vault.reconcile(noise=cfg.privacy.noise, deployed=deployed) is None:
-        return None
-    return RoundReply("evaluated", None, {}, "", vault.ledger_bytes(), vault.public_key())
+    with vault.exclusive():
+        if vault.privacy_json() is None or vault.reconcile(noise=cfg.privacy.noise, deployed=deployed) is None:
+            return None
+        return RoundReply("evaluated", None, {}, "", vault.ledger_bytes(), vault.public_key())
 
 
 def site_evaluate(

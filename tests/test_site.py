@@ -78,6 +78,41 @@ def test_site_declines_past_its_planned_budget_and_signs_both(tmp_path):
     assert r2.ledger == vault.ledger_bytes()
 
 
+def test_overlapping_requests_for_one_site_take_turns_and_chain_one_ledger(tmp_path):
+    """A late round-1 request still running when round 2's arrives (another worker, another
+    process): the second waits for the site's vault, then chains onto the first's entry."""
+    import threading
+    import time
+
+    from fedpeft.privacy.ledger import verify_file
+    from fedpeft.privacy.vault import SiteVault
+    from fedpeft.site import site_round
+
+    # Prepare: rounds 1 and 2 requested at once, each opening the folder afresh as a new ClientApp
+    # process would; the test holds the vault first, as a slow earlier request would
+    cfg = from_run_config({**TINY, "num-server-rounds": 3, "dp-noise": "seeded"})
+    glob = initial_adapter_state(cfg)
+
+    def request(rnd: int) -> None:
+        site_round(cfg, site=0, num_sites=2, server_round=rnd, global_state=glob,
+                   vault=SiteVault(tmp_path / "site-0", 0))
+
+    held = SiteVault(tmp_path / "site-0", 0)
+    threads = [threading.Thread(target=request, args=(r,)) for r in (1, 2)]
+    # Execute
+    with held.exclusive():
+        for t in threads:
+            t.start()
+        time.sleep(2.0)
+        blocked = all(t.is_alive() for t in threads)
+    for t in threads:
+        t.join(timeout=120)
+    # Assert: both waited while the vault was held; the ledger is one valid chain with both rounds
+    assert blocked and not any(t.is_alive() for t in threads)
+    entries = verify_file(tmp_path / "site-0" / "ledger.jsonl", site=0, trusted_pem=held.public_key()).entries
+    assert sorted(e["round"] for e in entries if e["kind"] == "dp-sgd") == [1, 2]
+
+
 def test_attack_and_fault_injection_are_simulation_only_and_do_what_they_say():
     from fedpeft.site import attackers, check_noise_source
 

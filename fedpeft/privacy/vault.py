@@ -7,8 +7,10 @@ ledger's lines and the public key.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from fedpeft.privacy.store import load_state_json, save_state_json
 
 KEY_FILE = "site-key.pem"
 LEDGER_FILE = "ledger.jsonl"
+LOCK_FILE = ".lock"
 
 
 def site_folder(state_dir: str | None, *, out_dir: str, site: int, deployed: bool) -> Path:
@@ -37,6 +40,21 @@ class SiteVault:
         self.folder = Path(folder)
         self.site = site
         self._ledger: Ledger | None = None
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator["SiteVault"]:
+        """One writer at a time: a request for this site that overlaps an earlier one still running
+        (a late or hung round, a retry, a second run) waits for it, then reads the ledger afresh,
+        so two processes never chain entries onto the same head. An OS lock (flock): a killed
+        holder releases it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / LOCK_FILE, "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                self._ledger = None  # another process may have appended since this object read it
+                yield self
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     @property
     def ledger(self) -> Ledger:
