@@ -299,7 +299,7 @@ class FederationConfig:
         "continue the run in out-dir after its last complete round (server-state.json) instead of "
         "starting over", "resume"))
     round_timeout: float = field(default=0.0, metadata=_help(
-        "seconds the server waits for a round's replies before merging what arrived (0 = no limit)",
+        "seconds the server waits for a round's replies before merging what arrived (0 = 24 hours: every wait ends)",
         "round-timeout"))
     round_retries: int = field(default=0, metadata=_help(
         "when a round has fewer than min-train-sites good replies, ask the sites without one again this "
@@ -356,12 +356,12 @@ class FederationConfig:
         if not 0.0 <= self.fault_crash <= 1.0:
             raise _bad("fault-crash", self.fault_crash, "must be in [0, 1]")
         if self.round_timeout < 0:
-            raise _bad("round-timeout", self.round_timeout, "must be >= 0 (0 = no limit)")
+            raise _bad("round-timeout", self.round_timeout, "must be >= 0 (0 = 24 hours)")
         if not 0.0 <= self.fault_hang <= 1.0:
             raise _bad("fault-hang", self.fault_hang, "must be in [0, 1]")
         if self.fault_hang > 0 and not 0 < self.round_timeout < self.fault_hang_seconds:
             raise _bad("fault-hang-seconds", self.fault_hang_seconds, f"a hang must outlast round-timeout "
-                       f"(round-timeout={self.round_timeout}; 0 would wait for the hung site forever)")
+                       f"(round-timeout={self.round_timeout}; 0 would wait 24 hours for the hung site)")
         if not self.max_reply_mib > 0:
             raise _bad("max-reply-mib", self.max_reply_mib, "must be > 0")
         if self.max_num_examples < 1:
