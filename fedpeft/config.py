@@ -212,7 +212,7 @@ class TrainConfig:
     adapter_lr_scale: float = field(default=0.1, metadata=_help(
         "adapter (LoRA) learning rate = lr x this; the head keeps lr. Under DP a smaller value keeps "
         "noise from eroding pretrained features while the head learns", "adapter-lr-scale"))
-    batch_size: int = field(default=300, metadata=_help("expected (Poisson) batch size; large batches cut DP noise per step", "batch-size"))
+    batch_size: int = field(default=600, metadata=_help("expected (Poisson) batch size; large batches cut DP noise per step", "batch-size"))
     local_epochs: int = field(default=1, metadata=_help("local epochs per round", "local-epochs"))
     max_physical_batch_size: int = field(default=0, metadata=_help(
         "notes per forward pass: a batch is split, shortest notes together, into passes of at most "
@@ -242,7 +242,7 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     source: str = field(default="notes", metadata=_help("'notes' (embedded generator) or a CSV/JSONL/datasets path", "data"))
-    notes_per_site: int = field(default=900, metadata=_help("mean training notes per site (generator)", "notes-per-site"))
+    notes_per_site: int = field(default=1800, metadata=_help("mean training notes per site (generator)", "notes-per-site"))
     test_per_site: int = field(default=40, metadata=_help("held-out notes per site (generator)", "test-per-site"))
     global_test_size: int = field(default=1000, metadata=_help("server-side global test notes", "global-test-size"))
     dirichlet_alpha: float = field(default=1.0, metadata=_help("label skew: Dirichlet alpha (small = skewed)", "dirichlet-alpha"))
@@ -278,7 +278,7 @@ class DataConfig:
 
 @dataclass
 class FederationConfig:
-    num_sites: int = field(default=8, metadata=_help("virtual sites (SuperNodes) in a simulation", "num-sites"))
+    num_sites: int = field(default=4, metadata=_help("virtual sites (SuperNodes) in a simulation", "num-sites"))
     num_rounds: int = field(default=5, metadata=_help("server rounds", "num-server-rounds"))
     fraction_train: float = field(default=1.0, metadata=_help("fraction of sites sampled per round", "fraction-train"))
     fraction_evaluate: float = field(default=1.0, metadata=_help("fraction of sites for federated eval", "fraction-evaluate"))
