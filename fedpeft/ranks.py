@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedpeft.aggregation.hetero import MergedModule, create_rank_merge, lora_scaling, project
-from fedpeft.aggregation.robust import coordinate_median, delta_norm
+from fedpeft.aggregation.robust import bounded
 from fedpeft.aggregation.robust_ranks import create_reducer, robust_rank_merge
 from fedpeft.config import AdapterConfig, RunConfig
 
@@ -125,13 +125,8 @@ def bound_updates(cfg: RunConfig, global_state: Mapping[str, torch.Tensor],
     the start it was sent) scaled to L2 norm at most the median of the updates' norms."""
     starts = {r: start_state(cfg, global_state, r) for r in {r for _, r, _ in locals_}}
     deltas = [{k: st[k].double() - starts[r][k].double() for k in st} for st, r, _ in locals_]
-    norms = [delta_norm(d) for d in deltas]
-    bound = float(coordinate_median(torch.tensor(norms, dtype=torch.float64)))
-    out = []
-    for (st, r, w), d, n in zip(locals_, deltas, norms):
-        f = min(1.0, bound / n) if n > 0 else 1.0
-        out.append(({k: (starts[r][k].double() + f * d[k]).to(st[k].dtype) for k in st}, r, w))
-    return out
+    return [({k: (starts[r][k].double() + d[k]).to(st[k].dtype) for k in st}, r, w)
+            for (st, r, w), d in zip(locals_, bounded(deltas))]
 
 
 def merge_states(cfg: RunConfig, global_state: Mapping[str, torch.Tensor],

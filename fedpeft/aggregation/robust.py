@@ -69,14 +69,17 @@ def delta_norm(delta: Tensors) -> float:
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in delta.values())))
 
 
+def bounded(deltas: Sequence[Tensors], *, bound: float | None = None) -> list[Tensors]:
+    """Every delta scaled to L2 norm at most ``bound`` (default: the median of the deltas' norms)."""
+    norms = [delta_norm(d) for d in deltas]
+    if bound is None:
+        bound = float(coordinate_median(torch.tensor(norms, dtype=torch.float64)))
+    return [{k: v * min(1.0, bound / n) if n > 0 else v for k, v in d.items()} for d, n in zip(deltas, norms)]
+
+
 @register_merge("norm_bound")
 def norm_bound(deltas: Sequence[Tensors], weights: Sequence[float], *, bound: float | None = None) -> Tensors:
     """Weighted mean after scaling every delta to L2 norm at most ``bound`` (default: the median of
     the deltas' norms, so a few huge deltas cannot dominate)."""
     _check(deltas, weights, "norm_bound")
-    norms = [delta_norm(d) for d in deltas]
-    if bound is None:
-        s = sorted(norms)
-        bound = s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
-    scaled = [{k: v * min(1.0, bound / n) if n > 0 else v for k, v in d.items()} for d, n in zip(deltas, norms)]
-    return fedavg(scaled, weights)
+    return fedavg(bounded(deltas, bound=bound), weights)
