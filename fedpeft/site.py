@@ -332,6 +332,7 @@ def _private_round(
     prev = vault.privacy_json()
     crash = not deployed and attempt == 0 and crashes(cfg, site, server_round)  # injected on first tries
     hang = not crash and not deployed and attempt == 0 and hangs(cfg, site, server_round)
+    injected = crash or hang
 
     def fault(when: str) -> None:
         if hang:  # silent past the server's round-timeout, then gone (a watchdog killed it)
@@ -346,7 +347,7 @@ def _private_round(
 
     def before_step(k: int) -> None:
         """Write-ahead: step k is on disk before its noise is drawn (a crash after counts it)."""
-        if (crash or hang) and k == 2:
+        if injected and k == 2:
             fault("after 1 DP step")
         vault.save_privacy(start_state.with_steps(k, server_round).to_json())
 
@@ -359,7 +360,7 @@ def _private_round(
         delta, metrics, new_json = site_train(cfg, site=site, num_sites=num_sites, server_round=server_round,
                                               global_state=global_state, privacy_json=prev, data_path=data_path,
                                               rank=rank, before_step=before_step, canaries=canaries)
-        if crash or hang:  # a one-step round: fail after it, before the reply leaves
+        if injected:  # a one-step round: fail after it, before the reply leaves
             fault("after its DP steps")
     except BudgetExceeded as e:
         state = start_state

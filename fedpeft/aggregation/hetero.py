@@ -58,7 +58,7 @@ def lora_scaling(alpha: float, rank: int, *, rslora: bool) -> float:
     return alpha / rank ** 0.5 if rslora else alpha / rank
 
 
-def _check(As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequence[float], weights: Sequence[float],
+def check_factors(As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequence[float], weights: Sequence[float],
            max_rank: int | None = None) -> list[float]:
     """Validate shapes, ranks and weights; return normalised weights."""
     if not As:
@@ -82,7 +82,7 @@ def _check(As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequence[float]
 def zero_pad(As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequence[float], weights: Sequence[float],
              *, max_rank: int) -> MergedModule:
     """HetLoRA: pad every A_k and s_k·B_k with zeros to ``max_rank``, then average each factor."""
-    p = _check(As, Bs, scalings, weights, max_rank)
+    p = check_factors(As, Bs, scalings, weights, max_rank)
     d_in, d_out = As[0].shape[1], Bs[0].shape[0]
     A = torch.zeros(max_rank, d_in, dtype=torch.float64)
     B = torch.zeros(d_out, max_rank, dtype=torch.float64)
@@ -93,17 +93,22 @@ def zero_pad(As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequence[floa
     return MergedModule(A, B)
 
 
-@register_rank_merge("frozen_a")
-def frozen_a(As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequence[float], weights: Sequence[float],
-             *, max_rank: int, shared_A: Tensor) -> MergedModule:
-    """FFA-LoRA, nested: every site's A_k is ``shared_A[:r_k]`` (frozen), so
-    Σ p_k s_k B_k A_k = (Σ p_k s_k pad(B_k)) · shared_A exactly: a plain weighted sum of B."""
-    p = _check(As, Bs, scalings, weights, max_rank)
+def check_shared_a(As: Sequence[Tensor], shared_A: Tensor, max_rank: int) -> None:
+    """``frozen_a``: every site's A must be the leading rows of the shared frozen A."""
     if shared_A.shape[0] != max_rank:
         raise RankMergeError(f"shared A has rank {shared_A.shape[0]}, expected {max_rank}")
     for k, a in enumerate(As):
         if not torch.equal(a.to(shared_A.dtype), shared_A[: a.shape[0]]):
             raise RankMergeError(f"site {k}: its A is not the shared frozen A (frozen_a needs A untouched)")
+
+
+@register_rank_merge("frozen_a")
+def frozen_a(As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequence[float], weights: Sequence[float],
+             *, max_rank: int, shared_A: Tensor) -> MergedModule:
+    """FFA-LoRA, nested: every site's A_k is ``shared_A[:r_k]`` (frozen), so
+    Σ p_k s_k B_k A_k = (Σ p_k s_k pad(B_k)) · shared_A exactly: a plain weighted sum of B."""
+    p = check_factors(As, Bs, scalings, weights, max_rank)
+    check_shared_a(As, shared_A, max_rank)
     B = torch.zeros(Bs[0].shape[0], max_rank, dtype=torch.float64)
     for b, s, w in zip(Bs, scalings, p):
         B[:, : b.shape[1]] += w * s * b.double()
@@ -115,7 +120,7 @@ def stack(As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequence[float],
           *, max_rank: int | None = None) -> MergedModule:
     """FLoRA: concatenate [p_k s_k B_k] and [A_k] along the rank: B·A = Σ p_k s_k B_k A_k exactly,
     at rank Σ r_k (sites fold it into their frozen base and restart their adapter)."""
-    p = _check(As, Bs, scalings, weights, max_rank)
+    p = check_factors(As, Bs, scalings, weights, max_rank)
     A = torch.cat([a.double() for a in As], dim=0)
     B = torch.cat([w * s * b.double() for b, s, w in zip(Bs, scalings, p)], dim=1)
     return MergedModule(A, B)
@@ -181,7 +186,7 @@ def svd(As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequence[float], w
     from an eigendecomposition of its R×R Gram (LAPACK's subset driver). Components come out in decreasing
     singular value, √σ on each side, so truncating to r_k is the best rank-r_k approximation.
     Computes in float64 when the factors are float64, else float32."""
-    p = _check(As, Bs, scalings, weights, max_rank)
+    p = check_factors(As, Bs, scalings, weights, max_rank)
     dt = torch.float64 if any(t.dtype == torch.float64 for t in (*As, *Bs)) else torch.float32
     Bs_ = torch.cat([w * s * b.to(dt) for b, s, w in zip(Bs, scalings, p)], dim=1)  # d_out × R
     As_ = torch.cat([a.to(dt) for a in As], dim=0)  # R × d_in

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from fedpeft.aggregation.hetero import MergedModule, RankMergeError, _check
+from fedpeft.aggregation.hetero import MergedModule, RankMergeError, check_factors, check_shared_a
 from fedpeft.aggregation.robust import REDUCERS
 
 Reducer = Callable[[Tensor], Tensor]
@@ -42,16 +42,14 @@ def robust_rank_merge(rule: str, reduce: Reducer, As: Sequence[Tensor], Bs: Sequ
                       scalings: Sequence[float], *, max_rank: int, shared_A: Tensor | None = None) -> MergedModule:
     """One LoRA module's merge under ``rule`` with ``reduce`` (unweighted, over sites) in place of
     the rule's weighted mean."""
-    _check(As, Bs, scalings, [1.0] * len(As), max_rank)
+    check_factors(As, Bs, scalings, [1.0] * len(As), max_rank)
     sB = [s * b.double() for b, s in zip(Bs, scalings)]
     if rule == "zero_pad":
         return MergedModule(reduce(_padded(As, max_rank, dim=0)), reduce(_padded(sB, max_rank, dim=1)))
     if rule == "frozen_a":
         if shared_A is None:
             raise RankMergeError("frozen_a needs the shared A")
-        for k, a in enumerate(As):
-            if not torch.equal(a.to(shared_A.dtype), shared_A[: a.shape[0]]):
-                raise RankMergeError(f"site {k}: its A is not the shared frozen A (frozen_a needs A untouched)")
+        check_shared_a(As, shared_A, max_rank)
         return MergedModule(shared_A.double().clone(), reduce(_padded(sB, max_rank, dim=1)))
     if rule == "svd":
         W = reduce(torch.stack([b @ a.double() for b, a in zip(sB, As)]))
