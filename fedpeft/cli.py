@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="simulate N sites with Flower's Simulation Engine")
     sim.add_argument("--preset", default="hospitals", help="hospitals | devices | smoke | path/to/preset.toml")
-    sim.add_argument("--run-config", nargs="+", default=None, help="overrides, Flower syntax: \"key=value ...\"")
+    sim.add_argument("--run-config", nargs="+", action="extend", default=None,
+                     help="overrides, Flower syntax: \"key=value ...\" (repeatable: later flags add to earlier ones)")
     sim.add_argument("--out", default=None, help="output folder (default: the preset's out-dir)")
     sim.add_argument("--resume", default=None, metavar="DIR",
                      help="continue an interrupted run in DIR after its last complete round")

@@ -93,6 +93,17 @@ def _progress():
                     TextColumn("{task.description}"), TimeElapsedColumn(), transient=False)
 
 
+def _connected_nodes(grid: Grid, expected: int, *, wait_s: float = 10.0) -> int:
+    """SuperNodes connected now, waiting up to ``wait_s`` for ``expected`` of them: the simulation
+    engine registers its virtual nodes while the ServerApp starts, so a first count can be short."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        nodes = len(list(grid.get_node_ids()))
+        if nodes >= expected or time.monotonic() >= deadline:
+            return nodes
+        time.sleep(0.1)
+
+
 def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     """Run the whole federation described by ``run_config``; return the metrics dict."""
     cfg = from_run_config(dict(run_config))
@@ -101,7 +112,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     labels = cfg.data.label_list
     device = models.select_device()
 
-    nodes = len(list(grid.get_node_ids()))
+    nodes = _connected_nodes(grid, cfg.federation.num_sites)
     if nodes and nodes != cfg.federation.num_sites:  # `flwr run` sizes the federation separately
         log.warning("num-sites=%d but %d SuperNodes are connected; sites use their own node config "
                     "(with `flwr run`, pass --federation-config \"num-supernodes=%d\")",

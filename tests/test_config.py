@@ -63,6 +63,25 @@ def test_cli_rejects_a_bad_override_before_starting_anything(capsys):
     assert "lora-rank=0: must be >= 1" in capsys.readouterr().err
 
 
+def test_repeated_run_config_flags_all_apply(monkeypatch, tmp_path):
+    import fedpeft.cli as cli
+
+    # Prepare: capture the config `simulate` would run instead of running it
+    seen: list[dict] = []
+
+    def fake_simulate(flat):
+        seen.append(flat)
+        return {"rounds": [{"global": {"accuracy": 0.5}}], "wall_s": 0.0}
+
+    monkeypatch.setattr(cli, "simulate", fake_simulate)
+    # Execute
+    code = cli.main(["simulate", "--preset", "smoke", "--run-config", "precision='float32'",
+                     "--run-config", "lora-rank=4 num-sites=3", "--out", str(tmp_path)])
+    # Assert: every flag counts, not only the last one
+    assert code == 0
+    assert (seen[0]["precision"], seen[0]["lora-rank"], seen[0]["num-sites"]) == ("float32", 4, 3)
+
+
 def test_presets_are_valid_configs():
     from fedpeft.cli import PRESET_DIR, simulation_config
 

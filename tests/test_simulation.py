@@ -302,3 +302,22 @@ def test_a_round_short_of_replies_asks_again_and_ends_as_if_nothing_failed(tmp_p
         mine = json.loads((tmp_path / "sites" / f"site-{s}" / f"privacy-site{s}.json").read_text())["history"]
         ref = json.loads((out_ref / "sites" / f"site-{s}" / f"privacy-site{s}.json").read_text())["history"]
         assert mine == ref
+
+
+def test_server_waits_for_virtual_nodes_still_registering_before_judging_the_federation_size():
+    from fedpeft.server import _connected_nodes
+
+    # Prepare: a grid whose nodes register one by one, as the simulation engine's do
+    class Grid:
+        calls = 0
+
+        def get_node_ids(self):
+            self.calls += 1
+            return list(range(min(self.calls, 4)))
+
+    # Execute
+    nodes = _connected_nodes(Grid(), 4, wait_s=5.0)
+    short = _connected_nodes(type("G", (), {"get_node_ids": lambda self: [1, 2]})(), 4, wait_s=0.3)
+    # Assert: the count waits for the fourth node; a federation that stays short is reported as it is
+    assert nodes == 4
+    assert short == 2
