@@ -214,6 +214,10 @@ class TrainConfig:
         "noise from eroding pretrained features while the head learns", "adapter-lr-scale"))
     batch_size: int = field(default=600, metadata=_help("expected (Poisson) batch size; large batches cut DP noise per step", "batch-size"))
     local_epochs: int = field(default=1, metadata=_help("local epochs per round", "local-epochs"))
+    local_steps: int = field(default=0, metadata=_help(
+        "optimizer steps per round instead of whole epochs (0 = local-epochs passes). Fewer steps than a pass "
+        "over more notes keep the work per round while each note is sampled at a lower rate, which under DP "
+        "buys a smaller noise multiplier (privacy amplification by subsampling)", "local-steps"))
     max_physical_batch_size: int = field(default=0, metadata=_help(
         "notes per forward pass: a batch is split, shortest notes together, into passes of at most "
         "this many (same gradients, less padding and memory; Opacus' BatchMemoryManager idea); "
@@ -233,6 +237,8 @@ class TrainConfig:
             raise _bad("batch-size", self.batch_size, "must be >= 1")
         if self.local_epochs < 1:
             raise _bad("local-epochs", self.local_epochs, "must be >= 1")
+        if self.local_steps < 0:
+            raise _bad("local-steps", self.local_steps, "must be >= 0 (0 = local-epochs passes)")
         if self.max_physical_batch_size < 0:
             raise _bad("max-physical-batch-size", self.max_physical_batch_size, "must be >= 0 (0 = auto)")
         if self.proximal_mu < 0:

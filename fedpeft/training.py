@@ -7,12 +7,13 @@ that state on every call, so epsilon accumulates across rounds instead of restar
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import secrets
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +60,10 @@ def expected_sample_rate(*, num_examples: int, batch_size: int) -> float:
     return 1.0 / max(1, math.ceil(num_examples / batch_size))
 
 
-def steps_per_round(*, num_examples: int, batch_size: int, local_epochs: int) -> int:
+def steps_per_round(*, num_examples: int, batch_size: int, local_epochs: int, local_steps: int = 0) -> int:
+    """Optimizer steps a site takes per round: ``local_steps`` when set, else whole passes."""
+    if local_steps > 0:
+        return local_steps
     return local_epochs * max(1, math.ceil(num_examples / batch_size))
 
 
@@ -71,7 +75,7 @@ def plan_privacy(
     q = expected_sample_rate(num_examples=num_examples, batch_size=train.batch_size)
     rounds = privacy.planned_rounds or num_rounds
     steps = rounds * steps_per_round(num_examples=num_examples, batch_size=train.batch_size,
-                                         local_epochs=train.local_epochs)
+                                     local_epochs=train.local_epochs, local_steps=train.local_steps)
     return new_privacy_state(target_epsilon=privacy.target_epsilon, target_delta=privacy.target_delta,
                              max_grad_norm=privacy.max_grad_norm, sample_rate=q, planned_steps=steps,
                              accountant=privacy.accountant)
@@ -135,7 +139,7 @@ def train_local(
     before_step: Callable[[int], None] | None = None,
     before_release: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Train the adapter in place for ``train.local_epochs``.
+    """Train the adapter in place for ``train.local_epochs`` (or ``train.local_steps`` steps).
 
     ``before_step(k)`` runs before the k-th private step draws its noise (write-ahead accounting:
     a crash after it still leaves the step counted); it may raise to abort the round.
@@ -154,6 +158,8 @@ def train_local(
     reproducible simulations (``dp-noise='seeded'``).
     """
     torch.manual_seed(seed)
+    round_steps = steps_per_round(num_examples=len(data), batch_size=train.batch_size,
+                                  local_epochs=train.local_epochs, local_steps=train.local_steps)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(model, train)
@@ -177,8 +183,7 @@ def train_local(
             raise ValueError(f"sample_rate={q!r} differs from the calibrated {privacy_state.sample_rate!r}: "
                              "the site's data size or batch size changed since calibration")
         # The budget, not the plan, is the limit: decline before any noise is drawn.
-        privacy_state.check_budget(steps_per_round(num_examples=len(data), batch_size=train.batch_size,
-                                                   local_epochs=train.local_epochs))
+        privacy_state.check_budget(round_steps)
         with warnings.catch_warnings():  # "Secure RNG turned off": see docs/privacy.md (secret seeds, not torchcsprng)
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant=privacy_state.accountant)
@@ -208,47 +213,46 @@ def train_local(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(Secure RNG|Full backward hook).*")
-            for _ in range(train.local_epochs):
-                for batch in loader:
-                    if before_step is not None and engine is not None:
-                        before_step(steps + 1)
-                    if batch[0].shape[0] == 0:  # Poisson sampling drew nobody: release noise only
-                        optimizer.zero_grad(set_to_none=True)
-                        for p in params:  # an empty per-sample gradient; Opacus adds the noise and counts the step
-                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-                        if before_release is not None:
-                            before_release()
-                        optimizer.step()
-                        steps += 1
-                        continue
+            for batch in itertools.islice(_passes(loader), round_steps):
+                if before_step is not None and engine is not None:
+                    before_step(steps + 1)
+                if batch[0].shape[0] == 0:  # Poisson sampling drew nobody: release noise only
                     optimizer.zero_grad(set_to_none=True)
-                    n_batch = int(batch[-1].shape[0])
-                    chunks = _length_chunks(batch, physical)
-                    for j, chunk in enumerate(chunks):
-                        t0 = time.perf_counter()
-                        loss, n = _forward_loss(model, chunk, device, criterion, start, precision)
-                        # plain accumulation weights each pass's mean into the batch mean; under DP Opacus
-                        # scales per-sample gradients itself
-                        (loss if engine is not None else loss * (n / n_batch)).backward()
-                        total += float(loss.item()) * n  # .item() waits for the device: the pass is done
-                        pass_s += time.perf_counter() - t0
-                        if engine is None:
-                            continue
-                        # Opacus' skip-step (what its BatchMemoryManager drives, though that splits in arrival
-                        # order, not by length): clip this pass's per-sample grads into the running sum and
-                        # skip the step; noise is added once, on the batch's last pass.
-                        _float32_grad_samples(params)
-                        if j < len(chunks) - 1:
-                            optimizer.signal_skip_step(do_skip=True)
-                            optimizer.step()
-                            optimizer.zero_grad(set_to_none=True)
-                    if before_release is not None and engine is not None:
+                    for p in params:  # an empty per-sample gradient; Opacus adds the noise and counts the step
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                    if before_release is not None:
                         before_release()
                     optimizer.step()
-                    if anchor is not None and train.proximal_mu > 0:
-                        _proximal_step(named, anchor, lr=train.lr, mu=train.proximal_mu)
-                    seen += n_batch
                     steps += 1
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                n_batch = int(batch[-1].shape[0])
+                chunks = _length_chunks(batch, physical)
+                for j, chunk in enumerate(chunks):
+                    t0 = time.perf_counter()
+                    loss, n = _forward_loss(model, chunk, device, criterion, start, precision)
+                    # plain accumulation weights each pass's mean into the batch mean; under DP Opacus
+                    # scales per-sample gradients itself
+                    (loss if engine is not None else loss * (n / n_batch)).backward()
+                    total += float(loss.item()) * n  # .item() waits for the device: the pass is done
+                    pass_s += time.perf_counter() - t0
+                    if engine is None:
+                        continue
+                    # Opacus' skip-step (what its BatchMemoryManager drives, though that splits in arrival
+                    # order, not by length): clip this pass's per-sample grads into the running sum and
+                    # skip the step; noise is added once, on the batch's last pass.
+                    _float32_grad_samples(params)
+                    if j < len(chunks) - 1:
+                        optimizer.signal_skip_step(do_skip=True)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                if before_release is not None and engine is not None:
+                    before_release()
+                optimizer.step()
+                if anchor is not None and train.proximal_mu > 0:
+                    _proximal_step(named, anchor, lr=train.lr, mu=train.proximal_mu)
+                seen += n_batch
+                steps += 1
     finally:
         if hooks is not None and hasattr(hooks, "cleanup"):
             hooks.cleanup()
@@ -260,6 +264,12 @@ def train_local(
     model.eval()
     return TrainResult(loss=total / max(seen, 1), steps=steps, examples=len(data), epsilon=eps,
                        privacy_state=new_state, pass_seconds=pass_s)
+
+
+def _passes(loader: DataLoader) -> Iterator[Sequence[torch.Tensor]]:
+    """The loader's batches, pass after pass (each pass re-draws its Poisson or shuffled batches)."""
+    while True:
+        yield from loader
 
 
 def _length_chunks(batch: Sequence[torch.Tensor], size: int | None) -> list[tuple[torch.Tensor, ...]]:

@@ -25,7 +25,7 @@ MOMENTUM = 0.9  # training._optimizer's SGD momentum
 
 def _steps(cfg: RunConfig, num_examples: int) -> int:
     return steps_per_round(num_examples=num_examples, batch_size=cfg.train.batch_size,
-                           local_epochs=cfg.train.local_epochs)
+                           local_epochs=cfg.train.local_epochs, local_steps=cfg.train.local_steps)
 
 
 def _lr(cfg: RunConfig) -> float:

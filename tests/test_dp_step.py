@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fedpeft import training
+from fedpeft.config import TrainConfig
 from fedpeft.privacy.accountant import BudgetExceeded, PrivacyState, compute_epsilon
 from tests.conftest import make_tiny_lora
 
@@ -31,6 +32,36 @@ def test_epsilon_accumulates_across_calls_and_restarts(tiny_dataset, fast_train,
     # A fourth round would overspend: refused
     with pytest.raises(BudgetExceeded, match="target-epsilon=.*declining"):
         training.train_local(model, tiny_dataset, train=fast_train, privacy=dp_on, privacy_state=s, device=device, seed=9)
+
+
+def test_local_steps_take_a_fraction_of_a_pass_at_the_pass_sampling_rate(tiny_dataset, dp_on, device):
+    from dataclasses import replace
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    # Prepare: 48 notes at expected batch 8 (q = 1/6), 2 steps per round for 3 rounds
+    train = TrainConfig(lr=1e-2, batch_size=8, local_steps=2, seed=0)
+    state = training.plan_privacy(num_examples=len(tiny_dataset), train=train, privacy=dp_on, num_rounds=3)
+    # Assert: sigma is calibrated for 6 steps at q = 1/6 (Opacus' own calibration as the oracle), below
+    # the sigma that three whole passes (18 steps) would need
+    assert state.sample_rate == pytest.approx(1 / 6, rel=1e-12) and state.planned_steps == 6
+    oracle = get_noise_multiplier(target_epsilon=8.0, target_delta=1e-5, sample_rate=1 / 6, steps=6,
+                                  accountant="rdp", epsilon_tolerance=0.01)
+    assert state.noise_multiplier == pytest.approx(oracle, rel=0.02)
+    whole = training.plan_privacy(num_examples=len(tiny_dataset), train=replace(train, local_steps=0), privacy=dp_on,
+                                  num_rounds=3)
+    assert state.noise_multiplier < 0.9 * whole.noise_multiplier
+    # Execute: one round, with DP and without
+    model = make_tiny_lora()
+    res = training.train_local(model, tiny_dataset, train=train, privacy=dp_on, privacy_state=state, device=device,
+                               seed=1)
+    plain = training.train_local(make_tiny_lora(dp=False), tiny_dataset, train=train,
+                                 privacy=replace(dp_on, enabled=False), privacy_state=None, device=device, seed=1)
+    # Assert: exactly 2 steps each; the accountant counted those 2 at q = 1/6 and epsilon is theirs
+    assert res.steps == 2 and plain.steps == 2
+    assert [tuple(h) for h in res.privacy_state.history] == [(state.noise_multiplier, state.sample_rate, 2)]
+    assert res.epsilon == pytest.approx(
+        compute_epsilon(history=[(state.noise_multiplier, 1 / 6, 2)], delta=1e-5), rel=1e-9)
 
 
 def test_dp_step_clipped_gradients_equal_brute_force_loop(tiny_dataset, device):
