@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from fedpeft.cli import main
 from fedpeft.privacy.accountant import BudgetExceeded, new_privacy_state
-from fedpeft.privacy.audit.checks import audit_run
+from fedpeft.privacy.audit.checks import audit_run, privacy_statement
 from fedpeft.privacy.ledger import LedgerError, ServerCopies, delta_hash, new_key, public_pem, verify_file
 from fedpeft.privacy.vault import SiteVault
 
@@ -27,14 +27,15 @@ def _release(vault: SiteVault, state, rnd: int, steps: int, *, noise: str = "sec
     return delta
 
 
-def make_run(tmp_path: Path, *, sites: int = 2, rounds: int = 3, noise: str = "secret", deployed: bool = False) -> Path:
+def make_run(tmp_path: Path, *, sites: int = 2, rounds: int = 3, noise: str = "secret", deployed: bool = False,
+             accountant: str = "rdp") -> Path:
     """A run folder as a simulation leaves it: site folders, server ledger copies, checkpoints and
     the merged-delta hashes in metrics.json (no training: the ledger does not depend on it)."""
     run = tmp_path / "run"
     copies = ServerCopies(run / "ledger")
     rows = [{"round": 0}]
     states = {s: new_privacy_state(target_epsilon=4.0, target_delta=1e-5, max_grad_norm=1.0, sample_rate=0.25,
-                                   planned_steps=4 * rounds) for s in range(sites)}
+                                   planned_steps=4 * rounds, accountant=accountant) for s in range(sites)}
     for rnd in range(1, rounds + 1):
         merged = {}
         for s in range(sites):
@@ -63,6 +64,22 @@ def test_honest_run_passes_and_epsilon_matches_the_second_accountant(tmp_path):
         assert a.epsilon_rdp == pytest.approx(a.claimed_epsilon, rel=0.02)
         assert 0 < a.epsilon_pld <= a.epsilon_rdp * 1.001
         assert a.claimed_epsilon <= 4.0
+
+
+def test_a_run_accounted_with_prv_is_recomputed_with_the_pld_accountant_and_passes(tmp_path):
+    # Prepare: sites that calibrated and accounted with Opacus' PRV accountant (tighter than RDP)
+    run = make_run(tmp_path, accountant="prv")
+    # Execute
+    res = audit_run(run)
+    # Assert: RDP would overstate this claim by ~10 %, so the audit recomputes with dp_accounting's
+    # PLD accountant (the same exact privacy curve, a separate implementation) and the claim stands
+    assert res.ok, res.failures
+    for a in res.sites.values():
+        assert a.accountant == "prv"
+        assert a.epsilon_rdp > a.claimed_epsilon * 1.03
+        assert a.epsilon_recomputed == a.epsilon_pld == pytest.approx(a.claimed_epsilon, abs=0.02)
+        assert a.claimed_epsilon <= 4.0
+    assert "PRV accountant (recomputed with PLD)" in privacy_statement(res)
 
 
 def test_cli_writes_every_report_and_exit_code(tmp_path, capsys):

@@ -14,18 +14,20 @@ def _markdown(res: AuditResult) -> str:
              f"**Result: {'PASS' if res.ok else 'FAIL'}** — {len(res.failures)} failure(s), "
              f"{len(res.warnings)} warning(s).", "", "## Statement", "", privacy_statement(res), "",
              "## Sites", "",
-             "| site | ledger | releases | declined | steps | noise | delta | target ε | claimed ε | "
+             "| site | ledger | releases | declined | steps | noise | delta | target ε | accountant | claimed ε | "
              "ε recomputed (RDP, dp_accounting) | ε (PLD) | empirical lower bound |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     emp = res.empirical.get("sites", {})
     for s, a in sorted(res.sites.items()):
         lb = emp.get(str(s), {}).get("epsilon_lower_bound")
         lines.append(f"| {s} | {'verified' if a.verified else 'NOT verified'} | {a.releases} | {a.declines} | "
-                     f"{a.steps} | {', '.join(a.noise) or '-'} | {a.delta:g} | {a.target_epsilon:g} | "
+                     f"{a.steps} | {', '.join(a.noise) or '-'} | {a.delta:g} | {a.target_epsilon:g} | {a.accountant or '-'} | "
                      f"{a.claimed_epsilon:.4f} | {a.epsilon_rdp:.4f} | {a.epsilon_pld:.4f} | "
                      f"{'-' if lb is None else f'{lb:.3f}'} |")
-    lines += ["", f"Tolerance between the training accountant (Opacus RDP) and the audit's: "
-              f"{res.tolerance:.0%} relative. Checkpoints checked: {res.checkpoints or 'none'}.", ""]
+    lines += ["", f"Each claim is recomputed by the same method in a separate implementation: an Opacus RDP claim "
+              f"with dp_accounting's RDP, an Opacus PRV claim with dp_accounting's PLD. Tolerance: "
+              f"{res.tolerance:.0%} relative (PLD: and 0.02 absolute). Checkpoints checked: "
+              f"{res.checkpoints or 'none'}.", ""]
     cl = res.client_level
     if cl:
         lines += ["## Client-level DP (one whole site)", "",
