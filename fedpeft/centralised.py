@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -26,6 +27,7 @@ def pooled_data(cfg: RunConfig) -> tuple[list[str], list[int]]:
 def train_centralised(cfg: RunConfig, *, epochs: int, device: torch.device | None = None) -> training.EvalResult:
     """Train one adapter on the pooled data (DP per ``cfg.privacy``) and score it on the global test set."""
     device = device or models.select_device()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, local_steps=0))  # whole passes: "epochs"
     labels = cfg.data.label_list
     texts, ys = pooled_data(cfg)
     train_ds = site.dataset(cfg, texts, ys)

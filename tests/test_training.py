@@ -43,3 +43,34 @@ def test_device_selection(monkeypatch):
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert models.select_device().type == expected
     assert models.select_device("cpu").type == "cpu"
+
+
+def test_centralised_baseline_trains_whole_passes_even_when_sites_use_local_steps(monkeypatch):
+    from fedpeft.centralised import train_centralised
+    from fedpeft.config import from_run_config
+
+    # Prepare: a federation whose sites take 1 step per round; record what the baseline trains
+    cfg = from_run_config({"model": "tiny", "num-sites": 2, "notes-per-site": 30, "test-per-site": 0,
+                           "global-test-size": 20, "batch-size": 8, "local-steps": 1, "dp": False,
+                           "lora-layers": "1"})
+    steps: list[int] = []
+    real = training.train_local
+
+    def recording(*args, **kwargs):
+        res = real(*args, **kwargs)
+        steps.append(res.steps)
+        return res
+
+    monkeypatch.setattr(training, "train_local", recording)
+    # Execute
+    result = train_centralised(cfg, epochs=2)
+    # Assert: two whole passes over the pooled notes at batch 8, not 1 step each
+    passes = -(-_pooled_count(cfg) // 8)
+    assert steps == [passes, passes] and passes > 1
+    assert 0.0 <= result.accuracy <= 1.0
+
+
+def _pooled_count(cfg) -> int:
+    from fedpeft.centralised import pooled_data
+
+    return len(pooled_data(cfg)[0])

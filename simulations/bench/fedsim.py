@@ -39,6 +39,9 @@ def main() -> None:
     if not args.skip_centralised:
         torch.set_num_threads(2)
         epochs = cfg.federation.num_rounds * cfg.train.local_epochs
+        if cfg.train.local_steps:  # the same share of each note's passes as the federated run
+            epochs = max(1, round(cfg.federation.num_rounds * cfg.train.local_steps * cfg.train.batch_size
+                                  / cfg.data.notes_per_site))
         cent = train_centralised(from_run_config({**flat, "dp": False}), epochs=epochs).accuracy
     sites_per_round = [len([s for s in r["sites"].values() if "epsilon" in s]) for r in dp["rounds"][1:]]
     per_site_round = sum(r["bytes_up"] for r in dp["rounds"][1:]) / max(1, sum(sites_per_round))
