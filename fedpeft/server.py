@@ -70,8 +70,8 @@ class RunRecorder:
                 "ranks": {str(k): v for k, v in sorted(rlog.ranks.items())},
                 "dropped_energy": rlog.dropped_energy,
             })
+        self.data["wall_s"] = row["elapsed_s"] = time.time() - self.t0  # per row: where the time went
         self.data["rounds"].append(row)
-        self.data["wall_s"] = time.time() - self.t0
         atomic_write_json(self.out / "metrics.json", self.data)
 
 

@@ -36,6 +36,8 @@ def test_smoke_learns_and_writes_every_artifact(smoke_run):
     # metrics.json: round 0 (initial) + every round, every site with accuracy and epsilon
     assert [r["round"] for r in rounds] == list(range(cfg.federation.num_rounds + 1))
     assert json.loads((out / "metrics.json").read_text()) == metrics
+    elapsed = [r["elapsed_s"] for r in rounds]  # seconds since the start, at each round's end
+    assert elapsed == sorted(elapsed) and 0 < elapsed[0] and elapsed[-1] == metrics["wall_s"]
     assert metrics["precision"] in ("float32", "bfloat16")
     assert metrics["dp_noise"]["source"] == "seeded"
     assert "no protection against the coordinator" in metrics["dp_noise"]["statement"]
