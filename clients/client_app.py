@@ -6,6 +6,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.config import RunConfig, from_run_config
+from fedpeft.data.sites import simulated_site
 from fedpeft.federation import ARRAYS, CONFIG, METRICS, STATUS, from_arrays, metric_record, status_record, to_arrays
 from fedpeft.privacy.vault import SiteVault, site_folder
 from fedpeft.site import apply_node_config, check_noise_source, settle_ledger, site_evaluate, site_round
@@ -24,8 +25,12 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, str | N
     cfg = apply_node_config(cfg, nc)  # a deployed site's own columns and privacy budget
     # Flower's Simulation Engine gives every virtual node a partition-id; a real SuperNode does not.
     check_noise_source(cfg, deployed="partition-id" not in nc)
-    site = int(nc.get("site-id", nc.get("partition-id", 0)))
-    num = int(nc.get("num-partitions", site + 1))
+    if "site-id" in nc:  # a deployed site names itself
+        site = int(nc["site-id"])
+        num = int(nc.get("num-partitions", site + 1))
+    else:  # a virtual node of the Simulation Engine: largest sites first (see simulated_site)
+        num = int(nc.get("num-partitions", 1))
+        site = simulated_site(int(nc.get("partition-id", 0)), num, cfg.data, seed=cfg.train.seed)
     path = nc.get("data-path")
     return cfg, site, num, (str(path) if path else None)
 

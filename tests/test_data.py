@@ -115,3 +115,20 @@ def test_pooled_file_is_dirichlet_partitioned_without_leaking_the_server_test_se
     counts = split_counts(sites)
     assert (counts.sum(axis=0) > 0).all()
     assert np.abs(counts[:, 0] / counts[:, 0].sum() - counts[:, 1] / counts[:, 1].sum()).sum() > 0.2
+
+
+def test_simulated_nodes_play_the_largest_sites_first_and_every_site_once():
+    from fedpeft.config import DataConfig
+    from fedpeft.data.sites import make_site, simulated_site
+
+    # Prepare: the default generator (log-normal site sizes) and one without quantity skew
+    cfg, flat = DataConfig(notes_per_site=300), DataConfig(notes_per_site=300, quantity_skew=0.0)
+    # Execute
+    order = [simulated_site(i, 5, cfg, seed=0) for i in range(5)]
+    sizes = [len(make_site(s, 5, cfg, seed=0).train_texts) for s in order]
+    # Assert: a permutation of the sites, in non-increasing size (longest work dispatched first);
+    # without size differences, or outside the federation, node i plays site i
+    assert sorted(order) == list(range(5)) and order != list(range(5))
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    assert [simulated_site(i, 5, flat, seed=0) for i in range(5)] == list(range(5))
+    assert simulated_site(7, 5, cfg, seed=0) == 7

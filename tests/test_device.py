@@ -151,7 +151,10 @@ def test_client_app_refuses_seeded_noise_without_a_simulation_partition():
     # Execute / Assert
     with pytest.raises(site.SiteError, match="refused on a deployed site"):
         client_app._setup(msg, deployed)
-    assert client_app._setup(msg, virtual)[1:3] == (0, 2)
+    from fedpeft.data.sites import simulated_site
+
+    cfg = from_run_config(flat)
+    assert client_app._setup(msg, virtual)[1:3] == (simulated_site(0, 2, cfg.data, seed=cfg.train.seed), 2)
 
 
 def test_worker_reuses_its_model_and_data_without_leaking_between_sites():
