@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from fedpeft import models, site, training
+from fedpeft import adapters, models, site, training
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import global_test_set, make_site
 
@@ -34,6 +34,8 @@ def train_centralised(cfg: RunConfig, *, epochs: int, device: torch.device | Non
     tt, ty = global_test_set(cfg.data, seed=cfg.train.seed)
     test_ds = site.dataset(cfg, tt, ty)
     model = site.build_model(cfg, dp=cfg.privacy.enabled)
+    # The federation's own round-0 adapter: a seeded start (torch's default seed differs per process)
+    adapters.set_adapter_state(model, site.initial_adapter_state(cfg))
     state = None
     if cfg.privacy.enabled:
         state = training.plan_privacy(num_examples=len(train_ds), train=cfg.train, privacy=cfg.privacy,
