@@ -185,7 +185,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         print(f"warn {w}")
     for s, a in sorted(res.sites.items()):
         print(f"site {s}: {a.releases} releases, {a.steps} steps, claimed eps {a.claimed_epsilon:.4f}, "
-              f"recomputed {a.epsilon_recomputed:.4f} ({'PLD' if a.accountant == 'prv' else 'RDP'}; RDP {a.epsilon_rdp:.4f}, "
+              f"recomputed {a.epsilon_recomputed:.4f} ({a.recomputed_with}; RDP {a.epsilon_rdp:.4f}, "
               f"PLD {a.epsilon_pld:.4f}), budget {a.target_epsilon:g}")
     if res.empirical:
         print(f"empirical: {res.empirical['summary']}")

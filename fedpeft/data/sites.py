@@ -45,7 +45,7 @@ def simulated_site(partition_id: int, num_sites: int, cfg: DataConfig, *, seed: 
 
     Flower's Simulation Engine queues a round's messages in node order and each Ray worker takes the
     next one when it is free, so handing out the largest sites first packs the workers evenly
-    (longest-processing-time-first scheduling; ~15 % off the default run's wall time). Every site
+    (longest-processing-time-first scheduling; ~10 % off the default run's wall time). Every site
     is still played by exactly one node. Sizes are known up front only for the generator.
     """
     if cfg.source != "notes" or cfg.quantity_skew == 0 or not 0 <= partition_id < num_sites:

@@ -47,7 +47,12 @@ class SiteAudit:
     def epsilon_recomputed(self) -> float:
         """The audit's epsilon of the same kind as the claim: PLD for a PRV claim (both compute the
         exact privacy curve numerically), RDP for an RDP claim."""
-        return self.epsilon_pld if self.accountant == "prv" else self.epsilon_rdp
+        return self.epsilon_pld if self.recomputed_with == "PLD" else self.epsilon_rdp
+
+    @property
+    def recomputed_with(self) -> str:
+        """dp_accounting's accountant that checks this site's claim."""
+        return "PLD" if self.accountant == "prv" else "RDP"
 
 
 @dataclass
@@ -119,13 +124,13 @@ def _audit_site(res: AuditResult, site: int, path: Path, trusted: str | None) ->
         if noise == "seeded" and e.get("deployed"):
             res.failures.append(f"{where}: dp-noise='seeded' on a deployed site: the coordinator can "
                                 "reproduce this noise, so the claimed epsilon does not hold against it")
-        prv = sa.accountant == "prv"
+        prv = sa.recomputed_with == "PLD"
         eps2 = (epsilon_pld if prv else epsilon_rdp)(history, delta)
         sa.rounds.append({"round": e.get("round"), "claimed": claimed, "recomputed": eps2})
         # PRV and PLD each carry a discretisation error of ~0.01 in epsilon, so an absolute slack too
         if not math.isclose(eps2, claimed, rel_tol=res.tolerance, abs_tol=PLD_SLACK if prv else 1e-6):
             res.failures.append(f"{where}: claimed epsilon {claimed:.4f} but dp_accounting's "
-                                f"{'PLD' if prv else 'RDP'} gives {eps2:.4f} (tolerance {res.tolerance:.0%})")
+                                f"{sa.recomputed_with} gives {eps2:.4f} (tolerance {res.tolerance:.0%})")
         if eps2 > target * (1 + res.tolerance) + (PLD_SLACK if prv else 0.0) or claimed > target:
             res.failures.append(f"{where}: epsilon {max(eps2, claimed):.4f} overruns the site's budget "
                                 f"target-epsilon={target:g}")
