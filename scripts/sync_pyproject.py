@@ -1,4 +1,6 @@
-"""Rewrite pyproject's [tool.flwr.app.config] from fedpeft.config's defaults (run after changing them).
+"""Rewrite pyproject's [tool.flwr.app.config] from the `hospitals` preset (fedpeft.config's defaults
+plus simulations/hospitals.toml; run after changing either), so `flwr run .` and `fedpeft simulate`
+run the same default job.
 
 `flwr run` only accepts overrides for declared keys, so the table must list every key;
 tests/test_config.py fails when the two drift apart.
@@ -6,7 +8,7 @@ tests/test_config.py fails when the two drift apart.
 
 from pathlib import Path
 
-from fedpeft.config import RunConfig, to_run_config
+from fedpeft.cli import simulation_config
 
 
 def fmt(v: object) -> str:
@@ -20,5 +22,5 @@ def fmt(v: object) -> str:
 path = Path(__file__).resolve().parents[1] / "pyproject.toml"
 text = path.read_text()
 head = text[: text.index("[tool.flwr.app.config]")]
-body = "\n".join(f"{k} = {fmt(v)}" for k, v in to_run_config(RunConfig()).items())
+body = "\n".join(f"{k} = {fmt(v)}" for k, v in simulation_config("hospitals", None, None).items())
 path.write_text(head + "[tool.flwr.app.config]\n" + body + "\n")

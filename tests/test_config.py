@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fedpeft.cli import simulation_config
 from fedpeft.config import ConfigError, RunConfig, from_run_config, to_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,11 +49,12 @@ def test_flat_round_trip():
     assert from_run_config(to_run_config(cfg)) == cfg
 
 
-def test_pyproject_flower_config_lists_every_key_with_the_library_defaults():
+def test_pyproject_flower_config_lists_every_key_and_is_the_hospitals_preset():
     # `flwr run` only accepts overrides for keys the app declares; they must not drift from the dataclasses.
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert set(declared) == set(to_run_config(RunConfig()))
-    assert from_run_config(declared) == from_run_config({"preset": "hospitals"})
+    # and they are the default job, `fedpeft simulate`'s hospitals preset (its file included)
+    assert from_run_config(declared) == from_run_config(simulation_config("hospitals", None, None))
 
 
 def test_cli_rejects_a_bad_override_before_starting_anything(capsys):
