@@ -9,7 +9,7 @@ from fedpeft.config import RunConfig, from_run_config
 from fedpeft.data.sites import simulated_site
 from fedpeft.federation import ARRAYS, CONFIG, METRICS, STATUS, from_arrays, metric_record, status_record, to_arrays
 from fedpeft.privacy.vault import SiteVault, site_folder
-from fedpeft.site import apply_node_config, check_noise_source, settle_ledger, site_evaluate, site_round
+from fedpeft.site import apply_node_config, settle_ledger, site_evaluate, site_round
 from fedpeft.runtime import quiet_libraries, set_threads
 
 app = ClientApp()
@@ -22,9 +22,9 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, str | N
     cfg = from_run_config(dict(msg.content[CONFIG]))
     set_threads(cfg.federation.client_cpus)
     nc = context.node_config
-    cfg = apply_node_config(cfg, nc)  # a deployed site's own columns and privacy budget
     # Flower's Simulation Engine gives every virtual node a partition-id; a real SuperNode does not.
-    check_noise_source(cfg, deployed="partition-id" not in nc)
+    # A deployed site's own columns and privacy policy: a run config asking for less is refused.
+    cfg = apply_node_config(cfg, nc, deployed="partition-id" not in nc)
     if "site-id" in nc:  # a deployed site names itself
         site = int(nc["site-id"])
         num = int(nc.get("num-partitions", site + 1))
@@ -55,7 +55,7 @@ def train(msg: Message, context: Context) -> Message:
     # rounds and SuperNode restarts
     reply = site_round(cfg, site=site, num_sites=num, server_round=int(msg.content[CONFIG]["server-round"]),
                        global_state=from_arrays(msg.content[ARRAYS]),
-                       vault=_vault(context, cfg, site, deployed) if cfg.privacy.enabled else None,
+                       vault=_vault(context, cfg, site, deployed) if cfg.privacy.enabled or deployed else None,
                        data_path=path, deployed=deployed, rank=_node_rank(context),
                        attempt=int(msg.content[CONFIG].get("attempt", 0)))
     content = RecordDict({METRICS: metric_record(reply.metrics), STATUS: status_record(reply)})

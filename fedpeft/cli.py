@@ -207,7 +207,8 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 def _coordinator(args: argparse.Namespace):
     from fedpeft.deploy.coordinator import Coordinator
 
-    return Coordinator(Path(args.state_dir), None if args.insecure else Path(args.certs), host=args.host, port=args.port)
+    return Coordinator(Path(args.state_dir), None if args.insecure else Path(args.certs), host=args.host, port=args.port,
+                       internal_port=args.internal_port)
 
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
@@ -221,12 +222,21 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         elif args.action == "stop":
             print("stopped" if coord.stop() else f"no SuperLink running from {coord.state_dir}")
         elif args.action == "register":
+            if not args.keys:
+                raise ValueError("coordinator register: give the sites' auth.pub files "
+                                 "(e.g. `fedpeft coordinator register certs/site-0/auth.pub`)")
             for key in args.keys:
+                if not Path(key).is_file():
+                    raise ValueError(f"KEY={key!r}: no such public key file")
                 print(coord.register(key).strip())
         elif args.action == "run":
             rc = args.run_config or ""
             if rc and rc.endswith(".toml") and Path(rc).is_file():  # flwr resolves a file against the app
                 rc = str(Path(rc).resolve())
+            from fedpeft.deploy.apptrust import app_hash
+
+            print(f"app {args.app}: sha256 {app_hash(args.app)} (sites run it only if their [app] trusted "
+                  "lists it)", flush=True)
             res = coord.run(args.app, rc, timeout=args.timeout)
             print(res.stdout[-4000:])
     except CoordinatorError as e:
@@ -235,21 +245,53 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_key(cfg) -> tuple[str, Path]:
+    """This site's ledger key fingerprint (the key is made on first use) and its public key file."""
+    from fedpeft.privacy.ledger import fingerprint
+    from fedpeft.privacy.vault import SiteVault
+
+    pem = SiteVault(cfg.state_dir, cfg.site_id).public_key()
+    pub = cfg.state_dir / f"site-{cfg.site_id}.pub"
+    if not pub.exists() or pub.read_text() != pem:
+        from fedpeft.io import atomic_write_bytes
+
+        atomic_write_bytes(pub, pem.encode())
+    return fingerprint(pem), pub
+
+
 def _cmd_site(args: argparse.Namespace) -> int:
+    from fedpeft.deploy.apptrust import launcher_env
     from fedpeft.deploy.coordinator import OFFLINE_ENV
     from fedpeft.deploy.site_config import load_site_config
 
     cfg = load_site_config(args.config, insecure=args.insecure)
+    fp, pub = _site_key(cfg)
+    if args.fingerprint:
+        print(f"site {cfg.site_id} ledger key {fp}  (public key {pub})")
+        return 0
     argv = cfg.supernode_args()
     print(f"site {cfg.site_id}: {cfg.examples} labelled notes in {cfg.data_path}; connecting to {cfg.address} "
           f"({'INSECURE, local testing only' if cfg.insecure else 'TLS'})")
+    print(f"site {cfg.site_id}: privacy policy (this file's, not the coordinator's): "
+          f"{'DP on, at most epsilon=%g, delta=%g' % (cfg.target_epsilon, cfg.target_delta) if cfg.dp else 'DP OFF'}; "
+          f"trusted apps: {', '.join(h[:16] + '...' for h in cfg.trusted_apps) or 'ANY (insecure mode)'}")
+    print(f"site {cfg.site_id}: ledger key {fp} — give it to your privacy officer out of band")
     if args.dry_run:
         print(" ".join(argv))
         return 0
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
+    env = launcher_env(cfg.state_dir, cfg.trusted_apps, {**os.environ, **OFFLINE_ENV})
     # become the SuperNode: stopping this process (Ctrl-C, SIGTERM, a service manager) stops it
-    os.execvpe(argv[0], argv, {**os.environ, **OFFLINE_ENV})
+    os.execvpe(argv[0], argv, env)
+
+
+def _cmd_app_hash(args: argparse.Namespace) -> int:
+    from fedpeft.deploy.apptrust import app_hash
+
+    if not (Path(args.app) / "pyproject.toml").is_file():
+        raise ValueError(f"APP={args.app!r}: not a Flower app folder (no pyproject.toml)")
+    print(app_hash(args.app))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     co.add_argument("--state-dir", default="coordinator", help="SuperLink state, log, PID and flwr config")
     co.add_argument("--certs", default="certs", help="folder from `fedpeft certs`")
     co.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on")
-    co.add_argument("--port", type=int, default=9092)
+    co.add_argument("--port", type=int, default=9092, help="the sites' port (Fleet API only)")
+    co.add_argument("--internal-port", type=int, default=None,
+                    help="the SuperLink's own port, on 127.0.0.1 only (default: --port + 1)")
     co.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (local testing only)")
     co.add_argument("--app", default=str(Path(__file__).resolve().parents[1]), help="run: the Flower app folder")
     co.add_argument("--run-config", default=None, help="run: overrides, Flower syntax, or a preset .toml path")
@@ -294,7 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("config", metavar="CONFIG.toml")
     st.add_argument("--insecure", action="store_true", help="connect without TLS (local testing only)")
     st.add_argument("--dry-run", action="store_true", help="validate and print the flower-supernode command")
+    st.add_argument("--fingerprint", action="store_true",
+                    help="print this site's ledger key fingerprint (making the key if needed) and exit")
     st.set_defaults(func=_cmd_site)
+    ah = sub.add_parser("app-hash", help="the SHA-256 of the Flower app `flwr run APP` would submit (pin it "
+                                         "in each site's [app] trusted)")
+    ah.add_argument("app", metavar="APP", nargs="?", default=str(Path(__file__).resolve().parents[1]))
+    ah.set_defaults(func=_cmd_app_hash)
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

@@ -28,6 +28,7 @@ from fedpeft.privacy.audit.canaries import TrainingCanaries
 from fedpeft.faults import InjectedFault, attacked, attackers, crashes, hangs, is_late
 from fedpeft.privacy.ledger import delta_hash
 from fedpeft.privacy.vault import SiteVault
+from fedpeft.policy import SitePolicy, check_noise_source  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -176,28 +177,13 @@ def site_work(cfg: RunConfig, *, site: int, num_sites: int, data_path: str | Non
     return work
 
 
-def check_noise_source(cfg: RunConfig, *, deployed: bool) -> None:
-    """A deployed site never uses DP noise the coordinator could reproduce from the run config, and
-    never obeys the simulation-only fault and attack injection a run config could ask for."""
-    fed = cfg.federation
-    if deployed and (fed.attack != "none" or fed.fault_crash > 0 or fed.fault_hang > 0
-                     or fed.fault_late > 0 or cfg.privacy.audit_canaries > 0):
-        raise SiteError(f"attack={fed.attack!r} fault-crash={fed.fault_crash} fault-hang={fed.fault_hang} "
-                        f"fault-late={fed.fault_late} audit-canaries="
-                        f"{cfg.privacy.audit_canaries}: fault, attack and canary injection are for simulations; "
-                        "refused on a deployed site")
-    if deployed and cfg.privacy.enabled and cfg.privacy.noise == "seeded":
-        raise SiteError("dp-noise='seeded': refused on a deployed site (anyone with the run seed, the "
-                        "coordinator included, could regenerate and subtract the noise); use dp-noise='secret'")
+NODE_KEYS = {"text-column": ("data", "text_column", str), "label-column": ("data", "label_column", str)}
 
 
-NODE_KEYS = {"text-column": ("data", "text_column", str), "label-column": ("data", "label_column", str),
-             "target-epsilon": ("privacy", "target_epsilon", float), "target-delta": ("privacy", "target_delta", float)}
-
-
-def apply_node_config(cfg: RunConfig, node_config: Mapping[str, object]) -> RunConfig:
-    """A deployed site's own settings win over the run's: its file's columns and its privacy
-    budget. Its label list must be the run's (same classes, same order) or it cannot take part."""
+def apply_node_config(cfg: RunConfig, node_config: Mapping[str, object], *, deployed: bool) -> RunConfig:
+    """A deployed site's own settings win over the run's: its file's columns, and its privacy
+    policy (``fedpeft.policy``: a run config that asks for less is refused). Its label list must be
+    the run's (same classes, same order) or it cannot take part."""
     labels = node_config.get("labels")
     if labels is not None:
         mine = [x.strip() for x in str(labels).split(",") if x.strip()]
@@ -209,7 +195,7 @@ def apply_node_config(cfg: RunConfig, node_config: Mapping[str, object]) -> RunC
         if key in node_config:
             sec = dataclasses.replace(getattr(out, section), **{attr: typ(node_config[key])})
             out = dataclasses.replace(out, **{section: sec})
-    return out
+    return SitePolicy.from_node_config(node_config).enforce(out) if deployed else out
 
 
 def round_seed(seed: int, site: int, server_round: int) -> int:
@@ -269,7 +255,7 @@ def site_train(
         "noise-multiplier": state.noise_multiplier if state else 0.0,
         "bfloat16": float(models.resolve_precision(cfg.model.precision, device) == "bfloat16"),
         "lora-rank": float(rank if rank is not None else cfg.adapter.rank),
-        "server-round": float(server_round),
+        "server-round": float(server_round), "dp": float(cfg.privacy.enabled),
     }
     return delta, metrics, (res.privacy_state.to_json() if res.privacy_state else None)
 
@@ -280,6 +266,9 @@ def privacy_plan(cfg: RunConfig, num_examples: int, privacy_json: str | None) ->
         return PrivacyState.from_json(privacy_json)
     return training.plan_privacy(num_examples=num_examples, train=cfg.train, privacy=cfg.privacy,
                                  num_rounds=cfg.federation.num_rounds)
+
+
+NO_DP_REASON = "trained WITHOUT differential privacy: this site's own policy (dp = false in its file)"
 
 
 @dataclasses.dataclass
@@ -308,7 +297,11 @@ def site_round(
     if not cfg.privacy.enabled or vault is None:
         delta, metrics, _ = site_train(cfg, site=site, num_sites=num_sites, server_round=server_round,
                                        global_state=global_state, privacy_json=None, data_path=data_path, rank=rank)
-        return RoundReply("trained", delta, metrics)
+        if vault is None:
+            return RoundReply("trained", delta, metrics)
+        with vault.exclusive():  # a deployed site whose own file turned DP off: its ledger says so
+            vault.record_release_without_dp(server_round=server_round, delta=delta)
+            return RoundReply("trained", delta, metrics, NO_DP_REASON, vault.ledger_bytes(), vault.public_key())
     with vault.exclusive():
         return _private_round(cfg, site=site, num_sites=num_sites, server_round=server_round,
                               global_state=global_state, vault=vault, data_path=data_path, deployed=deployed,

@@ -5,6 +5,7 @@ commands the deploy guide uses, bounded in time, every process gone afterwards."
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import signal
@@ -32,6 +33,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+APP = Path(__file__).resolve().parents[1]
+
+
+@functools.lru_cache(maxsize=1)
+def _app_hash() -> str:
+    from fedpeft.deploy.apptrust import app_hash
+
+    return app_hash(APP)
+
+
 def _site_files(root: Path, site: int, port: int, certs: Path, **over) -> Path:
     texts, labels = generate_notes(n=80, seed=20 + site)
     data = root / f"site{site}.csv"
@@ -40,7 +51,7 @@ def _site_files(root: Path, site: int, port: int, certs: Path, **over) -> Path:
         w.writerow(["note", "diagnosis"])
         w.writerows([t, LABELS[y]] for t, y in zip(texts, labels))
     fields = {"address": f"127.0.0.1:{port}", "label_column": "diagnosis", "path": str(data),
-              "labels": json.dumps(list(LABELS)), **over}
+              "labels": json.dumps(list(LABELS)), "trusted": json.dumps([_app_hash()]), "privacy": "", **over}
     cfg = root / f"site{site}.toml"
     cfg.write_text(f"""[site]
 id = {site}
@@ -60,6 +71,9 @@ labels = {fields['labels']}
 
 [privacy]
 target-epsilon = 6.0
+{fields['privacy']}
+[app]
+trusted = {fields['trusted']}
 """)
     return cfg
 
@@ -72,7 +86,7 @@ def test_certs_are_valid_private_keys_0600_and_never_overwritten(tmp_path):
     srv = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
     srv.verify_directly_issued_by(ca)
     san = srv.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["coord.example.org"]
+    assert san.get_values_for_type(x509.DNSName) == ["coord.example.org", "localhost"]  # loopback: always
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     for p in (paths.ca_key, paths.server_key, *(k for k, _ in paths.site_keys.values())):
         assert p.stat().st_mode & 0o777 == 0o600
@@ -101,6 +115,66 @@ def test_bad_site_config_fails_before_connecting_naming_the_field(tmp_path, cert
         load_site_config(cfg)
 
 
+@pytest.mark.parametrize("section, typo, suggestion", [
+    ("privacy", "target-epsion = 3.0", "privacy.target-epsilon"),
+    ("coordinator", 'auth_key = "x"', "coordinator.auth-key"),
+    ("data", 'lable-column = "x"', "data.label-column"),
+])
+def test_an_unknown_key_in_any_section_fails_and_suggests_the_closest(tmp_path, certs, section, typo, suggestion):
+    # Prepare: the typo added to its section of an otherwise valid file
+    cfg = _site_files(tmp_path, 0, 9092, certs)
+    cfg.write_text(cfg.read_text().replace(f"[{section}]\n", f"[{section}]\n{typo}\n", 1))
+    # Execute / Assert: an error naming the key and the closest known one, never a silent default
+    key = f"{section}.{typo.split(' =')[0]}"
+    with pytest.raises(ConfigError, match=rf"^{key}: unknown key \(did you mean '{suggestion}'\?"):
+        load_site_config(cfg)
+
+
+def test_a_passphrase_protected_node_key_gets_a_clear_message(tmp_path, certs):
+    import shutil
+
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("needs OpenSSH's ssh-keygen (the guide's command)")
+    # Prepare: what `ssh-keygen -t ecdsa -b 384` makes when given a passphrase, and without one
+    key = tmp_path / "auth"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "secret", "-f", str(key)], check=True)
+    plain = tmp_path / "plain"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(plain)], check=True)
+    cfg = _site_files(tmp_path, 0, 9092, certs)
+    cfg.write_text(cfg.read_text().replace(str(certs / "site-0" / "auth"), str(key)))
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"^coordinator.auth-key=.*passphrase.*ssh-keygen -t ecdsa -b 384 -N"):
+        load_site_config(cfg)
+    # the guide's command (-N "") makes one that works
+    cfg.write_text(cfg.read_text().replace(str(key), str(plain)))
+    assert load_site_config(cfg).auth_key == plain
+
+
+def test_a_site_must_pin_the_apps_it_runs_and_pins_are_hashes(tmp_path, certs):
+    cfg = _site_files(tmp_path, 0, 9092, certs)
+    text = cfg.read_text()
+    cfg.write_text(text.replace(f"trusted = {json.dumps([_app_hash()])}", ""))
+    with pytest.raises(ConfigError, match=r"^app.trusted: missing"):
+        load_site_config(cfg)
+    cfg.write_text(text.replace(_app_hash(), "abc"))
+    with pytest.raises(ConfigError, match=r"^app.trusted='abc': must be a list of SHA-256"):
+        load_site_config(cfg)
+    # the node config carries the site's own policy
+    nc = load_site_config(_site_files(tmp_path, 0, 9092, certs)).node_config()
+    assert 'dp="true"' in nc and "target-epsilon=6.0" in nc
+
+
+def test_the_gateway_forwards_the_fleet_api_only():
+    from fedpeft.deploy.gateway import allowed
+
+    assert allowed("POST", "/v1/fleet/pull-messages")
+    for method, path in [("POST", "/v1/control/start-run"), ("POST", "/v1/control/list-runs"),
+                         ("POST", "/v1/runtime/acquire-task"), ("GET", "/v1/fleet/pull-messages"),
+                         ("POST", "/v1/fleet/../control/start-run"), ("POST", "/v1/fleet/%2e%2e/control/stop-run"),
+                         ("GET", "/docs"), ("POST", "/v1/fleet//x")]:
+        assert not allowed(method, path), (method, path)
+
+
 def test_site_refuses_to_run_without_tls_unless_insecure(tmp_path, certs):
     cfg = _site_files(tmp_path, 0, 9092, certs)
     cfg.write_text(cfg.read_text().replace(f'ca-cert = "{certs / "ca.crt"}"\n', ""))
@@ -115,9 +189,11 @@ def test_site_refuses_to_run_without_tls_unless_insecure(tmp_path, certs):
 
 
 def _spawn_site(cfg: Path, log: Path) -> subprocess.Popen:
+    """A site's SuperNode with its own FLWR_HOME (where Flower would install a run's app)."""
+    home = cfg.parent / f"flwr-home-{cfg.stem}"
     return subprocess.Popen([sys.executable, "-m", "fedpeft.cli", "site", str(cfg)], stdout=log.open("wb"),
                             stderr=subprocess.STDOUT, cwd=cfg.parent, start_new_session=True,
-                            env={**os.environ, "FEDPEFT_WORKERS": "1"})
+                            env={**os.environ, "FEDPEFT_WORKERS": "1", "FLWR_HOME": str(home)})
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -163,7 +239,7 @@ def test_tls_authenticated_federation_of_two_sites_runs_and_cleans_up(tmp_path, 
         # Execute: 2 rounds of the tiny model over TLS
         res = coord.run(Path(__file__).resolve().parents[1],
                         f"model='tiny' lora-layers='' num-sites=2 num-server-rounds=2 min-train-sites=2 "
-                        f"batch-size=16 global-test-size=60 out-dir='{out}'", timeout=400)
+                        f"batch-size=16 global-test-size=60 target-epsilon=6.0 out-dir='{out}'", timeout=400)
         # Assert: the global adapter, each site's privacy state and ledger, a passing audit
         assert (out / "adapter" / "adapter_model.safetensors").exists(), res.stdout[-2000:]
         metrics = json.loads((out / "metrics.json").read_text())
@@ -222,6 +298,24 @@ def test_unregistered_key_other_ca_and_plain_http_are_refused(tmp_path, certs):
         # plain HTTP to the coordinator fails
         with pytest.raises(Exception):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
+        # a stranger holding only ca.crt (every site has it) can neither list, submit nor stop runs
+        home = tmp_path / "stranger"
+        home.mkdir()
+        (home / "ca.crt").write_bytes((certs / "ca.crt").read_bytes())
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "c"\n\n[superlink.c]\naddress = '
+                                          f'"127.0.0.1:{port}"\nroot-certificates = "{home / "ca.crt"}"\n')
+        env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
+        for args in (["ls", "c"], ["run", str(APP), "c"], ["stop", "123", "c"]):
+            res = subprocess.run(["flwr", *args], env=env, capture_output=True, text=True, timeout=120)
+            assert res.returncode != 0, (args, res.stdout[-1500:])
+            assert "Successfully started run" not in res.stdout
+        # control: the same stranger's `flwr ls` works on the SuperLink's own loopback port (what the
+        # public port was before the gateway), and so does the operator's CLI (check=True)
+        (home / "config.toml").write_text((home / "config.toml").read_text().replace(
+            f":{port}", f":{coord.internal_port}"))
+        res = subprocess.run(["flwr", "ls", "c"], env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout[-1500:]
+        coord.flwr("ls", timeout=60)
     finally:
         coord.stop()
 
@@ -246,7 +340,7 @@ def test_coordinator_killed_mid_run_resumes_after_its_last_round_without_doublin
     app = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
     run_config = (f"model='tiny' lora-layers='' num-sites=2 num-server-rounds=2 min-train-sites=2 "
-                  f"batch-size=16 global-test-size=60 out-dir='{out}'")
+                  f"batch-size=16 global-test-size=60 target-epsilon=6.0 out-dir='{out}'")
     try:
         for s in range(2):
             coord.register(certs / f"site-{s}" / "auth.pub")
@@ -289,6 +383,47 @@ def test_coordinator_killed_mid_run_resumes_after_its_last_round_without_doublin
             assert [e["round"] for e in releases] == [1, 2], entries
         res = audit_run(out)
         assert res.ok, res.failures
+    finally:
+        for p in sites:
+            _kill_group(p)
+        coord.stop()
+
+
+@pytest.mark.slow
+def test_sites_refuse_a_run_weakening_their_policy_and_an_app_they_do_not_trust(tmp_path, certs):
+    """Through real SuperNodes: the coordinator asks for dp=false; site 0 (its file: DP on) refuses
+    before training, site 1 (its file pins another app) refuses before Flower installs the app."""
+    from fedpeft.deploy.coordinator import CoordinatorError
+
+    # Prepare
+    port = _free_port()
+    coord = Coordinator(tmp_path / "coordinator", certs, host="127.0.0.1", port=port)
+    coord.start()
+    sites: list[subprocess.Popen] = []
+    out = tmp_path / "run"
+    try:
+        for s in range(2):
+            coord.register(certs / f"site-{s}" / "auth.pub")
+        cfgs = [_site_files(tmp_path, 0, port, certs),
+                _site_files(tmp_path, 1, port, certs, trusted=json.dumps(["0" * 64]))]
+        sites = [_spawn_site(c, tmp_path / f"site{s}.log") for s, c in enumerate(cfgs)]
+        # Execute
+        try:
+            coord.run(APP, f"model='tiny' lora-layers='' num-sites=2 num-server-rounds=1 min-train-sites=1 "
+                           f"round-retries=0 batch-size=16 global-test-size=60 dp=false out-dir='{out}'",
+                      timeout=300)
+        except CoordinatorError:
+            pass  # a run in which no site trains may end as failed; what matters is why
+        # Assert: both refusals reached the coordinator, with their reasons
+        reasons = " | ".join(f["reason"] for r in json.loads((out / "metrics.json").read_text())["rounds"]
+                             for f in r.get("failures", []))
+        assert "dp=false" in reasons and "refused (this site's policy" in reasons, reasons
+        assert "not one this site trusts" in reasons, reasons
+        # site 0 trained nothing (its ledger holds no release); site 1 never installed the app
+        ledger = tmp_path / "state-site0" / "ledger.jsonl"
+        assert not ledger.exists() or '"dp-sgd"' not in ledger.read_text()
+        apps = tmp_path / "flwr-home-site1" / "apps"
+        assert not apps.exists() or not any(apps.iterdir()), list(apps.iterdir())
     finally:
         for p in sites:
             _kill_group(p)

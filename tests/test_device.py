@@ -11,6 +11,7 @@ import torch
 
 from fedpeft import adapters, models, prefix, site, training
 from fedpeft.config import from_run_config
+from fedpeft.policy import PolicyError
 from tests.conftest import make_tiny_lora
 
 TINY = {"model": "tiny", "lora-layers": "", "lr": 0.01, "adapter-lr-scale": 1.0, "notes-per-site": 40,
@@ -127,7 +128,7 @@ def test_sites_draw_secret_noise_unless_the_run_asks_for_seeded():
 
 def test_a_deployed_site_refuses_seeded_noise():
     seeded = from_run_config({**TINY, "dp-noise": "seeded"})
-    with pytest.raises(site.SiteError, match="dp-noise='seeded': refused on a deployed site"):
+    with pytest.raises(PolicyError, match="dp-noise=.seeded.: refused on a deployed site"):
         site.check_noise_source(seeded, deployed=True)
     site.check_noise_source(seeded, deployed=False)  # a simulation may
     site.check_noise_source(from_run_config(TINY), deployed=True)  # secret noise is always fine
@@ -149,8 +150,13 @@ def test_client_app_refuses_seeded_noise_without_a_simulation_partition():
     virtual = Context(run_id=1, node_id=2, node_config={"partition-id": 0, "num-partitions": 2},
                       state=RecordDict(), run_config={})
     # Execute / Assert
-    with pytest.raises(site.SiteError, match="refused on a deployed site"):
+    with pytest.raises(PolicyError, match="refused on a deployed site"):
         client_app._setup(msg, deployed)
+    no_dp = SimpleNamespace(content={CONFIG: config_record({**to_run_config(from_run_config({**TINY, "dp": False})),
+                                                            "server-round": 1})})
+    with pytest.raises(PolicyError, match="^dp=false: the run config asks this site to train without"):
+        client_app._setup(no_dp, deployed)
+    assert not client_app._setup(no_dp, virtual)[0].privacy.enabled  # a simulation may
     from fedpeft.data.sites import simulated_site
 
     cfg = from_run_config(flat)

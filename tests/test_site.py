@@ -114,6 +114,7 @@ def test_overlapping_requests_for_one_site_take_turns_and_chain_one_ledger(tmp_p
 
 
 def test_attack_and_fault_injection_are_simulation_only_and_do_what_they_say():
+    from fedpeft.policy import PolicyError
     from fedpeft.site import attackers, check_noise_source
 
     # Prepare: 3 sites, sign-flip at 1/3 (one attacker)
@@ -130,6 +131,6 @@ def test_attack_and_fault_injection_are_simulation_only_and_do_what_they_say():
     # Assert: exactly -4 x the honest delta (same seed, no DP); a deployed site refuses the config
     for k in honest:
         torch.testing.assert_close(poisoned[k], -4.0 * honest[k], rtol=1e-6, atol=1e-7)
-    with pytest.raises(SiteError, match="refused on a deployed site"):
+    with pytest.raises(PolicyError, match="refused on a deployed site"):
         check_noise_source(cfg, deployed=True)
     check_noise_source(cfg, deployed=False)

@@ -20,14 +20,19 @@ text-column = "text"
 label-column = "label"
 labels = ["cardiology", "pulmonology"]  # the federation's shared label list, in order
 
-[privacy]
-target-epsilon = 8.0
+[privacy]                               # this site's own policy: no run config can weaken it
+dp = true                               # only this file can turn DP off (replies and ledger then say so)
+target-epsilon = 8.0                    # the most this site spends; a run asking for more is refused
 target-delta = 1e-5
+
+[app]
+trusted = ["<sha256 of the app>"]       # `fedpeft app-hash DIR`: this site runs no other app
 ```
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -54,8 +59,10 @@ class SiteConfig:
     label_column: str = "label"
     ca_cert: Path | None = None
     auth_key: Path | None = None
+    dp: bool = True
     target_epsilon: float = 8.0
     target_delta: float = 1e-5
+    trusted_apps: list[str] = field(default_factory=list)
     lora_rank: int | None = None
     api_port: int | None = None
     insecure: bool = False
@@ -66,6 +73,7 @@ class SiteConfig:
         items: dict[str, Any] = {
             "site-id": self.site_id, "data-path": str(self.data_path), "state-dir": str(self.state_dir),
             "text-column": self.text_column, "label-column": self.label_column, "labels": ",".join(self.labels),
+            "dp": "true" if self.dp else "false",
             "target-epsilon": float(self.target_epsilon), "target-delta": float(self.target_delta),
         }
         if self.lora_rank is not None:
@@ -83,6 +91,33 @@ class SiteConfig:
         if self.api_port is not None:
             args += ["--port", str(self.api_port)]
         return args
+
+
+SCHEMA: dict[str, tuple[str, ...]] = {
+    "site": ("id", "state-dir", "lora-rank", "api-port"),
+    "coordinator": ("address", "ca-cert", "auth-key"),
+    "data": ("path", "text-column", "label-column", "labels"),
+    "privacy": ("dp", "target-epsilon", "target-delta"),
+    "app": ("trusted",),
+}
+
+
+def _unknown(name: str, known: tuple[str, ...], what: str) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ConfigError(f"{name}: unknown {what} ({hint}known: {', '.join(known)})")
+
+
+def _check_keys(raw: dict[str, Any]) -> None:
+    """Every section and every key is known: a typo must never fall back to a default silently."""
+    for sec, body in raw.items():
+        if sec not in SCHEMA:
+            raise _unknown(sec, tuple(SCHEMA), "section")
+        if not isinstance(body, dict):
+            raise _bad(sec, body, "must be a [table]")
+        for key in body:
+            if key not in SCHEMA[sec]:
+                raise _unknown(f"{sec}.{key}", tuple(f"{sec}.{k}" for k in SCHEMA[sec]), "key")
 
 
 def _get(section: dict, name: str, key: str, typ: type, default: Any = ...) -> Any:
@@ -110,13 +145,8 @@ def load_site_config(path: str | Path, *, insecure: bool = False) -> SiteConfig:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     base = path.parent.resolve()
     rel = (lambda p: (base / p) if not Path(p).is_absolute() else Path(p))
-    site, coord, data, priv = (raw.get(k, {}) for k in ("site", "coordinator", "data", "privacy"))
-    for name, sec in (("site", site), ("coordinator", coord), ("data", data), ("privacy", priv)):
-        if not isinstance(sec, dict):
-            raise _bad(name, sec, "must be a [table]")
-    unknown = set(raw) - {"site", "coordinator", "data", "privacy"}
-    if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown section (known: site, coordinator, data, privacy)")
+    _check_keys(raw)
+    site, coord, data, priv, app = (raw.get(k, {}) for k in ("site", "coordinator", "data", "privacy", "app"))
 
     site_id = _get(site, "site", "id", int)
     if site_id < 0:
@@ -130,6 +160,8 @@ def load_site_config(path: str | Path, *, insecure: bool = False) -> SiteConfig:
         data_path=rel(_get(data, "data", "path", str)), labels=list(_get(data, "data", "labels", list)),
         text_column=_get(data, "data", "text-column", str, "text"),
         label_column=_get(data, "data", "label-column", str, "label"),
+        dp=_get(priv, "privacy", "dp", bool, True),
+        trusted_apps=list(_get(app, "app", "trusted", list, [])),
         target_epsilon=_get(priv, "privacy", "target-epsilon", float, 8.0),
         target_delta=_get(priv, "privacy", "target-delta", float, 1e-5),
         lora_rank=_get(site, "site", "lora-rank", int, None), api_port=_get(site, "site", "api-port", int, None),
@@ -143,10 +175,17 @@ def load_site_config(path: str | Path, *, insecure: bool = False) -> SiteConfig:
         raise _bad("privacy.target-epsilon", cfg.target_epsilon, "must be > 0")
     if not 0 < cfg.target_delta < 1:
         raise _bad("privacy.target-delta", cfg.target_delta, "must be in (0, 1)")
+    for h in cfg.trusted_apps:
+        if not isinstance(h, str) or not re.fullmatch(r"[0-9a-f]{64}", h):
+            raise _bad("app.trusted", h, "must be a list of SHA-256 app hashes, 64 lowercase hex digits "
+                                         "(`fedpeft app-hash DIR` prints one)")
     if cfg.lora_rank is not None and cfg.lora_rank < 1:
         raise _bad("site.lora-rank", cfg.lora_rank, "must be >= 1")
     if cfg.api_port is not None and not 1 <= cfg.api_port <= 65535:
         raise _bad("site.api-port", cfg.api_port, "must be in 1-65535")
+    if not cfg.trusted_apps and not insecure:
+        raise ConfigError("app.trusted: missing; a site runs only the Flower apps it pinned, since a run's "
+                          "ClientApp is code this machine executes (`fedpeft app-hash DIR` prints an app's hash)")
     _check_security(cfg, coord, rel)
     _check_data(cfg)
     return cfg
@@ -161,6 +200,11 @@ def _check_security(cfg: SiteConfig, coord: dict, rel) -> None:
         cfg.auth_key = rel(_get(coord, "coordinator", "auth-key", str))
         try:
             key = load_ssh_private_key(cfg.auth_key.read_bytes(), None)
+        except TypeError:  # cryptography: "Password was not given but private key is encrypted"
+            raise _bad("coordinator.auth-key", str(cfg.auth_key),
+                       "is protected by a passphrase, which flower-supernode cannot read; make an "
+                       f"unencrypted key with `ssh-keygen -t ecdsa -b 384 -N \"\" -f {cfg.auth_key}` (keep it "
+                       "0600) or use the one `fedpeft certs` made") from None
         except (OSError, ValueError) as e:
             raise _bad("coordinator.auth-key", str(cfg.auth_key), f"cannot read an OpenSSH private key ({e})") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):

@@ -35,7 +35,7 @@ from fedpeft.io import atomic_write_bytes
 
 GENESIS = "0" * 64
 VERSION = 1
-KINDS = ("open", "dp-sgd", "declined", "client-dp")
+KINDS = ("open", "dp-sgd", "declined", "client-dp", "no-dp")
 
 
 class LedgerError(ValueError):
@@ -70,6 +70,14 @@ def new_key() -> Ed25519PrivateKey:
 def public_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
     pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
     return pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def fingerprint(pem: str) -> str:
+    """``SHA256:<hex>`` of a public key's DER SubjectPublicKeyInfo: what a site prints
+    (``fedpeft site CONFIG --fingerprint``) and the audit lists, to be compared out of band."""
+    der = load_public_pem(pem).public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "SHA256:" + hashlib.sha256(der).hexdigest()
 
 
 def save_private_key(key: Ed25519PrivateKey, path: str | Path) -> Path:

@@ -185,6 +185,13 @@ class SiteVault:
             "adjacency": "add/remove one record of this site", "delta_sha256": None, "recovered": True,
         })
 
+    def record_release_without_dp(self, *, server_round: int, delta: Mapping[str, torch.Tensor]) -> bytes:
+        """A release this site made with DP off by its own policy: signed, so no audit mistakes it."""
+        return self.ledger.append("no-dp", {
+            "round": server_round, "deployed": True, "delta_sha256": delta_hash(delta),
+            "adjacency": "none: no differential privacy (the site's own policy, dp = false)",
+        })
+
     def record_decline(self, *, server_round: int, state: PrivacyState, reason: str) -> bytes:
         return self.ledger.append("declined", {
             "round": server_round, "epsilon_after": state.epsilon(), "target_epsilon": state.target_epsilon,

@@ -1,0 +1,97 @@
+"""A deployed site's privacy policy: its own, from its own file, never from the coordinator.
+
+The SuperNode's node config (written by ``fedpeft site CONFIG.toml`` from the site's file) carries
+``dp``, ``target-epsilon`` and ``target-delta``; a SuperNode started without them gets the secure
+defaults below, never the run's. A run config that asks a deployed site for less privacy than
+its policy allows (DP off, a larger epsilon or delta, reproducible noise, injected faults or
+canaries) is refused before any training, naming the key. A run that asks for *more* privacy (a
+smaller budget) is honoured. Only the site's own file can turn DP off; its replies and ledger
+entries then say so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fedpeft.config import ConfigError, RunConfig
+
+POLICY_KEYS = ("dp", "target-epsilon", "target-delta")
+
+
+class PolicyError(RuntimeError):
+    """The run config asks this site for less privacy than its own policy allows."""
+
+
+def _flag(value: object, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"{key}={value!r}: must be true or false (node config)")
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """What this site allows: DP on or off, and the largest (epsilon, delta) it will spend."""
+
+    dp: bool = True
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not self.target_epsilon > 0:
+            raise ConfigError(f"target-epsilon={self.target_epsilon!r}: must be > 0 (node config)")
+        if not 0 < self.target_delta < 1:
+            raise ConfigError(f"target-delta={self.target_delta!r}: must be in (0, 1) (node config)")
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, object]) -> SitePolicy:
+        base = cls()
+        return cls(dp=_flag(node_config.get("dp", base.dp), "dp"),
+                   target_epsilon=float(node_config.get("target-epsilon", base.target_epsilon)),  # type: ignore[arg-type]
+                   target_delta=float(node_config.get("target-delta", base.target_delta)))  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        return (f"DP on, at most epsilon={self.target_epsilon:g}, delta={self.target_delta:g}" if self.dp
+                else "DP OFF (the site's own choice): its releases carry no privacy guarantee")
+
+    def enforce(self, cfg: RunConfig) -> RunConfig:
+        """The run config this site trains with, or PolicyError naming the key that asks for less."""
+        p = cfg.privacy
+        if not self.dp:
+            return dataclasses.replace(cfg, privacy=dataclasses.replace(p, enabled=False))
+        where = "(this site's policy, from its own file: privacy.{} in `fedpeft site CONFIG.toml`)"
+        if not p.enabled:
+            raise PolicyError(f"dp=false: the run config asks this site to train without differential "
+                              f"privacy; refused {where.format('dp')}")
+        if p.target_epsilon > self.target_epsilon:
+            raise PolicyError(f"target-epsilon={p.target_epsilon:g}: the run config asks for more than this "
+                              f"site's budget epsilon={self.target_epsilon:g}; refused "
+                              f"{where.format('target-epsilon')}")
+        if p.target_delta > self.target_delta:
+            raise PolicyError(f"target-delta={p.target_delta:g}: the run config asks for more than this "
+                              f"site's delta={self.target_delta:g}; refused {where.format('target-delta')}")
+        check_noise_source(cfg, deployed=True)
+        return cfg
+
+
+def check_noise_source(cfg: RunConfig, *, deployed: bool) -> None:
+    """A deployed site never uses DP noise the coordinator could reproduce from the run config, and
+    never obeys the simulation-only fault and attack injection a run config could ask for."""
+    fed = cfg.federation
+    asked = {"attack": fed.attack != "none", "fault-crash": fed.fault_crash > 0, "fault-hang": fed.fault_hang > 0,
+             "fault-late": fed.fault_late > 0, "audit-canaries": cfg.privacy.audit_canaries > 0}
+    values = {"attack": repr(fed.attack), "fault-crash": fed.fault_crash, "fault-hang": fed.fault_hang,
+              "fault-late": fed.fault_late, "audit-canaries": cfg.privacy.audit_canaries}
+    if deployed and any(asked.values()):
+        keys = " ".join(f"{k}={values[k]}" for k, on in asked.items() if on)
+        raise PolicyError(f"{keys}: fault, attack and canary injection are for simulations; refused on a "
+                          "deployed site")
+    if deployed and cfg.privacy.enabled and cfg.privacy.noise == "seeded":
+        raise PolicyError("dp-noise='seeded': refused on a deployed site (anyone with the run seed, the "
+                          "coordinator included, could regenerate and subtract the noise); use dp-noise='secret'")
