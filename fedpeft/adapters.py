@@ -219,7 +219,8 @@ def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def save_adapter(model: PeftModel, path: str | Path, *, metadata: Mapping[str, object] | None = None) -> Path:
+def save_adapter(model: PeftModel, path: str | Path, *, metadata: Mapping[str, object] | None = None,
+                 card: str | None = None) -> Path:
     """Save in the Hugging Face PEFT format (adapter_config.json + adapter_model.safetensors).
 
     Written into a temp folder then renamed, so a crash never leaves a half-written adapter.
@@ -228,6 +229,9 @@ def save_adapter(model: PeftModel, path: str | Path, *, metadata: Mapping[str, o
     path = Path(path)
     with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        # peft's placeholder card names this machine's install path as base_model: never ship it
+        (tmp / "README.md").write_text(card or "A fedpeft checkpoint (PEFT format); the run's card is in "
+                                               "its adapter/README.md.\n")
         if metadata is not None:
             (tmp / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, sort_keys=True))
     return path

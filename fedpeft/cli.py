@@ -14,6 +14,8 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedpeft import __version__
+
 if TYPE_CHECKING:
     from fedpeft.config import RunConfig
 
@@ -169,8 +171,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from fedpeft.privacy.audit.checks import audit_run, empirical_audit, privacy_statement
+    from fedpeft.privacy.audit.checks import audit_run, empirical_audit
+    from fedpeft.privacy.audit.provenance import add_provenance
     from fedpeft.privacy.audit.report import write_report
+    from fedpeft.privacy.audit.statement import known, privacy_statement
 
     run = Path(args.run_dir)
     if not run.is_dir():
@@ -178,19 +182,28 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     res = audit_run(run, keys_dir=args.keys, tolerance=args.tolerance)
     if args.empirical:
         empirical_audit(res, canaries=args.canaries)
+    add_provenance(res)
     out = write_report(res, run / "audit")
+    from fedpeft.modelcard import record_audit
+
+    record_audit(run / "adapter", res.verdict, f"{len(res.failures)} failure(s); trust root: {res.trust_root}. "
+                                               f"Report: {out / 'report.md'}")
     for f in res.failures:
         print(f"FAIL {f}")
     for w in res.warnings:
         print(f"warn {w}")
+    print(f"trust root: {res.trust_root}")
     for s, a in sorted(res.sites.items()):
-        print(f"site {s}: {a.releases} releases, {a.steps} steps, claimed eps {a.claimed_epsilon:.4f}, "
-              f"recomputed {a.epsilon_recomputed:.4f} ({a.recomputed_with}; RDP {a.epsilon_rdp:.4f}, "
-              f"PLD {a.epsilon_pld:.4f}), budget {a.target_epsilon:g}")
+        print(f"site {s}: key {a.fingerprint or 'unknown'}; {a.releases} releases, {a.steps} steps, claimed eps "
+              f"{known(a.claimed_epsilon, '.4f')}, recomputed {known(a.epsilon_recomputed, '.4f')} ({a.recomputed_with}; "
+              f"RDP {known(a.epsilon_rdp, '.4f')}, PLD {known(a.epsilon_pld, '.4f')}), budget {known(a.target_epsilon, 'g')}")
     if res.empirical:
         print(f"empirical: {res.empirical['summary']}")
     print(privacy_statement(res))
-    print(f"{'PASS' if res.ok else 'FAIL'}: report {out / 'report.md'} (also .html, .json, epsilon.png)")
+    note = {"PASS": "", "FAIL": "",
+            "QUALIFIED PASS": " (qualified: trusts the coordinator's copies of the sites' keys; compare the "
+                              "fingerprints with the sites', then rerun with --keys)"}[res.verdict]
+    print(f"{res.verdict}{note}: report {out / 'report.md'} (also .html, .json, epsilon.png)")
     return 0 if res.ok else 1
 
 
@@ -296,6 +309,7 @@ def _cmd_app_hash(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fedpeft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="simulate N sites with Flower's Simulation Engine")
     sim.add_argument("--preset", default="hospitals", help="hospitals | devices | smoke | path/to/preset.toml")
@@ -307,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     sim.set_defaults(func=_cmd_simulate)
     aud = sub.add_parser("audit", help="verify a run's signed privacy ledgers and recompute every site's epsilon")
     aud.add_argument("run_dir", metavar="DIR", help="a run folder (out-dir of a simulation or coordinator)")
-    aud.add_argument("--keys", default=None, help="folder of the sites' registered site-<id>.pub (default DIR/ledger)")
+    aud.add_argument("--keys", default=None,
+                     help="folder of the sites' own site-<id>.pub, collected from the sites out of band (without "
+                          "it the audit trusts the coordinator's copies in DIR/ledger: at best a QUALIFIED PASS)")
     aud.add_argument("--tolerance", type=float, default=0.02, help="relative tolerance between accountants")
     aud.add_argument("--empirical", action="store_true",
                      help="also run gradient canaries through each site's DP step: a lower bound on epsilon")

@@ -180,7 +180,10 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
 
     # Export: final adapter in PEFT format, plots
     final = from_arrays(result.arrays) if len(result.arrays) else init  # every round skipped: keep round 0
-    adapters.save_adapter(scorer(final), out / "adapter", metadata={**meta, **last_energy})
+    from fedpeft.modelcard import card_for_run
+
+    adapters.save_adapter(scorer(final), out / "adapter", metadata={**meta, **last_energy},
+                          card=card_for_run(cfg, rec.data["rounds"], labels))
     try:
         write_plots(out, rec.data, cfg)
     except Exception as e:  # a plot must never lose the run's results

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from fedpeft.cli import main
 from fedpeft.privacy.accountant import BudgetExceeded, new_privacy_state
-from fedpeft.privacy.audit.checks import audit_run, privacy_statement
+from fedpeft.privacy.audit.checks import audit_run
+from fedpeft.privacy.audit.statement import privacy_statement
 from fedpeft.privacy.ledger import LedgerError, ServerCopies, delta_hash, new_key, public_pem, verify_file
 from fedpeft.privacy.vault import SiteVault
 

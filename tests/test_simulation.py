@@ -159,6 +159,12 @@ def test_smoke_run_passes_fedpeft_audit_with_ledgers_for_every_site(smoke_run, c
         assert site["claimed_epsilon"] == pytest.approx(metrics["rounds"][-1]["sites"][s]["epsilon"])
         assert report["empirical"]["sites"][s]["epsilon_lower_bound"] <= site["epsilon_rdp"]
     assert "seeded" in capsys.readouterr().out
+    # the released adapter's model card: no placeholder, no build path, each site's epsilon, the audit
+    card = (out / "adapter" / "README.md").read_text()
+    assert "More Information Needed" not in card and "site-packages" not in card and "/root" not in card
+    assert "## Audit\n\n**QUALIFIED PASS**" in card and "## Load" in card
+    for s in range(cfg.federation.num_sites):
+        assert f"site {s} {metrics['rounds'][-1]['sites'][str(s)]['epsilon']:.3f}" in card
 
 
 def test_mixed_ranks_run_through_flower_and_export(tmp_path):

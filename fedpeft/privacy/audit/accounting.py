@@ -13,7 +13,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 # Two implementations of the same RDP bound differ only by their order grids: Opacus' and
-# dp_accounting's agree to ~1e-3 relative on the published cases (tests/test_audit.py).
+# dp_accounting's agree to ~1e-3 relative on the published cases (tests/test_audit_math.py).
 RDP_TOLERANCE = 0.02
 # dp_accounting warns (through absl) for every RDP order it drops at large q; the result is still a
 # valid upper bound, and the report states the accountant.

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.privacy.audit.accounting import RDP_TOLERANCE, epsilon_pld, epsilon_rdp
-from fedpeft.privacy.ledger import LedgerError, verify_file
+from fedpeft.privacy.ledger import LedgerError, fingerprint, verify_file
 
 SEEDED_STATEMENT = ("reproducible by anyone with the run seed — no protection against the coordinator "
                     "(simulation only)")
@@ -30,18 +30,23 @@ class SiteAudit:
     releases: int = 0
     declines: int = 0
     steps: int = 0
-    target_epsilon: float = float("nan")
+    target_epsilon: float = float("nan")  # nan: unknown (no verified release says it)
     delta: float = float("nan")
-    claimed_epsilon: float = 0.0
-    epsilon_rdp: float = 0.0  # dp_accounting RDP, recomputed from the ledger
-    epsilon_pld: float = 0.0  # dp_accounting PLD (tighter; what a PRV claim is checked against)
+    claimed_epsilon: float = float("nan")
+    epsilon_rdp: float = float("nan")  # dp_accounting RDP, recomputed from the ledger
+    epsilon_pld: float = float("nan")  # dp_accounting PLD (tighter; what a PRV claim is checked against)
     noise: list[str] = field(default_factory=list)
     accountant: str = ""
     adjacency: str = ""
     rounds: list[dict[str, float]] = field(default_factory=list)  # per release: round, claimed, recomputed
     verified: bool = False
     history: list[tuple[float, float, int]] = field(default_factory=list)  # (sigma, q, steps) per release
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = float("nan")
+    fingerprint: str = ""  # SHA-256 of the public key the audit trusted for this site
+    no_dp: int = 0  # releases the site's own policy made without DP
+    deployed: bool | None = None  # from its entries; None: unknown
+    first_time: float | None = None  # ledger times (the site's clock)
+    last_time: float | None = None
 
     @property
     def epsilon_recomputed(self) -> float:
@@ -65,15 +70,37 @@ class AuditResult:
     tolerance: float = RDP_TOLERANCE
     empirical: dict[str, Any] = field(default_factory=dict)
     client_level: dict[str, Any] = field(default_factory=dict)  # server-side (one whole site) DP, if any
+    trust_root: str = ""  # whose copies of the sites' public keys the signatures were checked against
+    keys_supplied: bool = False  # True: the auditor's own (--keys); False: the coordinator's copies
+    provenance: dict[str, Any] = field(default_factory=dict)  # times, versions, config, adapter hash
 
     @property
     def ok(self) -> bool:
         return not self.failures
 
+    @property
+    def verdict(self) -> str:
+        """PASS only against keys the auditor obtained from the sites; trusting the coordinator's
+        copies can at best be a qualified pass (a coordinator that swapped a key could re-sign)."""
+        if self.failures:
+            return "FAIL"
+        return "PASS" if self.keys_supplied else "QUALIFIED PASS"
+
+    @property
+    def run_kind(self) -> str:
+        flags = {a.deployed for a in self.sites.values() if a.deployed is not None}
+        if not flags:
+            return "unknown"
+        return "deployment" if flags == {True} else "simulation" if flags == {False} else "mixed"
+
     def to_json(self) -> dict[str, Any]:
+        from fedpeft.privacy.audit.statement import privacy_statement
+
         d = asdict(self)
         d["sites"] = {str(k): v for k, v in d["sites"].items()}
         d["ok"] = self.ok
+        d["verdict"] = self.verdict
+        d["run_kind"] = self.run_kind
         d["statement"] = privacy_statement(self)
         return d
 
@@ -85,6 +112,12 @@ PLD_SLACK = 0.02  # absolute epsilon: Opacus' PRV reports within eps_error=0.01 
 def _audit_site(res: AuditResult, site: int, path: Path, trusted: str | None) -> None:
     sa = SiteAudit(site=site)
     res.sites[site] = sa
+    if trusted is not None:
+        try:
+            sa.fingerprint = fingerprint(trusted)
+        except (LedgerError, ValueError) as e:
+            res.failures.append(f"site {site}: its public key cannot be read ({e})")
+            return
     try:
         ver = verify_file(path, site=site, trusted_pem=trusted)
     except (LedgerError, OSError) as e:
@@ -95,6 +128,16 @@ def _audit_site(res: AuditResult, site: int, path: Path, trusted: str | None) ->
     for i, e in enumerate(ver.entries):
         kind = e.get("kind")
         where = f"site {site}: entry {i} (round {e.get('round')})"
+        if isinstance(e.get("time"), (int, float)):
+            sa.first_time = e["time"] if sa.first_time is None else sa.first_time
+            sa.last_time = e["time"]
+        if "deployed" in e:
+            sa.deployed = bool(e["deployed"])
+        if kind == "no-dp":
+            sa.no_dp += 1
+            res.failures.append(f"{where}: released WITHOUT differential privacy (the site's own policy, "
+                                "dp = false): no DP claim covers this site")
+            continue
         if kind == "declined":
             sa.declines += 1
             continue
@@ -177,14 +220,26 @@ def _covered(res: AuditResult, run: Path) -> None:
                                     f"ledger entry for round {rnd}")
 
 
+class NotARun(ValueError):
+    """The folder is not a fedpeft run: nothing to audit, and nothing is written into it."""
+
+
 def audit_run(run_dir: str | Path, *, keys_dir: str | Path | None = None,
               tolerance: float = RDP_TOLERANCE) -> AuditResult:
-    """Audit a run folder; ``keys_dir`` holds the sites' registered ``site-<id>.pub`` (default
-    ``DIR/ledger``)."""
+    """Audit a run folder; ``keys_dir`` holds the sites' own ``site-<id>.pub``, obtained from the
+    sites out of band (default: the coordinator's copies in ``DIR/ledger``, a qualified trust root)."""
     run = Path(run_dir)
+    if not (run / "metrics.json").is_file() and not (run / "ledger").is_dir():
+        raise NotARun(f"DIR={str(run)!r}: not a fedpeft run folder (no metrics.json, no ledger/)")
     res = AuditResult(run_dir=str(run), tolerance=tolerance)
     ledger_dir = run / "ledger"
     keys = Path(keys_dir) if keys_dir else ledger_dir
+    res.keys_supplied = keys_dir is not None
+    res.trust_root = (f"the sites' own public keys, supplied by the auditor ({keys})" if keys_dir else
+                      f"the coordinator's copies of the sites' public keys ({ledger_dir}): a coordinator that "
+                      "replaced a site's key could have rewritten that site's ledger; compare each fingerprint "
+                      "below with the one the site gives you (`fedpeft site CONFIG.toml --fingerprint`), "
+                      "then rerun with --keys")
     files = sorted(ledger_dir.glob("site-*.jsonl"), key=lambda p: int(_SITE.search(p.name).group(1))) \
         if ledger_dir.exists() else []
     if not files and not (ledger_dir / "server.jsonl").exists():
@@ -233,37 +288,6 @@ def _audit_server(res: AuditResult, path: Path, pub: Path) -> None:
                         "epsilon_recomputed": compute_epsilon(history=history, delta=delta) if history else 0.0,
                         "max_epsilon": limit, "rounds": rounds, "adjacency": "add/remove one whole site",
                         "sigma": history[0][0] if history else None}
-
-
-def privacy_statement(res: AuditResult) -> str:
-    """The plain-language claim a privacy officer signs (or refuses to)."""
-    cl = res.client_level
-    client = (f" In addition, the server applied client-level DP: any one whole site's contribution changes "
-              f"the released adapters by at most epsilon = {cl['epsilon_recomputed']:.3f} (delta = {cl['delta']:g}, "
-              f"{cl['releases']} releases, Gaussian noise multiplier {cl['sigma']}, no sampling amplification)."
-              if cl.get("releases") else "")
-    if not res.sites:
-        if client:
-            return client.strip() + (f" The audit FAILED with {len(res.failures)} finding(s)." if not res.ok else "")
-        return "No differential-privacy claim could be verified for this run."
-    worst = max((s.epsilon_recomputed for s in res.sites.values()), default=0.0)
-    kinds = sorted({s.accountant or "rdp" for s in res.sites.values()})
-    accounted = ", ".join("PRV accountant (recomputed with PLD)" if k == "prv" else "RDP accountant" for k in kinds)
-    deltas = sorted({s.delta for s in res.sites.values() if not math.isnan(s.delta)})
-    releases = sum(s.releases for s in res.sites.values())
-    noise = sorted({n for s in res.sites.values() for n in s.noise})
-    text = (f"Each of the {len(res.sites)} sites trained with DP-SGD. Protected: any one record (one "
-            f"patient note) of a site — adding or removing it changes what the site released by at most "
-            f"epsilon = {worst:.3f} (the largest over sites, recomputed independently) with delta = "
-            f"{', '.join(f'{d:g}' for d in deltas) or '?'}, over {releases} signed releases (record-level "
-            f"adjacency, Poisson-sampled Gaussian mechanism, {accounted}; the server's merge is "
-            f"post-processing). Noise source: {', '.join(noise) or '?'}.")
-    text += client
-    if "seeded" in noise:
-        text += f" Seeded noise is {SEEDED_STATEMENT}."
-    if not res.ok:
-        text += f" The audit FAILED with {len(res.failures)} finding(s); the claim above does not stand."
-    return text
 
 
 def empirical_audit(res: AuditResult, *, canaries: int = 2000, seed: int | None = None) -> None:
