@@ -5,7 +5,9 @@ from __future__ import annotations
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeft.config import RunConfig, from_run_config
+from fedpeft.config import RunConfig
+
+from fedpeft.runconfig import from_run_config
 from fedpeft.data.sites import simulated_site
 from fedpeft.federation import ARRAYS, CONFIG, METRICS, STATUS, from_arrays, metric_record, status_record, to_arrays
 from fedpeft.privacy.vault import SiteVault, site_folder

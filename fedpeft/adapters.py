@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 
 from fedpeft.config import AdapterConfig
 from fedpeft.io import atomic_dir
+from fedpeft.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +51,17 @@ class AdapterMethod:
     dp_reason: str = ""
 
 
-_METHODS: dict[str, AdapterMethod] = {}
+METHODS: Registry[AdapterMethod] = Registry("PEFT method", "adapter")
 
 
 def register_adapter_method(
     name: str, build: Callable[[AdapterConfig], PeftConfig], *, dp_capable: bool, dp_reason: str = ""
 ) -> None:
     """Add a PEFT method; ``dp_capable`` says whether Opacus per-sample gradients are exact for it."""
-    _METHODS[name] = AdapterMethod(name, build, dp_capable, dp_reason)
+    METHODS.add(name, AdapterMethod(name, build, dp_capable, dp_reason))
 
 
-def adapter_method(name: str) -> AdapterMethod:
-    if name not in _METHODS:
-        raise ValueError(f"adapter={name!r}: unknown method; registered: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
+adapter_method = METHODS.get
 
 
 def _lora(cfg: AdapterConfig, *, dora: bool = False) -> PeftConfig:

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from fedpeft import adapters, models, site, training
+from fedpeft import adapters, factory, models, training
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import global_test_set, make_site
 
@@ -30,12 +30,12 @@ def train_centralised(cfg: RunConfig, *, epochs: int, device: torch.device | Non
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, local_steps=0))  # whole passes: "epochs"
     labels = cfg.data.label_list
     texts, ys = pooled_data(cfg)
-    train_ds = site.dataset(cfg, texts, ys)
+    train_ds = factory.dataset(cfg, texts, ys)
     tt, ty = global_test_set(cfg.data, seed=cfg.train.seed)
-    test_ds = site.dataset(cfg, tt, ty)
-    model = site.build_model(cfg, dp=cfg.privacy.enabled)
+    test_ds = factory.dataset(cfg, tt, ty)
+    model = factory.build_model(cfg, dp=cfg.privacy.enabled)
     # The federation's own round-0 adapter: a seeded start (torch's default seed differs per process)
-    adapters.set_adapter_state(model, site.initial_adapter_state(cfg))
+    adapters.set_adapter_state(model, factory.initial_adapter_state(cfg))
     state = None
     if cfg.privacy.enabled:
         state = training.plan_privacy(num_examples=len(train_ds), train=cfg.train, privacy=cfg.privacy,

@@ -40,7 +40,7 @@ def simulation_config(preset: str, overrides: list[str] | None, out: str | None)
     """Preset, then ``--run-config`` overrides (Flower's syntax), then ``--out``; validated."""
     from flwr.common.config import parse_config_args
 
-    from fedpeft.config import from_run_config, to_run_config
+    from fedpeft.runconfig import from_run_config, to_run_config
 
     flat = load_preset(preset)
     flat.update(parse_config_args(overrides) if overrides else {})
@@ -77,7 +77,7 @@ def simulate(flat: dict[str, Any]) -> dict[str, Any]:
     from flwr.simulation.run_simulation import _run_simulation  # the Python entry with a server context
 
     from clients.client_app import app as client_app
-    from fedpeft.config import from_run_config
+    from fedpeft.runconfig import from_run_config
     from fedpeft.prefix import CACHE_DIR_ENV, WORKERS_ENV
     from fedpeft.runtime import quiet_libraries
     from server.server_app import app as server_app

@@ -1,10 +1,10 @@
-"""Typed configuration: dataclasses with help text and validation, and the one place that
-turns Flower's flat kebab-case run config into them (``from_run_config``)."""
+"""Typed configuration: dataclasses with help text and validation. ``fedpeft.runconfig`` is the
+one place that turns Flower's flat kebab-case run config into them (it imports this module; this
+module imports nothing of fedpeft)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -16,8 +16,8 @@ __all__ = [
     "DataConfig",
     "FederationConfig",
     "RunConfig",
-    "from_run_config",
-    "to_run_config",
+    "SECTIONS",
+    "bad",
 ]
 
 
@@ -29,7 +29,7 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the value."""
 
 
-def _bad(field_name: str, value: Any, why: str) -> ConfigError:
+def bad(field_name: str, value: Any, why: str) -> ConfigError:
     return ConfigError(f"{field_name}={value!r}: {why}")
 
 
@@ -68,24 +68,24 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.pooling not in ("mean", "cls"):
-            raise _bad("pooling", self.pooling, "must be 'mean' or 'cls'")
+            raise bad("pooling", self.pooling, "must be 'mean' or 'cls'")
         if self.layers < 0:
-            raise _bad("model-layers", self.layers, "must be >= 0")
+            raise bad("model-layers", self.layers, "must be >= 0")
         if not self.name:
-            raise _bad("model", self.name, "must name 'minilm', 'tiny' or a model path")
+            raise bad("model", self.name, "must name 'minilm', 'tiny' or a model path")
         if self.max_length < 8:
-            raise _bad("max-length", self.max_length, "must be >= 8")
+            raise bad("max-length", self.max_length, "must be >= 8")
         if self.head_init not in ("label-names", "random"):
-            raise _bad("head-init", self.head_init, "must be 'label-names' or 'random'")
+            raise bad("head-init", self.head_init, "must be 'label-names' or 'random'")
         if self.head_init == "label-names" and self.pooling != "mean":
             raise ConfigError(f"head-init={self.head_init!r} needs pooling='mean'; got pooling={self.pooling!r} "
                               "(set head-init='random')")
         if not 0.0 <= self.dropout < 1.0:
-            raise _bad("model-dropout", self.dropout, "must be in [0, 1)")
+            raise bad("model-dropout", self.dropout, "must be in [0, 1)")
         if self.precision not in PRECISIONS:
-            raise _bad("precision", self.precision, f"must be one of {', '.join(PRECISIONS)}")
+            raise bad("precision", self.precision, f"must be one of {', '.join(PRECISIONS)}")
         if "{label}" not in self.head_template:
-            raise _bad("head-template", self.head_template, "must contain {label}")
+            raise bad("head-template", self.head_template, "must contain {label}")
 
 
 @dataclass
@@ -107,25 +107,25 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "bitfit", "dora", "ia3"):
-            raise _bad("adapter", self.method, "must be one of lora, bitfit, dora, ia3")
+            raise bad("adapter", self.method, "must be one of lora, bitfit, dora, ia3")
         if self.rank < 1:
-            raise _bad("lora-rank", self.rank, "must be >= 1")
+            raise bad("lora-rank", self.rank, "must be >= 1")
         if self.alpha <= 0:
-            raise _bad("lora-alpha", self.alpha, "must be > 0")
+            raise bad("lora-alpha", self.alpha, "must be > 0")
         if not 0.0 <= self.dropout < 1.0:
-            raise _bad("lora-dropout", self.dropout, "must be in [0, 1)")
+            raise bad("lora-dropout", self.dropout, "must be in [0, 1)")
         if self.method in ("lora", "dora", "ia3") and not self.target_module_list:
-            raise _bad("lora-target-modules", self.target_modules, "must name at least one module")
+            raise bad("lora-target-modules", self.target_modules, "must name at least one module")
         try:
             self.layer_list
         except ValueError:
-            raise _bad("lora-layers", self.layers, "must be comma-separated integers") from None
+            raise bad("lora-layers", self.layers, "must be comma-separated integers") from None
         try:
             ranks = self.rank_list
         except ValueError:
-            raise _bad("lora-ranks", self.ranks, "must be comma-separated integers") from None
+            raise bad("lora-ranks", self.ranks, "must be comma-separated integers") from None
         if any(r < 1 for r in ranks):
-            raise _bad("lora-ranks", self.ranks, "every rank must be >= 1")
+            raise bad("lora-ranks", self.ranks, "every rank must be >= 1")
 
     @property
     def rank_list(self) -> list[int]:
@@ -182,27 +182,27 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         if not self.target_epsilon > 0:
-            raise _bad("target-epsilon", self.target_epsilon, "must be > 0")
+            raise bad("target-epsilon", self.target_epsilon, "must be > 0")
         if not 0.0 < self.target_delta < 1.0:
-            raise _bad("target-delta", self.target_delta, "must be in (0, 1)")
+            raise bad("target-delta", self.target_delta, "must be in (0, 1)")
         if not self.max_grad_norm > 0:
-            raise _bad("max-grad-norm", self.max_grad_norm, "must be > 0")
+            raise bad("max-grad-norm", self.max_grad_norm, "must be > 0")
         if self.accountant not in ("rdp", "prv"):
-            raise _bad("accountant", self.accountant, "must be 'rdp' or 'prv'")
+            raise bad("accountant", self.accountant, "must be 'rdp' or 'prv'")
         if self.grad_sample_mode not in ("hooks", "functorch", "ew", "ghost"):
-            raise _bad("grad-sample-mode", self.grad_sample_mode, "must be hooks, functorch, ew or ghost")
+            raise bad("grad-sample-mode", self.grad_sample_mode, "must be hooks, functorch, ew or ghost")
         if self.audit_canaries < 0:
-            raise _bad("audit-canaries", self.audit_canaries, "must be >= 0")
+            raise bad("audit-canaries", self.audit_canaries, "must be >= 0")
         if not self.client_noise_multiplier > 0:
-            raise _bad("client-dp-noise-multiplier", self.client_noise_multiplier, "must be > 0")
+            raise bad("client-dp-noise-multiplier", self.client_noise_multiplier, "must be > 0")
         if not self.client_clip > 0:
-            raise _bad("client-dp-clip", self.client_clip, "must be > 0")
+            raise bad("client-dp-clip", self.client_clip, "must be > 0")
         if self.client_max_epsilon < 0:
-            raise _bad("client-dp-max-epsilon", self.client_max_epsilon, "must be >= 0 (0 = no limit)")
+            raise bad("client-dp-max-epsilon", self.client_max_epsilon, "must be >= 0 (0 = no limit)")
         if self.planned_rounds < 0:
-            raise _bad("dp-planned-rounds", self.planned_rounds, "must be >= 0 (0 = every round)")
+            raise bad("dp-planned-rounds", self.planned_rounds, "must be >= 0 (0 = every round)")
         if self.noise not in DP_NOISE:
-            raise _bad("dp-noise", self.noise, f"must be one of {', '.join(DP_NOISE)}")
+            raise bad("dp-noise", self.noise, f"must be one of {', '.join(DP_NOISE)}")
 
 
 @dataclass
@@ -228,21 +228,21 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "sgd"):
-            raise _bad("optimizer", self.optimizer, "must be 'adamw' or 'sgd'")
+            raise bad("optimizer", self.optimizer, "must be 'adamw' or 'sgd'")
         if not self.lr > 0:
-            raise _bad("lr", self.lr, "must be > 0")
+            raise bad("lr", self.lr, "must be > 0")
         if not self.adapter_lr_scale > 0:
-            raise _bad("adapter-lr-scale", self.adapter_lr_scale, "must be > 0")
+            raise bad("adapter-lr-scale", self.adapter_lr_scale, "must be > 0")
         if self.batch_size < 1:
-            raise _bad("batch-size", self.batch_size, "must be >= 1")
+            raise bad("batch-size", self.batch_size, "must be >= 1")
         if self.local_epochs < 1:
-            raise _bad("local-epochs", self.local_epochs, "must be >= 1")
+            raise bad("local-epochs", self.local_epochs, "must be >= 1")
         if self.local_steps < 0:
-            raise _bad("local-steps", self.local_steps, "must be >= 0 (0 = local-epochs passes)")
+            raise bad("local-steps", self.local_steps, "must be >= 0 (0 = local-epochs passes)")
         if self.max_physical_batch_size < 0:
-            raise _bad("max-physical-batch-size", self.max_physical_batch_size, "must be >= 0 (0 = auto)")
+            raise bad("max-physical-batch-size", self.max_physical_batch_size, "must be >= 0 (0 = auto)")
         if self.proximal_mu < 0:
-            raise _bad("proximal-mu", self.proximal_mu, "must be >= 0")
+            raise bad("proximal-mu", self.proximal_mu, "must be >= 0")
 
 
 @dataclass
@@ -260,19 +260,19 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.notes_per_site < 1:
-            raise _bad("notes-per-site", self.notes_per_site, "must be >= 1")
+            raise bad("notes-per-site", self.notes_per_site, "must be >= 1")
         if self.test_per_site < 0:
-            raise _bad("test-per-site", self.test_per_site, "must be >= 0")
+            raise bad("test-per-site", self.test_per_site, "must be >= 0")
         if self.global_test_size < 1:
-            raise _bad("global-test-size", self.global_test_size, "must be >= 1")
+            raise bad("global-test-size", self.global_test_size, "must be >= 1")
         if not self.dirichlet_alpha > 0:
-            raise _bad("dirichlet-alpha", self.dirichlet_alpha, "must be > 0")
+            raise bad("dirichlet-alpha", self.dirichlet_alpha, "must be > 0")
         if self.quantity_skew < 0:
-            raise _bad("quantity-skew", self.quantity_skew, "must be >= 0")
+            raise bad("quantity-skew", self.quantity_skew, "must be >= 0")
         if not 0.0 <= self.label_noise < 1.0:
-            raise _bad("label-noise", self.label_noise, "must be in [0, 1)")
+            raise bad("label-noise", self.label_noise, "must be in [0, 1)")
         if self.source != "notes" and not self.label_list:
-            raise _bad("labels", self.labels, "file data needs the shared class list, e.g. labels='a,b,c'")
+            raise bad("labels", self.labels, "file data needs the shared class list, e.g. labels='a,b,c'")
 
     @property
     def label_list(self) -> list[str]:
@@ -336,47 +336,47 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         if self.num_sites < 1:
-            raise _bad("num-sites", self.num_sites, "must be >= 1")
+            raise bad("num-sites", self.num_sites, "must be >= 1")
         if self.num_rounds < 1:
-            raise _bad("num-server-rounds", self.num_rounds, "must be >= 1")
+            raise bad("num-server-rounds", self.num_rounds, "must be >= 1")
         if not 0.0 < self.fraction_train <= 1.0:
-            raise _bad("fraction-train", self.fraction_train, "must be in (0, 1]")
+            raise bad("fraction-train", self.fraction_train, "must be in (0, 1]")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
-            raise _bad("fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
+            raise bad("fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
         if self.min_train_sites < 1:
-            raise _bad("min-train-sites", self.min_train_sites, "must be >= 1")
+            raise bad("min-train-sites", self.min_train_sites, "must be >= 1")
         if self.strategy not in ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"):
-            raise _bad("strategy", self.strategy, "must be fedavg, fedprox, fedadam, fedyogi or fedadagrad")
+            raise bad("strategy", self.strategy, "must be fedavg, fedprox, fedadam, fedyogi or fedadagrad")
         if self.robust not in ("none", "median", "trimmed_mean", "norm_bound"):
-            raise _bad("robust", self.robust, "must be none, median, trimmed_mean or norm_bound")
+            raise bad("robust", self.robust, "must be none, median, trimmed_mean or norm_bound")
         if self.attack not in ("none", "sign-flip", "scale", "random"):
-            raise _bad("attack", self.attack, "must be none, sign-flip, scale or random")
+            raise bad("attack", self.attack, "must be none, sign-flip, scale or random")
         if not 0.0 <= self.attack_fraction <= 1.0:
-            raise _bad("attack-fraction", self.attack_fraction, "must be in [0, 1]")
+            raise bad("attack-fraction", self.attack_fraction, "must be in [0, 1]")
         if self.round_retries < 0:
-            raise _bad("round-retries", self.round_retries, "must be >= 0")
+            raise bad("round-retries", self.round_retries, "must be >= 0")
         if not 0.0 <= self.fault_late <= 1.0:
-            raise _bad("fault-late", self.fault_late, "must be in [0, 1]")
+            raise bad("fault-late", self.fault_late, "must be in [0, 1]")
         if self.fault_late_seconds < 0:
-            raise _bad("fault-late-seconds", self.fault_late_seconds, "must be >= 0")
+            raise bad("fault-late-seconds", self.fault_late_seconds, "must be >= 0")
         if not 0.0 <= self.fault_crash <= 1.0:
-            raise _bad("fault-crash", self.fault_crash, "must be in [0, 1]")
+            raise bad("fault-crash", self.fault_crash, "must be in [0, 1]")
         if self.round_timeout < 0:
-            raise _bad("round-timeout", self.round_timeout, "must be >= 0 (0 = 24 hours)")
+            raise bad("round-timeout", self.round_timeout, "must be >= 0 (0 = 24 hours)")
         if not 0.0 <= self.fault_hang <= 1.0:
-            raise _bad("fault-hang", self.fault_hang, "must be in [0, 1]")
+            raise bad("fault-hang", self.fault_hang, "must be in [0, 1]")
         if self.fault_hang > 0 and not 0 < self.round_timeout < self.fault_hang_seconds:
-            raise _bad("fault-hang-seconds", self.fault_hang_seconds, f"a hang must outlast round-timeout "
+            raise bad("fault-hang-seconds", self.fault_hang_seconds, f"a hang must outlast round-timeout "
                        f"(round-timeout={self.round_timeout}; 0 would wait 24 hours for the hung site)")
         if not self.max_reply_mib > 0:
-            raise _bad("max-reply-mib", self.max_reply_mib, "must be > 0")
+            raise bad("max-reply-mib", self.max_reply_mib, "must be > 0")
         if self.max_num_examples < 1:
-            raise _bad("max-num-examples", self.max_num_examples, "must be >= 1")
+            raise bad("max-num-examples", self.max_num_examples, "must be >= 1")
         if self.client_cpus <= 0:
-            raise _bad("client-cpus", self.client_cpus, "must be > 0")
+            raise bad("client-cpus", self.client_cpus, "must be > 0")
 
 
-_SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "adapter": AdapterConfig,
     "privacy": PrivacyConfig,
@@ -404,7 +404,7 @@ class RunConfig:
         """Checks that span sections: mixed ranks need a rank rule, rank rules need LoRA."""
         merge, ranks = self.federation.merge, self.adapter.rank_list
         if merge not in (*DELTA_RULES, *RANK_RULES):
-            raise _bad("merge", merge, f"must be one of {', '.join((*DELTA_RULES, *RANK_RULES))}")
+            raise bad("merge", merge, f"must be one of {', '.join((*DELTA_RULES, *RANK_RULES))}")
         if merge in DELTA_RULES and merge != "fedavg" and len(set(ranks)) > 1:
             raise ConfigError(f"merge={merge!r} needs equal ranks; lora-ranks={self.adapter.ranks!r} mixes them")
         if merge == "fedavg" and len(set(ranks)) > 1:
@@ -429,6 +429,3 @@ class RunConfig:
         """The heterogeneous-rank rule in use, or None (FedAvg of deltas)."""
         return self.federation.merge if self.federation.merge in RANK_RULES else None
 
-
-# The flat run-config <-> dataclasses conversions live in fedpeft.runconfig (re-exported here).
-from fedpeft.runconfig import from_run_config, known_keys, parse_overrides, to_run_config  # noqa: E402,F401

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedpeft import adapters, models, ranks, site, training
+from fedpeft import adapters, factory, models, ranks, site, training
 from fedpeft.aggregation import create_merge
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import global_test_set
@@ -40,14 +40,14 @@ def run_federation(cfg: RunConfig, *, on_round: Callable[[RoundResult], None] | 
     n = cfg.federation.num_sites
     merge = create_merge(cfg.federation.merge) if cfg.rank_rule is None else None
     device = models.select_device()
-    glob = site.initial_adapter_state(cfg)
+    glob = factory.initial_adapter_state(cfg)
     texts, labels = global_test_set(cfg.data, seed=cfg.train.seed, num_sites=n)
-    test = site.dataset(cfg, texts, labels)
+    test = factory.dataset(cfg, texts, labels)
     scorers: dict[int, adapters.PeftModel] = {}
 
     def score(state: dict[str, torch.Tensor]) -> float:
-        acfg = site.global_adapter_config(cfg, state)
-        model = scorers.setdefault(acfg.rank, site.build_model(cfg, dp=False, adapter=acfg))
+        acfg = factory.global_adapter_config(cfg, state)
+        model = scorers.setdefault(acfg.rank, factory.build_model(cfg, dp=False, adapter=acfg))
         adapters.set_adapter_state(model, state)
         return training.evaluate(model, test, device=device, num_labels=len(cfg.data.label_list),
                                  precision=cfg.model.precision).accuracy

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from fedpeft.aggregation.fedavg import fedavg
 from fedpeft.aggregation.hetero import MergedModule, create_rank_merge, lora_scaling, project
 from fedpeft.aggregation.robust import bounded
 from fedpeft.aggregation.robust_ranks import create_reducer, robust_rank_merge
@@ -69,12 +70,12 @@ def state_rank(state: Mapping[str, torch.Tensor]) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _fresh(model_fields: tuple, adapter_fields: tuple, labels: tuple[str, ...], seed: int) -> Tensors:
-    from fedpeft import site
+    from fedpeft import factory
     from fedpeft.config import ModelConfig
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = site._new_model(ModelConfig(*model_fields), AdapterConfig(*adapter_fields), labels, dp=False)
+        model = factory.new_model(ModelConfig(*model_fields), AdapterConfig(*adapter_fields), labels, dp=False)
         from fedpeft.adapters import get_adapter_state
 
         return get_adapter_state(model)
@@ -144,18 +145,13 @@ def merge_states(cfg: RunConfig, global_state: Mapping[str, torch.Tensor],
         locals_ = bound_updates(cfg, global_state, locals_)
     reduce = create_reducer(robust) if robust in ("median", "trimmed_mean") else None
     weights = [w for _, _, w in locals_]
-    total = float(sum(weights))
+    dense = [k for k in global_state if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX))]
     out: Tensors = {}
-    for k, v in global_state.items():  # the head and anything not LoRA: weighted mean
-        if k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX):
-            continue
-        if reduce is not None:
-            out[k] = reduce(torch.stack([state[k].double() for state, _, _ in locals_])).to(v.dtype)
-            continue
-        acc = torch.zeros_like(v, dtype=torch.float64)
-        for state, _, w in locals_:
-            acc += state[k].double() * (w / total)
-        out[k] = acc.to(v.dtype)
+    if reduce is not None:  # the head and anything not LoRA: the robust reduction, or FedAvg
+        for k in dense:
+            out[k] = reduce(torch.stack([state[k].double() for state, _, _ in locals_])).to(global_state[k].dtype)
+    elif dense:
+        out = fedavg([{k: state[k] for k in dense} for state, _, _ in locals_], weights)
     dropped: dict[str, float] = {}
     max_rank = cfg.adapter.max_rank
     scalings = [site_scaling(cfg, r) for _, r, _ in locals_]

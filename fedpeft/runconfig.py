@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
-from fedpeft.config import _SECTIONS, ConfigError, RunConfig, _bad
+from fedpeft.config import SECTIONS, ConfigError, RunConfig, bad
 
 __all__ = ["from_run_config", "known_keys", "parse_overrides", "to_run_config", "ConfigError"]
 
@@ -22,21 +22,21 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             return value.lower() in ("true", "1")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise _bad(key, value, "must be a boolean")
+        raise bad(key, value, "must be a boolean")
     if typ is int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise _bad(key, value, "must be an integer")
+            raise bad(key, value, "must be an integer")
         try:
             return int(value)
         except (TypeError, ValueError):
-            raise _bad(key, value, "must be an integer") from None
+            raise bad(key, value, "must be an integer") from None
     if typ is float:
         if isinstance(value, bool):
-            raise _bad(key, value, "must be a number")
+            raise bad(key, value, "must be a number")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise _bad(key, value, "must be a number") from None
+            raise bad(key, value, "must be a number") from None
     if typ is str:
         if isinstance(value, (list, tuple)):
             return ",".join(str(v) for v in value)
@@ -47,7 +47,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 def known_keys() -> dict[str, tuple[str, str]]:
     """kebab-case key -> (section, attribute)."""
     out: dict[str, tuple[str, str]] = {"preset": ("", "preset")}
-    for section, cls in _SECTIONS.items():
+    for section, cls in SECTIONS.items():
         for f in fields(cls):
             out[f.metadata["key"]] = (section, f.name)
     return out
@@ -60,22 +60,22 @@ def from_run_config(flat: Mapping[str, Any], *, strict: bool = True) -> RunConfi
     Flower's own keys such as ``server-round`` are ignored.
     """
     keys = known_keys()
-    kwargs: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    kwargs: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     preset = "hospitals"
     for key, value in flat.items():
         if key in ("server-round", "attempt"):  # Flower's round number; fedpeft's retry count
             continue
         if key not in keys:
             if strict:
-                raise _bad(key, value, f"unknown config key; known keys: {', '.join(sorted(keys))}")
+                raise bad(key, value, f"unknown config key; known keys: {', '.join(sorted(keys))}")
             continue
         section, attr = keys[key]
         if not section:
             preset = str(value)
             continue
-        ftype = {f.name: f.type for f in fields(_SECTIONS[section])}[attr]
+        ftype = {f.name: f.type for f in fields(SECTIONS[section])}[attr]
         kwargs[section][attr] = _coerce(key, value, ftype)
-    built = {s: _SECTIONS[s](**kw) for s, kw in kwargs.items()}
+    built = {s: SECTIONS[s](**kw) for s, kw in kwargs.items()}
     return RunConfig(preset=preset, **built)
 
 
@@ -89,7 +89,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         for token in item.split():
             key, sep, value = token.partition("=")
             if not sep or not key:
-                raise _bad("run-config", token, "must be key=value")
+                raise bad("run-config", token, "must be key=value")
             try:
                 out[key] = tomllib.loads(f"v = {value}")["v"]
             except tomllib.TOMLDecodeError:
@@ -100,7 +100,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 def to_run_config(cfg: RunConfig) -> dict[str, Any]:
     """Inverse of ``from_run_config``: flat kebab-case dict (travels in a ConfigRecord)."""
     out: dict[str, Any] = {"preset": cfg.preset}
-    for section in _SECTIONS:
+    for section in SECTIONS:
         obj = getattr(cfg, section)
         for f in fields(obj):
             out[f.metadata["key"]] = getattr(obj, f.name)

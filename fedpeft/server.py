@@ -14,11 +14,12 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from fedpeft import adapters, checkpoint, models, training
-from fedpeft.config import RunConfig, from_run_config, to_run_config
+from fedpeft.config import RunConfig
+from fedpeft.runconfig import from_run_config, to_run_config
 from fedpeft.data.sites import global_test_set, make_site, split_counts
 from fedpeft.federation import config_record, from_arrays, to_arrays
 from fedpeft.io import atomic_write_json
-from fedpeft.site import base_model, build_model, dataset, global_adapter_config, initial_adapter_state
+from fedpeft.factory import base_model, build_model, dataset, global_adapter_config, initial_adapter_state
 from fedpeft.strategy import DeltaMerge, RoundLog, make_strategy
 
 log = logging.getLogger(__name__)

@@ -110,7 +110,6 @@ def test_strategy_skips_round_below_minimum():
 
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"])
 def test_make_strategy_builds_flower_strategies_over_deltas(name):
-    from fedpeft.config import FederationConfig
 
     cfg = RunConfig(federation=FederationConfig(strategy=name, num_sites=3), privacy=PrivacyConfig(enabled=False))
     s = make_strategy(cfg)
@@ -126,7 +125,6 @@ def test_flower_fedadam_runs_on_top_of_the_delta_merge(monkeypatch):
     for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # what a live run sets
         monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
 
-    from fedpeft.config import FederationConfig
     from fedpeft.federation import to_arrays
 
     # Prepare

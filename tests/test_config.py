@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedpeft.cli import simulation_config
-from fedpeft.config import ConfigError, RunConfig, from_run_config, to_run_config
+from fedpeft.config import ConfigError, RunConfig
+from fedpeft.runconfig import from_run_config, to_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,7 @@ def test_presets_are_valid_configs():
 def test_overrides_parse_like_flowers_run_config():
     from flwr.common.config import parse_config_args
 
-    from fedpeft.config import parse_overrides
+    from fedpeft.runconfig import parse_overrides
 
     items = ["precision='float32' num-sites=3 lr=0.1 dp=false lora-layers=\"4,5\""]
     assert parse_overrides(items) == parse_config_args(items)

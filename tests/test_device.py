@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from fedpeft import adapters, models, prefix, site, training
-from fedpeft.config import from_run_config
+from fedpeft import adapters, factory, models, prefix, site, training
+from fedpeft.runconfig import from_run_config
 from fedpeft.policy import PolicyError
 from tests.conftest import make_tiny_lora
 
@@ -115,7 +115,7 @@ def test_dp_noise_is_secret_by_default_and_seeded_only_on_request(tiny_dataset, 
 def test_sites_draw_secret_noise_unless_the_run_asks_for_seeded():
     # Prepare
     cfgs = {noise: from_run_config({**TINY, "dp-noise": noise}) for noise in ("secret", "seeded")}
-    glob = site.initial_adapter_state(cfgs["secret"])
+    glob = factory.initial_adapter_state(cfgs["secret"])
     # Execute: the same site, round and run config twice
     deltas = {noise: [site.site_train(cfg, site=0, num_sites=2, server_round=1, global_state=glob,
                                       privacy_json=None)[0] for _ in range(2)] for noise, cfg in cfgs.items()}
@@ -140,7 +140,7 @@ def test_client_app_refuses_seeded_noise_without_a_simulation_partition():
     from flwr.app import Context, RecordDict
 
     from clients import client_app
-    from fedpeft.config import to_run_config
+    from fedpeft.runconfig import to_run_config
     from fedpeft.federation import CONFIG, config_record
 
     # Prepare: a run that asks for seeded noise, seen by a real SuperNode (no partition-id) and a virtual one
@@ -166,7 +166,7 @@ def test_client_app_refuses_seeded_noise_without_a_simulation_partition():
 def test_worker_reuses_its_model_and_data_without_leaking_between_sites():
     # Prepare: seeded noise so two trainings of the same site and round must agree bitwise
     cfg = from_run_config({**TINY, "dp-noise": "seeded"})
-    glob = site.initial_adapter_state(cfg)
+    glob = factory.initial_adapter_state(cfg)
     site._SITES.clear()
     site._worker_model.cache_clear()  # earlier tests' configs (other shapes) would be counted too
     first, _, _ = site.site_train(cfg, site=0, num_sites=3, server_round=1, global_state=glob, privacy_json=None)

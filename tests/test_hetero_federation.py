@@ -7,10 +7,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedpeft import adapters, models, ranks, training
-from fedpeft.config import ConfigError, from_run_config
+from fedpeft import adapters, models, ranks
+from fedpeft.config import ConfigError
+from fedpeft.runconfig import from_run_config
 from fedpeft.federation import ReplyError
-from fedpeft.site import build_model, global_adapter_config, initial_adapter_state, site_train, worker_model
+from fedpeft.site import site_train
+from fedpeft.factory import build_model, global_adapter_config, initial_adapter_state, worker_model
 
 TINY = {"model": "tiny", "lora-layers": "", "lr": 0.01, "adapter-lr-scale": 1.0, "notes-per-site": 40,
         "test-per-site": 10, "num-server-rounds": 2, "batch-size": 16, "dp-noise": "seeded",

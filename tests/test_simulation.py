@@ -16,7 +16,7 @@ from peft import PeftModel
 
 from fedpeft import models
 from fedpeft.cli import simulate, simulation_config
-from fedpeft.config import from_run_config
+from fedpeft.runconfig import from_run_config
 from fedpeft.export import load_classifier
 
 pytestmark = pytest.mark.slow

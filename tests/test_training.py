@@ -47,7 +47,7 @@ def test_device_selection(monkeypatch):
 
 def test_centralised_baseline_trains_whole_passes_even_when_sites_use_local_steps(monkeypatch):
     from fedpeft.centralised import train_centralised
-    from fedpeft.config import from_run_config
+    from fedpeft.runconfig import from_run_config
 
     # Prepare: a federation whose sites take 1 step per round; record what the baseline trains
     cfg = from_run_config({"model": "tiny", "num-sites": 2, "notes-per-site": 30, "test-per-site": 0,
@@ -78,7 +78,7 @@ def _pooled_count(cfg) -> int:
 
 def test_centralised_baseline_is_reproducible_whatever_the_global_rng_state():
     from fedpeft.centralised import train_centralised
-    from fedpeft.config import from_run_config
+    from fedpeft.runconfig import from_run_config
 
     # Prepare
     cfg = from_run_config({"model": "tiny", "num-sites": 2, "notes-per-site": 30, "test-per-site": 0,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from fedpeft import adapters, training
 from fedpeft.config import PrivacyConfig, RunConfig, TrainConfig

@@ -10,28 +10,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fedpeft.registry import Registry
+
 Tensors = dict[str, torch.Tensor]
 MergeFn = Callable[[Sequence[Tensors], Sequence[float]], Tensors]
 
-_MERGES: dict[str, MergeFn] = {}
-
-
-def register_merge(name: str) -> Callable[[MergeFn], MergeFn]:
-    def deco(fn: MergeFn) -> MergeFn:
-        _MERGES[name] = fn
-        return fn
-
-    return deco
-
-
-def create_merge(name: str) -> MergeFn:
-    if name not in _MERGES:
-        raise ValueError(f"merge={name!r}: unknown merge rule; registered: {', '.join(sorted(_MERGES))}")
-    return _MERGES[name]
-
-
-def available_merges() -> list[str]:
-    return sorted(_MERGES)
+MERGES: Registry[MergeFn] = Registry("merge rule", "merge")
+register_merge = MERGES.register
+create_merge = MERGES.get
+available_merges = MERGES.names
 
 
 from fedpeft.aggregation import fedavg as _fedavg  # noqa: E402,F401  (registers the built-ins)

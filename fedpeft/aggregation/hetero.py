@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedpeft.registry import Registry
+
 Tensor = torch.Tensor
 
 
@@ -32,25 +34,10 @@ class MergedModule:
 
 
 RankMergeFn = Callable[..., MergedModule]
-_RANK_MERGES: dict[str, RankMergeFn] = {}
-
-
-def register_rank_merge(name: str) -> Callable[[RankMergeFn], RankMergeFn]:
-    def deco(fn: RankMergeFn) -> RankMergeFn:
-        _RANK_MERGES[name] = fn
-        return fn
-
-    return deco
-
-
-def create_rank_merge(name: str) -> RankMergeFn:
-    if name not in _RANK_MERGES:
-        raise ValueError(f"merge={name!r}: not a rank merge rule; registered: {', '.join(sorted(_RANK_MERGES))}")
-    return _RANK_MERGES[name]
-
-
-def rank_merges() -> list[str]:
-    return sorted(_RANK_MERGES)
+RANK_MERGES: Registry[RankMergeFn] = Registry("rank merge rule", "merge")
+register_rank_merge = RANK_MERGES.register
+create_rank_merge = RANK_MERGES.get
+rank_merges = RANK_MERGES.names
 
 
 def lora_scaling(alpha: float, rank: int, *, rslora: bool) -> float:

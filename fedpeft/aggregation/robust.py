@@ -7,11 +7,12 @@ they are small pure functions here (same maths: Yin et al. 2018; Sun et al. 2019
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from fedpeft.aggregation import Tensors, register_merge
+from fedpeft.registry import Registry
 from fedpeft.aggregation.fedavg import fedavg
 
 
@@ -44,7 +45,9 @@ def coordinate_trimmed_mean(stacked: torch.Tensor, trim: float = 0.2) -> torch.T
     return s[cut:n - cut].mean(dim=0)
 
 
-REDUCERS = {"median": coordinate_median, "trimmed_mean": coordinate_trimmed_mean}
+REDUCERS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("coordinate-wise reduction", "robust")
+REDUCERS.add("median", coordinate_median)
+REDUCERS.add("trimmed_mean", coordinate_trimmed_mean)
 
 
 @register_merge("median")

@@ -25,6 +25,7 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from fedpeft.aggregation.fedavg import weighted_sum
 from fedpeft.io import atomic_write_bytes
 from fedpeft.privacy.ledger import Ledger, delta_hash, load_or_create_key, public_pem
 
@@ -51,9 +52,7 @@ def noised_mean(deltas: Sequence[Tensors], *, clip: float, noise_multiplier: flo
     clipped = [clip_delta(d, clip)[0] for d in deltas]
     out: Tensors = {}
     for k in clipped[0]:
-        acc = torch.zeros_like(clipped[0][k], dtype=torch.float64)
-        for c in clipped:
-            acc += c[k].double()
+        acc = weighted_sum([c[k] for c in clipped], [1.0] * len(clipped))
         acc += torch.normal(0.0, noise_multiplier * clip, size=acc.shape, generator=generator, dtype=torch.float64)
         out[k] = (acc / num_sampled).to(clipped[0][k].dtype)
     return out

@@ -21,7 +21,7 @@ from flwr.app import MetricRecord, RecordDict
 
 from fedpeft import site
 from fedpeft.cli import load_preset
-from fedpeft.config import from_run_config, parse_overrides
+from fedpeft.runconfig import from_run_config, parse_overrides
 from fedpeft.federation import ReplyLimits, to_arrays, validate_train_reply
 from fedpeft.inprocess import run_federation
 from fedpeft.runtime import quiet_libraries

@@ -43,7 +43,7 @@ def sh(*args: str, cwd: Path) -> str:
     return res.stdout
 
 
-def write_sites(d: Path, port: int) -> None:
+def write_sites(d: Path, port: int, app_hash: str) -> None:
     for s in range(2):
         texts, ys = generate_notes(n=300, seed=40 + s)
         with (d / f"site{s}.csv").open("w", newline="") as fh:
@@ -54,7 +54,8 @@ def write_sites(d: Path, port: int) -> None:
             f'[site]\nid = {s}\nstate-dir = "state-site{s}"\napi-port = {_port()}\n\n'
             f'[coordinator]\naddress = "127.0.0.1:{port}"\nca-cert = "certs/ca.crt"\nauth-key = "certs/site-{s}/auth"\n\n'
             f'[data]\npath = "site{s}.csv"\ntext-column = "note"\nlabel-column = "diagnosis"\n'
-            f'labels = {json.dumps(list(LABELS))}\n\n[privacy]\ntarget-epsilon = 8.0\ntarget-delta = 1e-5\n')
+            f'labels = {json.dumps(list(LABELS))}\n\n[privacy]\ntarget-epsilon = 8.0\ntarget-delta = 1e-5\n\n'
+            f'[app]\ntrusted = ["{app_hash}"]\n')
 
 
 def main() -> None:
@@ -63,13 +64,17 @@ def main() -> None:
     args = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix="fedpeft-deploy-"))
     port = _port()
-    write_sites(d, port)
+    write_sites(d, port, sh("app-hash", str(ROOT), cwd=d).strip())
     run_cfg = RUN.format(labels=",".join(LABELS), dir=d)
     sites: list[subprocess.Popen] = []
     try:
         sh("certs", "--out", "certs", "--san", "127.0.0.1", "--san", "localhost", "--sites", "2", cwd=d)
         sh("coordinator", "start", "--certs", "certs", "--host", "127.0.0.1", "--port", str(port), cwd=d)
         sh("coordinator", "register", "certs/site-0/auth.pub", "certs/site-1/auth.pub", "--port", str(port), cwd=d)
+        (d / "site-keys").mkdir()
+        for s in range(2):  # the officer collects each site's key (and its fingerprint) out of band
+            print(sh("site", f"site{s}.toml", "--fingerprint", cwd=d).strip())
+            (d / "site-keys" / f"site-{s}.pub").write_bytes((d / f"state-site{s}" / f"site-{s}.pub").read_bytes())
         for s in range(2):
             print(f"$ fedpeft site site{s}.toml   # (in the background: one terminal per site)", flush=True)
             sites.append(subprocess.Popen([sys.executable, "-m", "fedpeft.cli", "site", f"site{s}.toml"], cwd=d,
@@ -79,7 +84,7 @@ def main() -> None:
         sh("coordinator", "run", "--port", str(port), "--run-config", f"{run_cfg} out-dir='{d}/run'",
            "--timeout", "900", cwd=d)
         deploy_s = time.perf_counter() - t
-        print(sh("audit", f"{d}/run", cwd=d).splitlines()[-1])
+        print(sh("audit", f"{d}/run", "--keys", "site-keys", cwd=d).splitlines()[-1])
     finally:
         for p in sites:
             try:

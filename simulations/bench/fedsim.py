@@ -13,7 +13,7 @@ import torch
 
 from fedpeft.centralised import train_centralised
 from fedpeft.cli import simulate, simulation_config
-from fedpeft.config import from_run_config
+from fedpeft.runconfig import from_run_config
 from fedpeft.runtime import quiet_libraries
 
 

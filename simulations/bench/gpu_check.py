@@ -17,7 +17,7 @@ import torch
 
 from fedpeft import models
 from fedpeft.cli import load_preset
-from fedpeft.config import from_run_config, parse_overrides
+from fedpeft.runconfig import from_run_config, parse_overrides
 from fedpeft.inprocess import run_federation
 from fedpeft.runtime import quiet_libraries
 

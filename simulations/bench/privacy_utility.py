@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from fedpeft.cli import load_preset
-from fedpeft.config import from_run_config, parse_overrides
+from fedpeft.runconfig import from_run_config, parse_overrides
 from fedpeft.inprocess import run_federation
 from fedpeft.privacy.audit.canaries import run_gradient_canaries
 from fedpeft.runtime import quiet_libraries

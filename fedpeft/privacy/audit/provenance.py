@@ -10,7 +10,6 @@ import json
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 from fedpeft.privacy.audit.checks import AuditResult
 

@@ -1,0 +1,102 @@
+"""The model factory a process keeps: the base model (one per config and device), fresh PEFT
+models on copies of it, the one long-lived PEFT model per adapter shape that a worker reuses for
+every site and round, and the datasets (with their frozen-prefix activations) it builds once."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from collections.abc import Mapping
+
+import torch
+from torch.utils.data import TensorDataset
+
+from fedpeft import adapters, models, prefix, ranks, training
+from fedpeft.config import AdapterConfig, ModelConfig, RunConfig
+
+
+@functools.lru_cache(maxsize=2)
+def _base_model(model_fields: tuple, labels: tuple[str, ...], device: str) -> torch.nn.Module:
+    cfg = ModelConfig(*model_fields)  # the config's fields as a hashable cache key
+    return models.load_base_model(cfg, num_labels=len(labels), labels=list(labels)).to(device)
+
+
+def base_model(cfg: RunConfig) -> torch.nn.Module:
+    """This process's cached base model, on the compute device: read-only, copy it before wrapping."""
+    return _base_model(dataclasses.astuple(cfg.model), tuple(cfg.data.label_list), str(models.select_device()))
+
+
+def new_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, labels: tuple[str, ...], *, dp: bool
+               ) -> adapters.PeftModel:
+    base = _base_model(dataclasses.astuple(model_cfg), labels, str(models.select_device()))
+    return adapters.create_adapter(copy.deepcopy(base), adapter_cfg, dp=dp, base_name=model_cfg.name)
+
+
+def build_model(cfg: RunConfig, *, dp: bool, adapter: AdapterConfig | None = None) -> adapters.PeftModel:
+    """A fresh adapter (``adapter``, default the run's) on a copy of the cached base model."""
+    return new_model(cfg.model, adapter or cfg.adapter, tuple(cfg.data.label_list), dp=dp)
+
+
+def global_adapter_config(cfg: RunConfig, state: Mapping[str, torch.Tensor] | None = None) -> AdapterConfig:
+    """The global adapter's PEFT config: the run's, or with a rank rule rank max(lora-ranks) (or the
+    state's, which grows under ``stack``) at scaling 1 (``fedpeft.ranks``)."""
+    if cfg.rank_rule is None:
+        return cfg.adapter
+    return ranks.global_adapter(cfg, ranks.state_rank(state) if state else cfg.adapter.max_rank)
+
+
+@functools.lru_cache(maxsize=8)
+def _worker_model(model_fields: tuple, adapter_fields: tuple, labels: tuple[str, ...], device: str
+                  ) -> adapters.PeftModel:
+    return new_model(ModelConfig(*model_fields), AdapterConfig(*adapter_fields), labels, dp=False)
+
+
+def worker_model(cfg: RunConfig, global_state: Mapping[str, torch.Tensor], adapter: AdapterConfig | None = None,
+                 *, fold: Mapping[str, torch.Tensor] | None = None) -> adapters.PeftModel:
+    """The PEFT model this worker keeps for every site and round (one per adapter shape), loaded
+    with ``global_state``; ``fold``: dense updates folded into its frozen base (``stack``).
+
+    Sites of a run share the architecture, and every call starts by loading the adapter (which
+    sets every trainable tensor) and the base, so nothing of one site's training reaches the next.
+    """
+    adapter = adapter or cfg.adapter
+    if cfg.privacy.enabled:
+        adapters.require_dp_capable(adapter.method)
+    model = _worker_model(dataclasses.astuple(cfg.model), dataclasses.astuple(adapter),
+                          tuple(cfg.data.label_list), str(models.select_device()))
+    adapters.fold_into_base(model, fold or {})
+    adapters.freeze_lora_a(model, cfg.rank_rule == "frozen_a")
+    adapters.set_adapter_state(model, global_state)
+    return model
+
+
+def initial_adapter_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The round-0 global adapter (seeded, so every party can rebuild it; with a rank rule, rank
+    max(lora-ranks), whose A is the shared frozen A of ``frozen_a``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return adapters.get_adapter_state(build_model(cfg, dp=False, adapter=global_adapter_config(cfg)))
+
+
+_PREFIX_CACHE = prefix.PrefixCache()
+
+
+def dataset(cfg: RunConfig, texts: list[str], labels: list[int]) -> TensorDataset:
+    """Token dataset, or, when the adapter leaves the bottom layers frozen, their cached output
+    (computed once per note set; see ``fedpeft.prefix``)."""
+    tok = models.load_tokenizer(cfg.model.name)
+    start = prefix.prefix_start(cfg.model, cfg.adapter)
+    if start == 0:
+        return training.encode(texts, labels, tok, max_length=cfg.model.max_length)
+    base = base_model(cfg)
+    precision = models.resolve_precision(cfg.model.precision, next(base.parameters()).device)
+    model_key = dataclasses.astuple(dataclasses.replace(cfg.model, precision=precision))
+    ffn = prefix.ffn_start(cfg.model, cfg.adapter)
+    key = prefix.fingerprint(texts, labels, (model_key, start, ffn))  # the head is not cached
+    ds = _PREFIX_CACHE.get(key)
+    if ds is None:
+        tokens = training.encode(texts, labels, tok, max_length=cfg.model.max_length)
+        ds = prefix.compute_prefix(base, tokens, start_layer=start, ffn_start=ffn, precision=precision)
+        _PREFIX_CACHE.put(key, ds)
+    return ds
