@@ -100,3 +100,20 @@ def dataset(cfg: RunConfig, texts: list[str], labels: list[int]) -> TensorDatase
         ds = prefix.compute_prefix(base, tokens, start_layer=start, ffn_start=ffn, precision=precision)
         _PREFIX_CACHE.put(key, ds)
     return ds
+
+
+class Scorer:
+    """The server's model for a global adapter: one PEFT model per global rank (``stack`` grows it
+    every round), loaded with the state it is asked to score. Used by the ServerApp and ``inprocess``."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self._models: dict[int, adapters.PeftModel] = {}
+
+    def __call__(self, state: Mapping[str, torch.Tensor]) -> adapters.PeftModel:
+        acfg = global_adapter_config(self.cfg, state)
+        if acfg.rank not in self._models:
+            self._models[acfg.rank] = build_model(self.cfg, dp=False, adapter=acfg)
+        model = self._models[acfg.rank]
+        adapters.set_adapter_state(model, state)
+        return model

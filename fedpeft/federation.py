@@ -6,13 +6,13 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpeft.adapters import AdapterStateError, check_adapter_state
 from fedpeft.privacy.ledger import LedgerError, ServerCopies, delta_hash
+from fedpeft.reply import Reply
 
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -38,20 +38,8 @@ def config_record(flat: Mapping[str, object]) -> ConfigRecord:
     return ConfigRecord({k: v for k, v in flat.items() if isinstance(v, (str, int, float, bool))})
 
 
-@dataclass
-class TrainReply:
-    site: int
-    delta: dict[str, torch.Tensor] | None  # None: the site declined (its budget would be exceeded)
-    num_examples: int
-    metrics: dict[str, float]
-    status: str = "trained"
-    reason: str = ""
-    ledger: bytes | None = None
-    public_key: str | None = None
-
-
-def status_record(reply: Any) -> ConfigRecord:
-    """A site's ``RoundReply`` status, reason and signed ledger as a ConfigRecord."""
+def status_record(reply: Reply) -> ConfigRecord:
+    """A site's ``Reply`` status, reason and signed ledger as a ConfigRecord."""
     rec: dict[str, str] = {"status": reply.status, "reason": reply.reason}
     if reply.ledger is not None:
         rec["ledger"] = reply.ledger.decode()
@@ -82,7 +70,7 @@ class ReplyLimits:
     max_bytes: int = 64 * 2**20
     max_examples: int = 10_000_000
     server_round: int | None = None  # replies must echo the round they answer
-    max_update: Callable[[TrainReply], float] | None = None
+    max_update: Callable[[Reply], float] | None = None
 
 
 def _payload_bytes(record: ArrayRecord) -> int:
@@ -92,7 +80,7 @@ def _payload_bytes(record: ArrayRecord) -> int:
 def validate_train_reply(content: RecordDict, *, expected: Mapping[str, torch.Tensor],
                          ledgers: ServerCopies | None = None, server_round: int = 0,
                          expected_for: Callable[[int], Mapping[str, torch.Tensor]] | None = None,
-                         limits: ReplyLimits | None = None) -> TrainReply:
+                         limits: ReplyLimits | None = None) -> Reply:
     """Check a train reply against the global adapter's keys, shapes and dtypes (with mixed ranks,
     ``expected_for(declared lora-rank)``), against ``limits`` (size, example count, stale round,
     update magnitude) and, with ``ledgers`` (DP runs), against the site's signed ledger; raise
@@ -131,7 +119,7 @@ def validate_train_reply(content: RecordDict, *, expected: Mapping[str, torch.Te
 
 
 def _validate_content(content: RecordDict, *, expected: Mapping[str, torch.Tensor],
-                      expected_for: Callable[[int], Mapping[str, torch.Tensor]] | None = None) -> TrainReply:
+                      expected_for: Callable[[int], Mapping[str, torch.Tensor]] | None = None) -> Reply:
     if METRICS not in content.metric_records:
         raise ReplyError(f"reply has no MetricRecord {METRICS!r}")
     metrics = dict(content.metric_records[METRICS])
@@ -140,8 +128,8 @@ def _validate_content(content: RecordDict, *, expected: Mapping[str, torch.Tenso
         site = metrics.get("site")
         if not isinstance(site, (int, float)) or site < 0:
             raise ReplyError(f"site={site!r}: must be a non-negative site id")
-        return TrainReply(site=int(site), delta=None, num_examples=0, metrics={}, status=status,
-                          reason=reason, ledger=ledger, public_key=pub)
+        return Reply(status=status, delta=None, metrics={"site": float(int(site))}, reason=reason, ledger=ledger,
+                     public_key=pub)
     if ARRAYS not in content.array_records:
         raise ReplyError(f"reply has no ArrayRecord {ARRAYS!r} (has {list(content.array_records)})")
     n = metrics.get(NUM_EXAMPLES)
@@ -167,9 +155,9 @@ def _validate_content(content: RecordDict, *, expected: Mapping[str, torch.Tenso
     except AdapterStateError as e:
         raise ReplyError(f"{ARRAYS}: {e}" + (f" (declared lora-rank={int(metrics['lora-rank'])})"
                                              if expected_for is not None else "")) from None
-    return TrainReply(site=int(site), delta=delta, num_examples=int(n),
-                      metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-                      status=status, reason=reason, ledger=ledger, public_key=pub)
+    values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    values.update({"site": float(int(site)), NUM_EXAMPLES: float(int(n))})
+    return Reply(status=status, delta=delta, metrics=values, reason=reason, ledger=ledger, public_key=pub)
 
 
 def metric_record(values: Mapping[str, float | int]) -> MetricRecord:

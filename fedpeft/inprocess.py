@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedpeft import adapters, factory, models, ranks, site, training
+from fedpeft import adapters, factory, models, site, training
 from fedpeft.aggregation import create_merge
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import global_test_set
+from fedpeft.merging import merge_replies
+from fedpeft.reply import Reply
 
 log = logging.getLogger(__name__)
 
@@ -43,38 +45,25 @@ def run_federation(cfg: RunConfig, *, on_round: Callable[[RoundResult], None] | 
     glob = factory.initial_adapter_state(cfg)
     texts, labels = global_test_set(cfg.data, seed=cfg.train.seed, num_sites=n)
     test = factory.dataset(cfg, texts, labels)
-    scorers: dict[int, adapters.PeftModel] = {}
+    scorer = factory.Scorer(cfg)  # the ServerApp's scorer
 
     def score(state: dict[str, torch.Tensor]) -> float:
-        acfg = factory.global_adapter_config(cfg, state)
-        model = scorers.setdefault(acfg.rank, factory.build_model(cfg, dp=False, adapter=acfg))
-        adapters.set_adapter_state(model, state)
-        return training.evaluate(model, test, device=device, num_labels=len(cfg.data.label_list),
+        return training.evaluate(scorer(state), test, device=device, num_labels=len(cfg.data.label_list),
                                  precision=cfg.model.precision).accuracy
 
     results = [RoundResult(0, 0.0, score(glob))]
     privacy: dict[int, str | None] = {}
     for rnd in range(1, cfg.federation.num_rounds + 1):
         t0 = time.perf_counter()
-        deltas, weights, per_site = [], [], {}
+        replies, per_site = [], {}
         for s in range(n):
             delta, metrics, privacy[s] = site.site_train(cfg, site=s, num_sites=n, server_round=rnd,
                                                          global_state=glob, privacy_json=privacy.get(s))
-            deltas.append(delta)
-            weights.append(metrics["num-examples"])
+            replies.append(Reply("trained", delta, metrics))
             per_site[s] = metrics
         bytes_down = n * adapters.state_bytes(glob)
-        tm = time.perf_counter()
-        if cfg.rank_rule is None:
-            merged = merge(deltas, weights)
-            glob = {k: glob[k] + merged[k].to(glob[k].dtype) for k in glob}
-        else:  # the same reconstruction and merge as the strategy's (start + delta, by rank)
-            locals_ = []
-            for s, d, w in zip(range(n), deltas, weights):
-                r = int(per_site[s]["lora-rank"])
-                start = ranks.start_state(cfg, glob, r)
-                locals_.append(({k: v + d[k] if k in d else v for k, v in start.items()}, r, w))
-            glob, _ = ranks.merge_states(cfg, glob, locals_)
+        tm = time.perf_counter()  # the strategy's merge, on the same replies in the same order
+        glob, _ = merge_replies(glob, replies, merge_fn=merge, rank_cfg=cfg if cfg.rank_rule else None)
         merge_s = time.perf_counter() - tm
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -19,7 +19,7 @@ from fedpeft.runconfig import from_run_config, to_run_config
 from fedpeft.data.sites import global_test_set, make_site, split_counts
 from fedpeft.federation import config_record, from_arrays, to_arrays
 from fedpeft.io import atomic_write_json
-from fedpeft.factory import base_model, build_model, dataset, global_adapter_config, initial_adapter_state
+from fedpeft.factory import Scorer, base_model, dataset, initial_adapter_state
 from fedpeft.strategy import DeltaMerge, RoundLog, make_strategy
 
 log = logging.getLogger(__name__)
@@ -120,16 +120,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
                     cfg.federation.num_sites, nodes, cfg.federation.num_sites)
     # Prepare: global adapter, server-side test set, strategy
     init = initial_adapter_state(cfg)
-    scorers: dict[int, Any] = {}
-
-    def scorer(state: dict) -> Any:
-        """The server's model for a global adapter (one per rank: ``stack`` grows it every round)."""
-        acfg = global_adapter_config(cfg, state)
-        if acfg.rank not in scorers:
-            scorers[acfg.rank] = build_model(cfg, dp=False, adapter=acfg)
-        model = scorers[acfg.rank]
-        adapters.set_adapter_state(model, state)
-        return model
+    scorer = Scorer(cfg)
 
     tt, ty = global_test_set(cfg.data, seed=cfg.train.seed, num_sites=cfg.federation.num_sites)
     test_ds = dataset(cfg, tt, ty)

@@ -27,6 +27,7 @@ from fedpeft.privacy.audit.canaries import TrainingCanaries
 from fedpeft.faults import InjectedFault, attacked, attackers, crashes, hangs, is_late
 from fedpeft.privacy.ledger import delta_hash
 from fedpeft.privacy.vault import SiteVault
+from fedpeft.reply import Reply
 from fedpeft.policy import SitePolicy, check_noise_source  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -184,23 +185,11 @@ def privacy_plan(cfg: RunConfig, num_examples: int, privacy_json: str | None) ->
 NO_DP_REASON = "trained WITHOUT differential privacy: this site's own policy (dp = false in its file)"
 
 
-@dataclasses.dataclass
-class RoundReply:
-    """What a site answers a train request with: a delta, or an explicit decline, and its ledger."""
-
-    status: str  # "trained" or "declined"
-    delta: dict[str, torch.Tensor] | None
-    metrics: dict[str, float]
-    reason: str = ""
-    ledger: bytes | None = None
-    public_key: str | None = None
-
-
 def site_round(
     cfg: RunConfig, *, site: int, num_sites: int, server_round: int, global_state: Mapping[str, torch.Tensor],
     vault: SiteVault | None, data_path: str | None = None, deployed: bool = False, rank: int | None = None,
     attempt: int = 0,
-) -> RoundReply:
+) -> Reply:
     """One train request: check the budget, train, save the privacy state, sign the ledger entry.
 
     The privacy state and the ledger live in ``vault`` (the site's own folder), one request at a
@@ -211,10 +200,10 @@ def site_round(
         delta, metrics, _ = site_train(cfg, site=site, num_sites=num_sites, server_round=server_round,
                                        global_state=global_state, privacy_json=None, data_path=data_path, rank=rank)
         if vault is None:
-            return RoundReply("trained", delta, metrics)
+            return Reply("trained", delta, metrics)
         with vault.exclusive():  # a deployed site whose own file turned DP off: its ledger says so
             vault.record_release_without_dp(server_round=server_round, delta=delta)
-            return RoundReply("trained", delta, metrics, NO_DP_REASON, vault.ledger_bytes(), vault.public_key())
+            return Reply("trained", delta, metrics, NO_DP_REASON, vault.ledger_bytes(), vault.public_key())
     with vault.exclusive():
         return _private_round(cfg, site=site, num_sites=num_sites, server_round=server_round,
                               global_state=global_state, vault=vault, data_path=data_path, deployed=deployed,
@@ -224,13 +213,13 @@ def site_round(
 def _private_round(
     cfg: RunConfig, *, site: int, num_sites: int, server_round: int, global_state: Mapping[str, torch.Tensor],
     vault: SiteVault, data_path: str | None, deployed: bool, rank: int | None, attempt: int,
-) -> RoundReply:
+) -> Reply:
     """``site_round`` under DP, holding the site's vault."""
     gsha = delta_hash(global_state)
     replay = vault.load_release(server_round=server_round, global_sha256=gsha)
     if replay is not None:  # a retried round (a server resumed after a crash): resend, do not retrain
         log.info("site %d round %d: resending the release already made for this global adapter", site, server_round)
-        return RoundReply("trained", replay[0], replay[1], "", vault.ledger_bytes(), vault.public_key())
+        return Reply("trained", replay[0], replay[1], "", vault.ledger_bytes(), vault.public_key())
     seeded = cfg.privacy.noise == "seeded"
     if seeded and vault.privacy_json() is not None:  # a cut-short seeded round will redo the same steps
         vault.rollback_seeded_retry(server_round=server_round, global_sha256=gsha)
@@ -273,7 +262,7 @@ def _private_round(
         vault.record_decline(server_round=server_round, state=state, reason=str(e))
         vault.end_round()
         log.info("site %d round %d: declined: %s", site, server_round, e)
-        return RoundReply("declined", None, {"site": float(site), "epsilon": state.epsilon()}, str(e),
+        return Reply("declined", None, {"site": float(site), "epsilon": state.epsilon()}, str(e),
                           vault.ledger_bytes(), vault.public_key())
     assert new_json is not None
     after = dataclasses.replace(PrivacyState.from_json(new_json), round=server_round)
@@ -284,16 +273,16 @@ def _private_round(
     vault.end_round()
     if canaries is not None:
         vault.save_canaries(canaries)
-    return RoundReply("trained", delta, metrics, "", vault.ledger_bytes(), vault.public_key())
+    return Reply("trained", delta, metrics, "", vault.ledger_bytes(), vault.public_key())
 
 
-def settle_ledger(cfg: RunConfig, vault: SiteVault, *, deployed: bool) -> RoundReply | None:
+def settle_ledger(cfg: RunConfig, vault: SiteVault, *, deployed: bool) -> Reply | None:
     """After a crash: sign the steps the privacy state counts but the ledger does not; return a
     status carrying the ledger for the server's copy (None when there was nothing to settle)."""
     with vault.exclusive():
         if vault.privacy_json() is None or vault.reconcile(noise=cfg.privacy.noise, deployed=deployed) is None:
             return None
-        return RoundReply("evaluated", None, {}, "", vault.ledger_bytes(), vault.public_key())
+        return Reply("evaluated", None, {"site": float(vault.site)}, "", vault.ledger_bytes(), vault.public_key())
 
 
 def site_evaluate(

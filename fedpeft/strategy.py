@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYog
 
 from fedpeft import ranks
 from fedpeft.adapters import state_bytes
-from fedpeft.aggregation import create_merge
+from fedpeft.aggregation import MergeFn, create_merge
 from fedpeft.aggregation.hetero import rank_merges
 from fedpeft.config import RunConfig
 from fedpeft.federation import (
@@ -29,6 +30,8 @@ from fedpeft.federation import (
 )
 from fedpeft.privacy.client_dp import ClientBudgetExhausted, ClientLevelDP
 from fedpeft.privacy.ledger import LedgerError, ServerCopies, delta_hash
+from fedpeft.merging import add_delta, merge_replies
+from fedpeft.reply import Reply
 from fedpeft.update_bounds import update_bound
 
 log = logging.getLogger(__name__)
@@ -55,32 +58,57 @@ class RoundLog:
     skipped: bool = False
 
 
-class DeltaMerge(FedAvg):
-    """FedAvg's plumbing with adapter-delta validation and a pluggable merge rule."""
+@dataclass
+class MergePolicy:
+    """How ``DeltaMerge`` validates and merges, passed whole to its ``__init__`` (as Flower's DP
+    wrappers take the strategy they wrap); ``from_config`` builds it from a run config."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    merge: str = "fedavg"  # a registered merge rule, or a rank rule (then rank_cfg is set)
+    min_valid_replies: int = 1  # fewer valid replies than this: the round is skipped, never merged
+    rank_cfg: RunConfig | None = None  # a heterogeneous-rank rule: merge whole adapters by rank
+    ledgers: ServerCopies | None = None  # DP runs: every release must match a signed entry
+    client_dp: ClientLevelDP | None = None  # client-level DP: clip + noise after validation
+    limits: ReplyLimits = field(default_factory=ReplyLimits)
+    update_bound: Callable[[Reply], float] | None = None  # DP runs: largest honest |update| (update_bounds)
+    round_retries: int = 0  # re-ask sites without a good reply this many times before skipping a round
+    retry_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        # rank rules merge whole adapters by rank (``merging.merge_replies``), not same-shaped deltas
+        self.merge_fn: MergeFn | None = None if self.merge in rank_merges() else create_merge(self.merge)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> MergePolicy:
+        fed, p = cfg.federation, cfg.privacy
+        client_dp = None
+        if p.client_dp:
+            if fed.merge != "fedavg":
+                raise ValueError(f"merge={fed.merge!r}: client-dp=true needs merge='fedavg' (an unweighted sum of "
+                                 "clipped deltas); heterogeneous-rank rules are not covered yet")
+            client_dp = ClientLevelDP(out_dir=fed.out_dir, noise_multiplier=p.client_noise_multiplier,
+                                      clip=p.client_clip, delta=p.target_delta, population=fed.num_sites,
+                                      max_epsilon=p.client_max_epsilon)
+        return cls(merge=fed.merge, min_valid_replies=fed.min_train_sites,
+                   rank_cfg=cfg if cfg.rank_rule is not None else None,
+                   ledgers=ServerCopies(Path(fed.out_dir) / "ledger") if p.enabled else None, client_dp=client_dp,
+                   limits=ReplyLimits(max_bytes=int(fed.max_reply_mib * 2**20), max_examples=fed.max_num_examples),
+                   update_bound=update_bound(cfg), round_retries=fed.round_retries,
+                   retry_timeout=fed.round_timeout or None)
+
+
+class DeltaMerge(FedAvg):
+    """FedAvg's plumbing with adapter-delta validation and a pluggable merge rule (``policy``)."""
+
+    def __init__(self, *args: Any, policy: MergePolicy | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # a combined class (``make_strategy``) sets the policy before Flower's own __init__ chain
+        self.policy: MergePolicy = policy if policy is not None else getattr(self, "policy", MergePolicy())
         self.rounds: dict[int, RoundLog] = {}
         self._global: dict[str, torch.Tensor] | None = None
-        self.ledgers: ServerCopies | None = None  # DP runs: every release must match a signed entry
-        self.client_dp: ClientLevelDP | None = None  # client-level DP: clip + noise after validation
-        self.rank_cfg: RunConfig | None = None  # a heterogeneous-rank rule: merge whole adapters by rank
-        self.limits = ReplyLimits()
         self._starts: dict[int, dict[str, torch.Tensor]] = {}  # rank rules: each rank's start this round
         self._grid: Grid | None = None
         self._sent: dict[int, Message] = {}
-        self.round_retries = 0  # re-ask sites without a good reply this many times before skipping a round
-        self.retry_timeout: float | None = None
         self.round_offset = 0  # a resumed run: Flower counts rounds from 1 again; sites and logs must not
-        self.update_bound = None  # DP runs: (reply) -> largest honest |update| in a coordinate (update_bounds)
-        self.set_merge("fedavg", min_valid_replies=1)
-
-    def set_merge(self, name: str, *, min_valid_replies: int) -> None:
-        """Choose the merge rule (registry name) and the fewest valid replies that make a round."""
-        self.merge_name = name
-        # rank rules merge whole adapters by rank (``_merge_ranks``), not same-shaped deltas
-        self.merge_fn = None if name in rank_merges() else create_merge(name)
-        self.min_valid_replies = min_valid_replies
 
     def _log(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round, RoundLog())
@@ -114,7 +142,7 @@ class DeltaMerge(FedAvg):
         rlog = self._log(server_round)
         valid = []
         seen: set[int] = set()
-        limits = dataclasses.replace(self.limits, server_round=server_round, max_update=self.update_bound)
+        limits = dataclasses.replace(self.policy.limits, server_round=server_round, max_update=self.policy.update_bound)
 
         def reject(node: int, site: int | None, reason: str) -> None:
             reason = reason if len(reason) < 600 else reason[:300] + " … " + reason[-300:]
@@ -131,7 +159,7 @@ class DeltaMerge(FedAvg):
                     reject(node, None, str(msg.error.reason))
                     continue
                 try:
-                    reply = validate_train_reply(msg.content, expected=self._global, ledgers=self.ledgers,
+                    reply = validate_train_reply(msg.content, expected=self._global, ledgers=self.policy.ledgers,
                                                  server_round=server_round, expected_for=self._expected_for(),
                                                  limits=limits)
                 except ReplyError as e:
@@ -155,43 +183,38 @@ class DeltaMerge(FedAvg):
             return good
 
         done = collect(replies, rlog.sent_nodes)
-        for attempt in range(1, self.round_retries + 1):  # too few good replies: ask the others again
+        for attempt in range(1, self.policy.round_retries + 1):  # too few good replies: ask the others again
             missing = [n for n in rlog.sent_nodes if n not in done]
-            if len(valid) >= self.min_valid_replies or not missing or self._grid is None:
+            if len(valid) >= self.policy.min_valid_replies or not missing or self._grid is None:
                 break
             log.warning("round %d: %d valid replies < min-train-sites=%d; asking %d sites again (attempt %d)",
-                        server_round, len(valid), self.min_valid_replies, len(missing), attempt + 1)
+                        server_round, len(valid), self.policy.min_valid_replies, len(missing), attempt + 1)
             rlog.retries += 1
             again = [self._resend(n, attempt) for n in missing if n in self._sent]
-            done |= collect(list(self._grid.send_and_receive(again, timeout=self.retry_timeout)), missing)
-        if len(valid) < self.min_valid_replies:
+            done |= collect(list(self._grid.send_and_receive(again, timeout=self.policy.retry_timeout)), missing)
+        if len(valid) < self.policy.min_valid_replies:
             log.warning("round %d: %d valid replies < min-train-sites=%d; global adapter unchanged",
-                        server_round, len(valid), self.min_valid_replies)
+                        server_round, len(valid), self.policy.min_valid_replies)
             rlog.skipped = True
             return None, None
         valid.sort(key=lambda r: r.site)  # fixed order: bitwise-repeatable merges
         deltas = [r.delta for r in valid if r.delta is not None]
-        if self.rank_cfg is not None:
-            new_global = self._merge_ranks(valid, rlog)
-            for r in valid:
-                rlog.train[r.site] = r.metrics
-                rlog.merged[r.site] = delta_hash(r.delta)
-            total = sum(r.num_examples for r in valid)
-            return to_arrays(new_global), MetricRecord({
-                "train-loss": sum(r.metrics.get("train-loss", 0.0) * r.num_examples for r in valid) / total,
-                "num-examples": total, "sites": len(valid)})
-        if self.client_dp is not None:
+        if self.policy.client_dp is not None:
             try:
-                merged = self.client_dp.release(server_round, deltas, num_sampled=max(rlog.sent, len(deltas)))
+                merged = self.policy.client_dp.release(server_round, deltas, num_sampled=max(rlog.sent, len(deltas)))
             except ClientBudgetExhausted as e:
                 log.warning("round %d: %s", server_round, e)
                 rlog.skipped = True
                 return None, None
-            rlog.client_epsilon = self.client_dp.accountant.get_epsilon(self.client_dp.delta)
+            rlog.client_epsilon = self.policy.client_dp.accountant.get_epsilon(self.policy.client_dp.delta)
+            new_global = add_delta(self._global, merged)
         else:
-            assert self.merge_fn is not None, f"merge={self.merge_name!r} needs rank_cfg"
-            merged = self.merge_fn(deltas, [float(r.num_examples) for r in valid])
-        new_global = {k: self._global[k] + merged[k].to(self._global[k].dtype) for k in self._global}
+            new_global, info = merge_replies(self._global, valid, merge_fn=self.policy.merge_fn,
+                                             rank_cfg=self.policy.rank_cfg, start=self._start)
+            rlog.ranks = info.ranks
+            if self.policy.rank_cfg is not None:
+                rlog.dropped_energy = max(info.dropped_by_module.values(), default=0.0)
+                rlog.dropped_by_module = info.dropped_by_module
         for r in valid:
             rlog.train[r.site] = r.metrics
             rlog.merged[r.site] = delta_hash(r.delta)
@@ -204,11 +227,11 @@ class DeltaMerge(FedAvg):
 
     def _sync_ledger(self, msg: Message, metrics: dict, rlog: RoundLog, server_round: int) -> None:
         """An evaluate reply may carry a ledger with recovery entries (steps a crashed round spent)."""
-        rec = msg.content.config_records.get(STATUS) if self.ledgers is not None else None
+        rec = msg.content.config_records.get(STATUS) if self.policy.ledgers is not None else None
         if rec is None or "ledger" not in rec or "site" not in metrics:
             return
         try:
-            self.ledgers.sync(site=int(metrics["site"]), data=str(rec["ledger"]).encode(),
+            self.policy.ledgers.sync(site=int(metrics["site"]), data=str(rec["ledger"]).encode(),
                               public_key=str(rec.get("public-key", "")))
         except LedgerError as e:
             rlog.failures.append({"node": msg.metadata.src_node_id, "site": int(metrics["site"]),
@@ -216,7 +239,7 @@ class DeltaMerge(FedAvg):
 
     def _expected_for(self):
         """With a rank rule: the tensors a site of a given rank must send (its start's shapes)."""
-        cfg, glob = self.rank_cfg, self._global
+        cfg, glob = self.policy.rank_cfg, self._global
         if cfg is None or glob is None:
             return None
 
@@ -229,25 +252,9 @@ class DeltaMerge(FedAvg):
     def _start(self, rank: int) -> dict[str, torch.Tensor]:
         """A rank's starting adapter this round (what its sites trained from), computed once."""
         if rank not in self._starts:
-            assert self.rank_cfg is not None and self._global is not None
-            self._starts[rank] = ranks.start_state(self.rank_cfg, self._global, rank)
+            assert self.policy.rank_cfg is not None and self._global is not None
+            self._starts[rank] = ranks.start_state(self.policy.rank_cfg, self._global, rank)
         return self._starts[rank]
-
-    def _merge_ranks(self, valid: list, rlog: RoundLog) -> dict[str, torch.Tensor]:
-        """Rebuild each site's local adapter (its start + its delta) and merge them by rank."""
-        cfg, glob = self.rank_cfg, self._global
-        assert cfg is not None and glob is not None
-        locals_ = []
-        for r in valid:
-            rank = int(r.metrics["lora-rank"])
-            start = self._start(rank)
-            locals_.append(({k: v + r.delta[k].to(v.dtype) if k in r.delta else v for k, v in start.items()},
-                            rank, float(r.num_examples)))
-            rlog.ranks[r.site] = rank
-        new_global, dropped = ranks.merge_states(cfg, glob, locals_)
-        rlog.dropped_energy = max(dropped.values(), default=0.0)
-        rlog.dropped_by_module = dropped
-        return new_global
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
@@ -281,38 +288,28 @@ def make_strategy(cfg: RunConfig) -> DeltaMerge:
     """Flower's named strategy with ``DeltaMerge`` doing the aggregation underneath it."""
     fed = cfg.federation
     base = _FLOWER[fed.strategy]
-    common = dict(
+    common: dict[str, Any] = dict(
         fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=min(fed.min_train_sites, fed.num_sites), min_evaluate_nodes=1 if fed.fraction_evaluate else 0,
         min_available_nodes=min(fed.num_sites, max(fed.min_train_sites, 1)),
     )
-    extra: dict[str, object] = {}
     if base is FedProx:
-        extra["proximal_mu"] = cfg.train.proximal_mu
+        common["proximal_mu"] = cfg.train.proximal_mu
     if base in (FedAdam, FedYogi, FedAdagrad):
-        extra["eta"] = fed.server_lr
-        extra["eta_l"] = cfg.train.lr
+        common["eta"] = fed.server_lr
+        common["eta_l"] = cfg.train.lr
+    policy = MergePolicy.from_config(cfg)
     if base is FedAvg:
-        cls = DeltaMerge
-    else:
-        cls = type(f"{base.__name__}OverDeltas", (base, DeltaMerge), {})
+        return DeltaMerge(**common, policy=policy)
+    return _over_deltas(base)(policy=policy, **common)
 
-    strategy = cls(**common, **extra)
-    strategy.set_merge(fed.merge, min_valid_replies=fed.min_train_sites)
-    if cfg.privacy.enabled:
-        strategy.ledgers = ServerCopies(Path(fed.out_dir) / "ledger")
-    if cfg.rank_rule is not None:
-        strategy.rank_cfg = cfg
-    strategy.round_retries = fed.round_retries
-    strategy.retry_timeout = fed.round_timeout or None
-    strategy.limits = ReplyLimits(max_bytes=int(fed.max_reply_mib * 2**20), max_examples=fed.max_num_examples)
-    strategy.update_bound = update_bound(cfg)
-    p = cfg.privacy
-    if p.client_dp:
-        if fed.merge != "fedavg":
-            raise ValueError(f"merge={fed.merge!r}: client-dp=true needs merge='fedavg' (an unweighted sum of "
-                             "clipped deltas); heterogeneous-rank rules are not covered yet")
-        strategy.client_dp = ClientLevelDP(out_dir=fed.out_dir, noise_multiplier=p.client_noise_multiplier,
-                                           clip=p.client_clip, delta=p.target_delta, population=fed.num_sites,
-                                           max_epsilon=p.client_max_epsilon)
-    return strategy
+
+def _over_deltas(base: type[FedAvg]) -> type[DeltaMerge]:
+    """``base``'s server logic (FedProx, FedAdam, ...) on top of DeltaMerge's aggregation: MRO
+    base, DeltaMerge, FedAvg. Flower's __init__ takes no policy, so it is set first."""
+
+    def __init__(self: DeltaMerge, *, policy: MergePolicy, **kwargs: Any) -> None:
+        self.policy = policy
+        base.__init__(self, **kwargs)
+
+    return type(f"{base.__name__}OverDeltas", (base, DeltaMerge), {"__init__": __init__})

@@ -11,7 +11,7 @@ from flwr.app import MetricRecord, RecordDict
 from fedpeft.aggregation import available_merges, create_merge
 from fedpeft.config import FederationConfig, PrivacyConfig, RunConfig
 from fedpeft.federation import ReplyError, to_arrays, validate_train_reply
-from fedpeft.strategy import DeltaMerge, make_strategy
+from fedpeft.strategy import DeltaMerge, MergePolicy, make_strategy
 
 GLOBAL = {"a.lora_A.weight": torch.zeros(2, 3), "head.bias": torch.zeros(2)}
 
@@ -76,8 +76,7 @@ def test_validate_rejects_bad_example_count():
 
 
 def _strategy(min_valid: int = 1) -> DeltaMerge:
-    s = DeltaMerge(min_train_nodes=1, min_available_nodes=1)
-    s.set_merge("fedavg", min_valid_replies=min_valid)
+    s = DeltaMerge(min_train_nodes=1, min_available_nodes=1, policy=MergePolicy(min_valid_replies=min_valid))
     s._global = {k: v.clone() for k, v in GLOBAL.items()}
     return s
 
@@ -114,7 +113,8 @@ def test_make_strategy_builds_flower_strategies_over_deltas(name):
     cfg = RunConfig(federation=FederationConfig(strategy=name, num_sites=3), privacy=PrivacyConfig(enabled=False))
     s = make_strategy(cfg)
     assert isinstance(s, DeltaMerge)
-    assert s.merge_name == "fedavg"
+    assert s.policy.merge == "fedavg" and s.policy.min_valid_replies == cfg.federation.min_train_sites
+    assert s.policy.ledgers is None and s.policy.rank_cfg is None  # no DP, equal ranks
 
 
 def test_flower_fedadam_runs_on_top_of_the_delta_merge(monkeypatch):
@@ -196,10 +196,10 @@ def test_each_bad_update_is_rejected_by_name_and_the_round_merges_the_good_ones(
     # Prepare: two good replies (sites 0 and 2) and one bad one; limits: 20 KB, an AdamW DP bound
     good0 = {k: 0.01 * torch.ones_like(v) for k, v in GLOBAL.items()}
     good2 = {k: 0.03 * torch.ones_like(v) for k, v in GLOBAL.items()}
-    strategy = _strategy()
-    strategy.limits = ReplyLimits(max_bytes=20_000, max_examples=1_000_000)
     cfg = RunConfig(privacy=PrivacyConfig(enabled=True))
-    strategy.update_bound = update_bound(cfg)
+    strategy = DeltaMerge(min_train_nodes=1, min_available_nodes=1, policy=MergePolicy(
+        limits=ReplyLimits(max_bytes=20_000, max_examples=1_000_000), update_bound=update_bound(cfg)))
+    strategy._global = {k: v.clone() for k, v in GLOBAL.items()}
     make, message = _BAD[kind]
     ok = {"server-round": 2}
     replies = [_reply_m(good0, {"num-examples": 10, "site": 0, **ok}, node=1), make(),

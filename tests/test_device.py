@@ -168,15 +168,15 @@ def test_worker_reuses_its_model_and_data_without_leaking_between_sites():
     cfg = from_run_config({**TINY, "dp-noise": "seeded"})
     glob = factory.initial_adapter_state(cfg)
     site._SITES.clear()
-    site._worker_model.cache_clear()  # earlier tests' configs (other shapes) would be counted too
+    factory._worker_model.cache_clear()  # earlier tests' configs (other shapes) would be counted too
     first, _, _ = site.site_train(cfg, site=0, num_sites=3, server_round=1, global_state=glob, privacy_json=None)
     # Execute: another site trains on the same worker model, then site 0 again
     site.site_train(cfg, site=1, num_sites=3, server_round=1, global_state=glob, privacy_json=None)
-    model_before = site._worker_model.cache_info().currsize
+    model_before = factory._worker_model.cache_info().currsize
     again, _, _ = site.site_train(cfg, site=0, num_sites=3, server_round=1, global_state=glob, privacy_json=None)
     # Assert: same delta bitwise; one model and each site's data kept in this worker
     assert all(torch.equal(first[k], again[k]) for k in first)
-    assert model_before == site._worker_model.cache_info().currsize == 1
+    assert model_before == factory._worker_model.cache_info().currsize == 1
     assert len(site._SITES) == 2
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from fedpeft import adapters, training
 from fedpeft.config import PrivacyConfig, RunConfig, TrainConfig
-from fedpeft.federation import TrainReply
+from fedpeft.reply import Reply
 from fedpeft.update_bounds import adam_update_bound, sgd_update_bound, update_bound
 from tests.conftest import make_tiny_lora
 
@@ -45,8 +45,8 @@ def test_honest_dp_training_stays_inside_the_bound_and_a_scaled_delta_does_not(t
                          device=device, seed=0, noise_seed=1)
     after = adapters.get_adapter_state(model)
     delta = {k: (after[k] - before[k]).cpu() for k in before}
-    reply = TrainReply(site=0, delta=delta, num_examples=len(tiny_dataset),
-                       metrics={"noise-multiplier": state.noise_multiplier})
+    reply = Reply("trained", delta, {"site": 0.0, "num-examples": float(len(tiny_dataset)),
+                                     "noise-multiplier": state.noise_multiplier})
     bound = update_bound(cfg)(reply)
     worst = max(float(v.abs().max()) for v in delta.values())
     # Assert: the honest round moved something, and no coordinate further than the bound; a
