@@ -6,13 +6,12 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.config import RunConfig
-
-from fedpeft.runconfig import from_run_config
 from fedpeft.data.sites import simulated_site
 from fedpeft.federation import ARRAYS, CONFIG, METRICS, STATUS, from_arrays, metric_record, status_record, to_arrays
 from fedpeft.privacy.vault import SiteVault, site_folder
-from fedpeft.site import apply_node_config, settle_ledger, site_evaluate, site_round
+from fedpeft.runconfig import from_run_config
 from fedpeft.runtime import quiet_libraries, set_threads
+from fedpeft.site import apply_node_config, settle_ledger, site_evaluate, site_round
 
 app = ClientApp()
 
@@ -55,11 +54,12 @@ def train(msg: Message, context: Context) -> Message:
     deployed = "partition-id" not in context.node_config
     # Execute: privacy state and ledger live in the site's folder, so epsilon accumulates across
     # rounds and SuperNode restarts
-    reply = site_round(cfg, site=site, num_sites=num, server_round=int(msg.content[CONFIG]["server-round"]),
-                       global_state=from_arrays(msg.content[ARRAYS]),
+    config = msg.content.config_records[CONFIG]
+    reply = site_round(cfg, site=site, num_sites=num, server_round=int(config["server-round"]),  # type: ignore[arg-type]
+                       global_state=from_arrays(msg.content.array_records[ARRAYS]),
                        vault=_vault(context, cfg, site, deployed) if cfg.privacy.enabled or deployed else None,
                        data_path=path, deployed=deployed, rank=_node_rank(context),
-                       attempt=int(msg.content[CONFIG].get("attempt", 0)))
+                       attempt=int(config.get("attempt", 0)))  # type: ignore[arg-type]
     content = RecordDict({METRICS: metric_record(reply.metrics), STATUS: status_record(reply)})
     if reply.delta is not None:
         content[ARRAYS] = to_arrays(reply.delta)
@@ -69,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, site, num, path = _setup(msg, context)
-    metrics = site_evaluate(cfg, site=site, num_sites=num, global_state=from_arrays(msg.content[ARRAYS]),
+    metrics = site_evaluate(cfg, site=site, num_sites=num, global_state=from_arrays(msg.content.array_records[ARRAYS]),
                             data_path=path)
     content = RecordDict({METRICS: metric_record(metrics)})
     if cfg.privacy.enabled:  # a crash in training left steps unsigned: sign them now, send the ledger

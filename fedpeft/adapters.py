@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import (
@@ -68,7 +69,7 @@ def _lora(cfg: AdapterConfig, *, dora: bool = False) -> PeftConfig:
     return LoraConfig(
         task_type="SEQ_CLS",
         r=cfg.rank,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft types it int; it takes any float
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_module_list,
         layers_to_transform=cfg.layer_list,
@@ -235,6 +236,6 @@ def save_adapter(model: PeftModel, path: str | Path, *, metadata: Mapping[str, o
     return path
 
 
-def read_metadata(path: str | Path) -> dict[str, object]:
+def read_metadata(path: str | Path) -> dict[str, Any]:
     p = Path(path) / METADATA_FILE
     return json.loads(p.read_text()) if p.exists() else {}

@@ -10,9 +10,10 @@ import shutil
 import sys
 import tempfile
 import threading
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import tomllib
 
 from fedpeft import __version__
 
@@ -29,21 +30,40 @@ def load_preset(name: str) -> dict[str, Any]:
     if not path.suffix:
         path = PRESET_DIR / f"{name}.toml"
     if not path.exists():
-        known = sorted(p.stem for p in PRESET_DIR.glob("*.toml")) if PRESET_DIR.exists() else []
-        raise SystemExit(f"--preset {name!r}: no such preset ({path}); known: {known}")
+        raise ValueError(f"--preset={name!r}: no such preset ({path}); known: {', '.join(preset_names())}")
     flat = tomllib.loads(path.read_text())
     flat.setdefault("preset", path.stem)
     return flat
 
 
-def simulation_config(preset: str, overrides: list[str] | None, out: str | None) -> dict[str, Any]:
-    """Preset, then ``--run-config`` overrides (Flower's syntax), then ``--out``; validated."""
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml")) if PRESET_DIR.exists() else []
+
+
+def parse_run_config(overrides: list[str]) -> dict[str, Any]:
+    """Flower's ``--run-config`` syntax (TOML values), with one line naming the token that is not
+    valid TOML instead of a parser traceback (an unquoted string is the usual one)."""
     from flwr.common.config import parse_config_args
 
+    try:
+        return dict(parse_config_args(overrides))
+    except BaseException:  # flwr raises click/typer exits or tomli errors, depending on the token
+        for token in " ".join(overrides).split():
+            key, sep, value = token.partition("=")
+            try:
+                parse_config_args([token])
+            except BaseException:
+                hint = f" (strings need quotes: {key}='{value}')" if sep and value and value[0] not in "'\"" else ""
+                raise ValueError(f"--run-config {token!r}: {key or token} is not key=<TOML value>{hint}") from None
+        raise ValueError(f"--run-config {' '.join(overrides)!r}: not Flower's key=value syntax") from None
+
+
+def simulation_config(preset: str, overrides: list[str] | None, out: str | None) -> dict[str, Any]:
+    """Preset, then ``--run-config`` overrides (Flower's syntax), then ``--out``; validated."""
     from fedpeft.runconfig import from_run_config, to_run_config
 
     flat = load_preset(preset)
-    flat.update(parse_config_args(overrides) if overrides else {})
+    flat.update(parse_run_config(overrides) if overrides else {})
     if out:
         flat["out-dir"] = out
     return to_run_config(from_run_config(flat))
@@ -60,7 +80,24 @@ def _backend(cfg: RunConfig, cuda: bool) -> tuple[dict[str, Any], int]:
     }, workers
 
 
-def simulate(flat: dict[str, Any]) -> dict[str, Any]:
+RUN_PARTS = ("sites", "ledger", "audit", "checkpoints", "server-state.json", "metrics.json", "adapter")
+
+
+def check_out_dir(out: Path, *, overwrite: bool) -> None:
+    """An earlier run's folder holds evidence (ledgers, keys, spent budgets): never replace it
+    silently. Refuse unless ``overwrite`` (then say what goes) or the run resumes (elsewhere)."""
+    found = [p for p in RUN_PARTS if (out / p).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise ValueError(f"--out={str(out)!r}: holds an earlier run ({', '.join(found)}); its ledgers are "
+                         "evidence. Choose another --out, continue it with --resume, or pass --overwrite")
+    for p in found:
+        log.warning("--overwrite: removing %s of an earlier run", out / p)
+        (out / p).unlink() if (out / p).is_file() else shutil.rmtree(out / p)
+
+
+def simulate(flat: dict[str, Any], *, overwrite: bool = False) -> dict[str, Any]:
     """Run ServerApp + ClientApp in Flower's Simulation Engine (Ray); always shut Ray down.
 
     The engine runs in a daemon thread (so do the threads Flower starts from it) while this one
@@ -73,12 +110,12 @@ def simulate(flat: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     import torch
     from flwr.app import Context, RecordDict
-    from flwr.supercore.telemetry import EventType
     from flwr.simulation.run_simulation import _run_simulation  # the Python entry with a server context
+    from flwr.supercore.telemetry import EventType
 
     from clients.client_app import app as client_app
-    from fedpeft.runconfig import from_run_config
     from fedpeft.prefix import CACHE_DIR_ENV, WORKERS_ENV
+    from fedpeft.runconfig import from_run_config
     from fedpeft.runtime import quiet_libraries
     from server.server_app import app as server_app
 
@@ -87,15 +124,8 @@ def simulate(flat: dict[str, Any]) -> dict[str, Any]:
     cfg = from_run_config(flat)
     # A simulation plays every party and starts from nothing: an earlier run's site folders (keys,
     # spent budgets), ledger copies and audit in the same out-dir would be mistaken for this run's.
-    for part in ("sites", "ledger", "audit", "checkpoints", "server-state.json"):
-        old = Path(cfg.federation.out_dir) / part
-        if cfg.federation.resume:  # a resumed run continues from exactly these
-            break
-        if old.is_file():
-            old.unlink()
-        elif old.exists():
-            log.info("removing %s from an earlier run", old)
-            shutil.rmtree(old)
+    if not cfg.federation.resume:  # a resumed run continues from exactly these
+        check_out_dir(Path(cfg.federation.out_dir), overwrite=overwrite)
     backend, workers = _backend(cfg, torch.cuda.is_available())
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(flat))
     # One frozen-prefix cache folder for every Ray worker of this run (fedpeft.prefix), removed after;
@@ -150,7 +180,19 @@ def resume_config(run_dir: str) -> dict[str, Any]:
     return flat
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (a service manager, `kill`, a CI timeout) stops a simulation as Ctrl-C does: Ray shut
+    down, the completed rounds intact."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    _sigterm_as_interrupt()
     if args.resume:
         flat = resume_config(args.resume)
         if args.run_config:
@@ -161,7 +203,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
               f"{metrics['rounds'][-1]['global']['accuracy']:.4f}")
         return 0
     flat = simulation_config(args.preset, args.run_config, args.out)
-    metrics = simulate(flat)
+    metrics = simulate(flat, overwrite=args.overwrite)
     last = metrics["rounds"][-1]
     out = Path(flat["out-dir"])
     print(f"done: {len(metrics['rounds']) - 1} rounds, final global accuracy {last['global']['accuracy']:.4f}, "
@@ -286,7 +328,7 @@ def _cmd_site(args: argparse.Namespace) -> int:
     print(f"site {cfg.site_id}: {cfg.examples} labelled notes in {cfg.data_path}; connecting to {cfg.address} "
           f"({'INSECURE, local testing only' if cfg.insecure else 'TLS'})")
     print(f"site {cfg.site_id}: privacy policy (this file's, not the coordinator's): "
-          f"{'DP on, at most epsilon=%g, delta=%g' % (cfg.target_epsilon, cfg.target_delta) if cfg.dp else 'DP OFF'}; "
+          f"{f'DP on, at most epsilon={cfg.target_epsilon:g}, delta={cfg.target_delta:g}' if cfg.dp else 'DP OFF'}; "
           f"trusted apps: {', '.join(h[:16] + '...' for h in cfg.trusted_apps) or 'ANY (insecure mode)'}")
     print(f"site {cfg.site_id}: ledger key {fp} — give it to your privacy officer out of band")
     if args.dry_run:
@@ -312,12 +354,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"fedpeft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="simulate N sites with Flower's Simulation Engine")
-    sim.add_argument("--preset", default="hospitals", help="hospitals | devices | smoke | path/to/preset.toml")
+    sim.add_argument("--preset", default="hospitals",
+                     help=f"{' | '.join(preset_names())} (simulations/*.toml) or path/to/preset.toml")
     sim.add_argument("--run-config", nargs="+", action="extend", default=None,
                      help="overrides, Flower syntax: \"key=value ...\" (repeatable: later flags add to earlier ones)")
     sim.add_argument("--out", default=None, help="output folder (default: the preset's out-dir)")
     sim.add_argument("--resume", default=None, metavar="DIR",
                      help="continue an interrupted run in DIR after its last complete round")
+    sim.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier run in the output folder (its ledgers, keys and audit are deleted)")
+    sim.add_argument("--verbose", action="store_true", help="also Flower's and Ray's own log lines")
     sim.set_defaults(func=_cmd_simulate)
     aud = sub.add_parser("audit", help="verify a run's signed privacy ledgers and recompute every site's epsilon")
     aud.add_argument("run_dir", metavar="DIR", help="a run folder (out-dir of a simulation or coordinator)")

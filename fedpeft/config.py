@@ -117,7 +117,7 @@ class AdapterConfig:
         if self.method in ("lora", "dora", "ia3") and not self.target_module_list:
             raise bad("lora-target-modules", self.target_modules, "must name at least one module")
         try:
-            self.layer_list
+            _ = self.layer_list  # parsing is the check
         except ValueError:
             raise bad("lora-layers", self.layers, "must be comma-separated integers") from None
         try:

@@ -17,7 +17,7 @@ def load_classifier(path: str | Path) -> PeftModel:
     if "labels" not in meta:
         raise ValueError(f"{path}: no fedpeft.json with 'labels'; build the base yourself and call "
                          "PeftModel.from_pretrained(base, path)")
-    labels = list(meta["labels"])
+    labels = [str(x) for x in meta["labels"]]
     cfg = ModelConfig(name=str(meta.get("model", "minilm")), layers=int(meta.get("model-layers", 0)),
                       pooling=str(meta.get("pooling", "mean")), head_init="random")  # the adapter holds the head
     base = load_base_model(cfg, num_labels=len(labels), labels=labels)

@@ -11,15 +11,17 @@ from collections.abc import Mapping
 
 import torch
 from torch.utils.data import TensorDataset
+from transformers import PreTrainedModel
 
 from fedpeft import adapters, models, prefix, ranks, training
 from fedpeft.config import AdapterConfig, ModelConfig, RunConfig
 
 
 @functools.lru_cache(maxsize=2)
-def _base_model(model_fields: tuple, labels: tuple[str, ...], device: str) -> torch.nn.Module:
+def _base_model(model_fields: tuple, labels: tuple[str, ...], device: str) -> PreTrainedModel:
     cfg = ModelConfig(*model_fields)  # the config's fields as a hashable cache key
-    return models.load_base_model(cfg, num_labels=len(labels), labels=list(labels)).to(device)
+    model = models.load_base_model(cfg, num_labels=len(labels), labels=list(labels))
+    return model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to() oddly
 
 
 def base_model(cfg: RunConfig) -> torch.nn.Module:

@@ -32,7 +32,7 @@ def attacked(cfg: RunConfig, site: int, server_round: int, delta: dict[str, torc
     if fed.attack == "scale":
         return {k: fed.attack_scale * v for k, v in delta.items()}
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.train.seed, site, server_round, 5]).generate_state(1)[0]))
-    norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in delta.values())))
+    norm = float(torch.sqrt(torch.stack([(v.double() ** 2).sum() for v in delta.values()]).sum()))
     n = sum(v.numel() for v in delta.values())
     return {k: torch.randn(v.shape, generator=g) * (fed.attack_scale * norm / n**0.5) for k, v in delta.items()}
 

@@ -6,6 +6,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -40,7 +41,7 @@ def config_record(flat: Mapping[str, object]) -> ConfigRecord:
 
 def status_record(reply: Reply) -> ConfigRecord:
     """A site's ``Reply`` status, reason and signed ledger as a ConfigRecord."""
-    rec: dict[str, str] = {"status": reply.status, "reason": reply.reason}
+    rec: dict[str, Any] = {"status": reply.status, "reason": reply.reason}
     if reply.ledger is not None:
         rec["ledger"] = reply.ledger.decode()
         rec["public-key"] = str(reply.public_key)
@@ -90,7 +91,7 @@ def validate_train_reply(content: RecordDict, *, expected: Mapping[str, torch.Te
         size = _payload_bytes(content.array_records[ARRAYS])
         if size > limits.max_bytes:
             raise ReplyError(f"{ARRAYS}: payload of {size} bytes is over the limit of {limits.max_bytes} bytes")
-    metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else {}
+    metrics: dict[str, Any] = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else {}
     if limits.server_round is not None and "server-round" in metrics and \
             int(metrics["server-round"]) != limits.server_round:
         raise ReplyError(f"server-round={int(metrics['server-round'])}: a stale reply (this is round "
@@ -122,7 +123,7 @@ def _validate_content(content: RecordDict, *, expected: Mapping[str, torch.Tenso
                       expected_for: Callable[[int], Mapping[str, torch.Tensor]] | None = None) -> Reply:
     if METRICS not in content.metric_records:
         raise ReplyError(f"reply has no MetricRecord {METRICS!r}")
-    metrics = dict(content.metric_records[METRICS])
+    metrics: dict[str, Any] = dict(content.metric_records[METRICS])
     status, reason, ledger, pub = _status(content)
     if status == "declined":
         site = metrics.get("site")

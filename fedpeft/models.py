@@ -132,7 +132,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 def tiny_bert_config(num_labels: int, vocab_size: int = 30522) -> BertConfig:
     """A 2-layer, 32-wide BERT: fast enough for CPU tests and smoke federations."""
-    return BertConfig(
+    return BertConfig(  # type: ignore[call-arg]  # num_labels is a PretrainedConfig kwarg the stubs omit
         vocab_size=vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
@@ -163,7 +163,7 @@ class BertMeanPoolForSequenceClassification(BertPreTrainedModel):
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=False)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = nn.Linear(config.hidden_size, int(config.num_labels or 2))
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
@@ -260,7 +260,7 @@ def load_base_model(
 
 # Hand-written: neither transformers nor peft initialises a classifier head from label text.
 @torch.no_grad()
-def label_name_head(model: BertMeanPoolForSequenceClassification, tokenizer: PreTrainedTokenizerBase,
+def label_name_head(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                     texts: list[str], *, temperature: float = 20.0) -> None:
     """Zero-shot head: row c is the model's own mean-pooled embedding of ``texts[c]``.
 

@@ -104,7 +104,8 @@ def compute_prefix(model: torch.nn.Module, data: TensorDataset, *, start_layer: 
             hidden = torch.zeros((len(ids), ids.shape[1], h.shape[-1]), dtype=dtype)
         hidden[idx, :h.shape[1]] = h.to("cpu", dtype)
     if hidden is None:
-        hidden = torch.zeros((0, ids.shape[1], int(model.config.hidden_size)), dtype=dtype)
+        width: int = model.config.hidden_size  # type: ignore[assignment]  # nn.Module.__getattr__ is untyped
+        hidden = torch.zeros((0, ids.shape[1], width), dtype=dtype)
     return PrefixDataset(hidden, mask, labels, start_layer=start_layer, ffn_start=ffn_start)
 
 

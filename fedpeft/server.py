@@ -15,11 +15,11 @@ from flwr.serverapp import Grid
 
 from fedpeft import adapters, checkpoint, models, training
 from fedpeft.config import RunConfig
-from fedpeft.runconfig import from_run_config, to_run_config
 from fedpeft.data.sites import global_test_set, make_site, split_counts
+from fedpeft.factory import Scorer, base_model, dataset, initial_adapter_state
 from fedpeft.federation import config_record, from_arrays, to_arrays
 from fedpeft.io import atomic_write_json
-from fedpeft.factory import Scorer, base_model, dataset, initial_adapter_state
+from fedpeft.runconfig import from_run_config, to_run_config
 from fedpeft.strategy import DeltaMerge, RoundLog, make_strategy
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class RunRecorder:
         row: dict[str, Any] = {"round": rnd, "global": {"accuracy": ev.accuracy, "loss": ev.loss,
                                                          "macro_f1": ev.macro_f1}}
         if rlog is not None:
-            sites: dict[str, dict[str, float]] = {}
+            sites: dict[str, dict[str, Any]] = {}
             for s, m in rlog.train.items():
                 sites.setdefault(str(s), {}).update(
                     {"epsilon": m.get("epsilon", 0.0), "train_loss": m.get("train-loss"),

@@ -19,16 +19,16 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedpeft import adapters, models, prefix, ranks, training
-from fedpeft.factory import dataset, global_adapter_config, worker_model
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import SiteData, make_site
+from fedpeft.factory import dataset, global_adapter_config, worker_model
+from fedpeft.faults import InjectedFault, attacked, attackers, crashes, hangs, is_late
+from fedpeft.policy import SitePolicy, check_noise_source  # noqa: F401  (re-exported)
 from fedpeft.privacy.accountant import BudgetExceeded, PrivacyState
 from fedpeft.privacy.audit.canaries import TrainingCanaries
-from fedpeft.faults import InjectedFault, attacked, attackers, crashes, hangs, is_late
 from fedpeft.privacy.ledger import delta_hash
 from fedpeft.privacy.vault import SiteVault
 from fedpeft.reply import Reply
-from fedpeft.policy import SitePolicy, check_noise_source  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -26,11 +26,18 @@ from fedpeft.aggregation import MergeFn, create_merge
 from fedpeft.aggregation.hetero import rank_merges
 from fedpeft.config import RunConfig
 from fedpeft.federation import (
-    CONFIG, METRICS, STATUS, ReplyError, ReplyLimits, from_arrays, to_arrays, validate_train_reply,
+    CONFIG,
+    METRICS,
+    STATUS,
+    ReplyError,
+    ReplyLimits,
+    from_arrays,
+    to_arrays,
+    validate_train_reply,
 )
+from fedpeft.merging import add_delta, merge_replies
 from fedpeft.privacy.client_dp import ClientBudgetExhausted, ClientLevelDP
 from fedpeft.privacy.ledger import LedgerError, ServerCopies, delta_hash
-from fedpeft.merging import add_delta, merge_replies
 from fedpeft.reply import Reply
 from fedpeft.update_bounds import update_bound
 
@@ -130,7 +137,7 @@ class DeltaMerge(FedAvg):
         """The round's train request again, marked with its attempt (the site knows it is a retry)."""
         msg = self._sent[node]
         content = RecordDict({k: v for k, v in msg.content.items()})
-        content[CONFIG] = ConfigRecord({**dict(msg.content[CONFIG]), "attempt": attempt})
+        content[CONFIG] = ConfigRecord({**dict(msg.content.config_records[CONFIG]), "attempt": attempt})
         return Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -153,6 +160,7 @@ class DeltaMerge(FedAvg):
         def collect(batch: list, asked: list[int]) -> set[int]:
             """Validate a batch of replies into ``valid``; return the nodes whose reply was good."""
             good: set[int] = set()
+            assert self._global is not None
             for msg in batch:
                 node = msg.metadata.src_node_id
                 if msg.has_error():
@@ -217,7 +225,7 @@ class DeltaMerge(FedAvg):
                 rlog.dropped_by_module = info.dropped_by_module
         for r in valid:
             rlog.train[r.site] = r.metrics
-            rlog.merged[r.site] = delta_hash(r.delta)
+            rlog.merged[r.site] = delta_hash(r.delta or {})
         total = sum(r.num_examples for r in valid)
         metrics = MetricRecord({
             "train-loss": sum(r.metrics.get("train-loss", 0.0) * r.num_examples for r in valid) / total,
@@ -227,12 +235,13 @@ class DeltaMerge(FedAvg):
 
     def _sync_ledger(self, msg: Message, metrics: dict, rlog: RoundLog, server_round: int) -> None:
         """An evaluate reply may carry a ledger with recovery entries (steps a crashed round spent)."""
-        rec = msg.content.config_records.get(STATUS) if self.policy.ledgers is not None else None
-        if rec is None or "ledger" not in rec or "site" not in metrics:
+        ledgers = self.policy.ledgers
+        rec = msg.content.config_records.get(STATUS) if ledgers is not None else None
+        if ledgers is None or rec is None or "ledger" not in rec or "site" not in metrics:
             return
         try:
-            self.policy.ledgers.sync(site=int(metrics["site"]), data=str(rec["ledger"]).encode(),
-                              public_key=str(rec.get("public-key", "")))
+            ledgers.sync(site=int(metrics["site"]), data=str(rec["ledger"]).encode(),
+                         public_key=str(rec.get("public-key", "")))
         except LedgerError as e:
             rlog.failures.append({"node": msg.metadata.src_node_id, "site": int(metrics["site"]),
                                   "round": server_round, "reason": f"ledger: {e}"})
@@ -269,7 +278,7 @@ class DeltaMerge(FedAvg):
             if msg.has_error():
                 rlog.rejected.append(f"evaluate node {msg.metadata.src_node_id}: {msg.error.reason}")
                 continue
-            m = dict(msg.content.metric_records.get(METRICS, {}))
+            m: dict[str, Any] = dict(msg.content.metric_records.get(METRICS, {}))
             self._sync_ledger(msg, m, rlog, server_round)
             if "site" in m and "accuracy" in m:
                 rlog.evaluate[int(m["site"])] = {k: float(v) for k, v in m.items()}
@@ -301,7 +310,7 @@ def make_strategy(cfg: RunConfig) -> DeltaMerge:
     policy = MergePolicy.from_config(cfg)
     if base is FedAvg:
         return DeltaMerge(**common, policy=policy)
-    return _over_deltas(base)(policy=policy, **common)
+    return _over_deltas(base)(policy=policy, **common)  # type: ignore[arg-type]  # Flower's classes are ABCMeta
 
 
 def _over_deltas(base: type[FedAvg]) -> type[DeltaMerge]:

@@ -25,6 +25,7 @@ from fedpeft.config import PrivacyConfig, TrainConfig
 from fedpeft.models import autocast, physical_batch_size
 from fedpeft.prefix import length_batches, start_of, trim
 from fedpeft.privacy.accountant import PrivacyState, new_privacy_state
+from fedpeft.privacy.events import history_of
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ def plan_privacy(
 
 def _optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     """Two groups: the classification head at ``lr``, adapter tensors at ``lr * adapter_lr_scale``."""
-    head, adapter = [], []
+    head: list[torch.nn.Parameter] = []
+    adapter: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (head if "modules_to_save" in name else adapter).append(p)
@@ -259,7 +261,7 @@ def train_local(
     new_state = None
     eps = 0.0
     if engine is not None and privacy_state is not None:
-        new_state = PrivacyState(**{**privacy_state.__dict__, "history": list(engine.accountant.history)})
+        new_state = PrivacyState(**{**privacy_state.__dict__, "history": history_of(engine.accountant.history)})
         eps = new_state.epsilon()
     model.eval()
     return TrainResult(loss=total / max(seen, 1), steps=steps, examples=len(data), epsilon=eps,

@@ -55,7 +55,7 @@ def sgd_update_bound(cfg: RunConfig, num_examples: int, *, noise_multiplier: flo
     return SLACK * _lr(cfg) * g_max * reach
 
 
-def update_bound(cfg: RunConfig) -> Callable[["Reply"], float] | None:
+def update_bound(cfg: RunConfig) -> Callable[[Reply], float] | None:
     """The bound for this run's optimiser (DP runs only: without clipping nothing bounds SGD)."""
     if not cfg.privacy.enabled:
         return None
@@ -65,7 +65,7 @@ def update_bound(cfg: RunConfig) -> Callable[["Reply"], float] | None:
 
     planned: dict[int, float] = {}
 
-    def sgd(reply: "Reply") -> float:
+    def sgd(reply: Reply) -> float:
         # σ as the reply declares it: the signed ledger entry carries the same σ and the audit
         # recomputes ε from it, so a site that overstates σ to loosen this bound claims an ε it did
         # not spend (the empirical audit's concern). A reply without one gets the run's own plan.

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Install, then run the whole test suite (CPU; the slow end-to-end Flower runs included).
+# Install, then lint (ruff), type-check (mypy) and run the whole test suite (CPU; the slow
+# end-to-end Flower runs included). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+PY="${PYTHON:-python3}"
+"$PY" -m ruff check fedpeft clients server
+"$PY" -m mypy
 export FLWR_TELEMETRY_ENABLED=0 HF_HUB_OFFLINE=1
-exec "${PYTHON:-python3}" -m pytest -q "$@"
+exec "$PY" -m pytest -q "$@"

@@ -60,3 +60,49 @@ def fast_train() -> TrainConfig:
 @pytest.fixture
 def dp_on() -> PrivacyConfig:
     return PrivacyConfig(enabled=True, target_epsilon=8.0, target_delta=1e-5, max_grad_norm=1.0)
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    """Fail any test that leaves a child process running (a SuperLink, a SuperNode, a simulation,
+    Ray's daemons), after killing it so the next test starts clean. Ray and Flower need a moment to
+    exit after a shutdown, so stragglers get a grace period first."""
+    import time
+
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    deadline = time.monotonic() + 15.0
+    while True:
+        left = [p for p in me.children(recursive=True) if p.pid not in before and _alive(p)]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    if left:
+        names = [" ".join(_cmdline(p))[:120] for p in left]
+        for p in left:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        pytest.fail(f"the test left {len(left)} process(es) running: {names}")
+
+
+def _alive(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _cmdline(p) -> list[str]:
+    import psutil
+
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return [str(p.pid)]

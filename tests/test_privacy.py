@@ -115,3 +115,36 @@ def test_memoised_rdp_epsilon_equals_opacus_accountant(history, delta):
     again = compute_epsilon(history=history, delta=delta)  # served from the cache
     # Assert
     assert ours == again == reference.get_epsilon(delta=delta)
+
+
+def test_privacy_events_are_immutable_named_and_load_the_old_triples():
+    import dataclasses
+    import json
+
+    import dp_accounting
+
+    from fedpeft.privacy.accountant import PrivacyState, compute_epsilon
+    from fedpeft.privacy.audit.accounting import epsilon_rdp
+    from fedpeft.privacy.events import DpSgdEvent
+
+    # Prepare: a state as an earlier fedpeft wrote it, history as bare [sigma, q, steps] lists
+    old = {"noise_multiplier": 1.1, "sample_rate": 0.05, "max_grad_norm": 1.0, "target_epsilon": 8.0,
+           "target_delta": 1e-5, "planned_steps": 100, "accountant": "rdp", "round": 2,
+           "history": [[1.1, 0.05, 40], [1.3, 0.02, 10]]}
+    # Execute
+    state = PrivacyState.from_json(json.dumps(old))
+    ev = state.history[0]
+    # Assert: named, typed, immutable; the same JSON back; epsilon equal whichever form is given
+    assert ev == DpSgdEvent(noise_multiplier=1.1, sample_rate=0.05, steps=40) and isinstance(ev.steps, int)
+    try:
+        ev.steps = 3  # type: ignore[misc]
+        raise AssertionError("a privacy event must be immutable")
+    except AttributeError:
+        pass
+    assert json.loads(state.to_json())["history"] == old["history"]
+    assert compute_epsilon(history=[(1.1, 0.05, 40), (1.3, 0.02, 10)], delta=1e-5) == state.epsilon()
+    manual = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.1)), 40)
+    assert ev.to_dp_event() == manual
+    assert epsilon_rdp(state.history, 1e-5) == epsilon_rdp([tuple(e) for e in state.history], 1e-5)
+    assert dataclasses.replace(state, history=[]).epsilon() == 0.0

@@ -107,38 +107,52 @@ def test_site_with_malformed_data_is_reported_and_the_run_goes_on(tmp_path):
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_ctrl_c_stops_the_simulation_within_seconds_and_keeps_completed_rounds(tmp_path):
-    # Prepare: a long smoke run in its own process
+def _default_sigint() -> None:
+    """The child's own SIGINT handling: a background job (``nohup ... &``) inherits it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_the_simulation_within_seconds_and_keeps_completed_rounds(tmp_path, sig):
+    # Prepare: a long smoke run in its own process (and process group, killed whatever happens)
     out = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, "-m", "fedpeft.cli", "simulate", "--preset", "smoke", "--out", str(out),
                              "--run-config", "num-server-rounds=50"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    rounds: list = []
-    while time.time() < deadline and proc.poll() is None:
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        rounds: list = []
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+            except (OSError, ValueError):
+                rounds = []
+            if len(rounds) >= 2:  # round 0 and round 1 are on disk
+                break
+            time.sleep(0.5)
+        assert len(rounds) >= 2, "the run never completed a round"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        # Execute: Ctrl-C (or a service manager's SIGTERM)
+        t0 = time.time()
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        took = time.time() - t0
+        # Assert: stopped within seconds, said so, Ray's processes gone, completed rounds intact
+        assert proc.returncode == 130 and took < 15, (proc.returncode, took)
+        assert "interrupted" in proc.stderr.read()
+        gone, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, [p.cmdline()[:2] for p in alive]
+        done = json.loads((out / "metrics.json").read_text())["rounds"]
+        assert len(done) >= 2 and all("global" in r for r in done)
+        last = done[-1]["round"]
+        assert (out / "checkpoints" / f"round-{last:03d}" / "adapter_model.safetensors").exists()
+    finally:
         try:
-            rounds = json.loads((out / "metrics.json").read_text())["rounds"]
-        except (OSError, ValueError):
-            rounds = []
-        if len(rounds) >= 2:  # round 0 and round 1 are on disk
-            break
-        time.sleep(0.5)
-    assert len(rounds) >= 2, "the run never completed a round"
-    children = psutil.Process(proc.pid).children(recursive=True)
-    # Execute: Ctrl-C
-    t0 = time.time()
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
-    took = time.time() - t0
-    # Assert: stopped within seconds, said so, Ray's processes gone, completed rounds intact
-    assert proc.returncode == 130 and took < 15, (proc.returncode, took)
-    assert "interrupted" in proc.stderr.read()
-    gone, alive = psutil.wait_procs(children, timeout=15)
-    assert not alive, [p.cmdline()[:2] for p in alive]
-    done = json.loads((out / "metrics.json").read_text())["rounds"]
-    assert len(done) >= 2 and all("global" in r for r in done)
-    last = done[-1]["round"]
-    assert (out / "checkpoints" / f"round-{last:03d}" / "adapter_model.safetensors").exists()
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait(timeout=30)
 
 
 def test_smoke_run_passes_fedpeft_audit_with_ledgers_for_every_site(smoke_run, capsys):

@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from fedpeft.aggregation import Tensors, register_merge
-from fedpeft.registry import Registry
 from fedpeft.aggregation.fedavg import fedavg
+from fedpeft.registry import Registry
 
 
 def _check(deltas: Sequence[Tensors], weights: Sequence[float], name: str) -> None:
@@ -69,7 +69,7 @@ register_merge("trimmed_mean")(trimmed_mean)
 
 
 def delta_norm(delta: Tensors) -> float:
-    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in delta.values())))
+    return float(torch.sqrt(torch.stack([(t.double() ** 2).sum() for t in delta.values()]).sum()))
 
 
 def bounded(deltas: Sequence[Tensors], *, bound: float | None = None) -> list[Tensors]:

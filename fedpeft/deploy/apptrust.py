@@ -77,7 +77,7 @@ def main() -> None:
         return install(fab_file, *args, **kwargs)  # type: ignore[arg-type]
 
     # Flower's runner looks its installer up by name: the one seam before any app code runs.
-    runner.install_from_fab = verified_install  # type: ignore[assignment]
+    runner.install_from_fab = verified_install
     flwr_clientapp()
 
 

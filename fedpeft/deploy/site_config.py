@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import difflib
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from fedpeft.config import ConfigError
 
@@ -144,7 +145,10 @@ def load_site_config(path: str | Path, *, insecure: bool = False) -> SiteConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     base = path.parent.resolve()
-    rel = (lambda p: (base / p) if not Path(p).is_absolute() else Path(p))
+
+    def rel(p: str) -> Path:
+        return (base / p) if not Path(p).is_absolute() else Path(p)
+
     _check_keys(raw)
     site, coord, data, priv, app = (raw.get(k, {}) for k in ("site", "coordinator", "data", "privacy", "app"))
 

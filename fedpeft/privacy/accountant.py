@@ -10,12 +10,15 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
+
+from fedpeft.privacy.events import DpSgdEvent, history_of
 
 
 class PrivacyConfigError(ValueError):
@@ -72,9 +75,9 @@ def _rdp_one_step(q: float, sigma: float) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4096)
-def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+def _epsilon(history: tuple[DpSgdEvent, ...], delta: float, accountant: str) -> float:
     if accountant == "rdp":  # the same sums as RDPAccountant.get_privacy_spent, bit for bit
-        rdp = sum(_rdp_one_step(q, sigma) * steps for sigma, q, steps in history)
+        rdp = sum(_rdp_one_step(e.sample_rate, e.noise_multiplier) * e.steps for e in history)
         eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
         return float(eps)
     acc = create_accountant(accountant)
@@ -82,11 +85,11 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
     return float(acc.get_epsilon(delta=delta))
 
 
-def compute_epsilon(*, history: list[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
-    """Epsilon spent by a composition of Gaussian steps ``[(sigma, q, steps)]`` (Opacus' value)."""
+def compute_epsilon(*, history: Sequence[Sequence[float]], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon spent by a composition of DP-SGD events (``DpSgdEvent``s, or Opacus' triples) (Opacus' value)."""
     if not history:
         return 0.0
-    key = tuple((float(s), float(q), int(n)) for s, q, n in history)
+    key = tuple(history_of(history))
     return _epsilon(key, float(delta), accountant)
 
 
@@ -101,28 +104,28 @@ class PrivacyState:
     target_delta: float
     planned_steps: int
     accountant: str = "rdp"
-    history: list[tuple[float, float, int]] = field(default_factory=list)
+    history: list[DpSgdEvent] = field(default_factory=list)
     round: int = 0  # the last round that spent steps (recovery entries in the ledger name it)
 
-    def with_steps(self, steps: int, server_round: int) -> "PrivacyState":
+    def with_steps(self, steps: int, server_round: int) -> PrivacyState:
         """This state after ``steps`` more steps at its (sigma, q), merged as Opacus' history does."""
-        hist = [tuple(h) for h in self.history]
-        if hist and hist[-1][0] == self.noise_multiplier and hist[-1][1] == self.sample_rate:
-            hist[-1] = (hist[-1][0], hist[-1][1], hist[-1][2] + steps)
+        hist = history_of(self.history)
+        if hist and hist[-1].noise_multiplier == self.noise_multiplier and hist[-1].sample_rate == self.sample_rate:
+            hist[-1] = hist[-1]._replace(steps=hist[-1].steps + steps)
         else:
-            hist.append((self.noise_multiplier, self.sample_rate, steps))
+            hist.append(DpSgdEvent(self.noise_multiplier, self.sample_rate, steps))
         return PrivacyState(**{**self.__dict__, "history": hist, "round": server_round})
 
     @property
     def steps_taken(self) -> int:
-        return int(sum(h[2] for h in self.history))
+        return int(sum(e.steps for e in history_of(self.history)))
 
     def epsilon(self) -> float:
         return compute_epsilon(history=self.history, delta=self.target_delta, accountant=self.accountant)
 
     def epsilon_after(self, steps: int) -> float:
         """Epsilon this site would have spent after ``steps`` more steps at its calibrated (sigma, q)."""
-        extra = [(self.noise_multiplier, self.sample_rate, int(steps))] if steps > 0 else []
+        extra = [DpSgdEvent(self.noise_multiplier, self.sample_rate, int(steps))] if steps > 0 else []
         return compute_epsilon(history=[*self.history, *extra], delta=self.target_delta, accountant=self.accountant)
 
     def check_budget(self, steps: int) -> float:
@@ -140,9 +143,9 @@ class PrivacyState:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "PrivacyState":
+    def from_json(cls, text: str) -> PrivacyState:
         data = json.loads(text)
-        data["history"] = [tuple(h) for h in data.get("history", [])]
+        data["history"] = history_of(data.get("history", []))
         return cls(**data)
 
 

@@ -39,7 +39,7 @@ class ClientBudgetExhausted(RuntimeError):
 
 def clip_delta(delta: Tensors, clip: float) -> tuple[Tensors, float]:
     """``delta`` scaled to L2 norm at most ``clip`` (over all its tensors); returns (clipped, norm)."""
-    norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in delta.values())))
+    norm = float(torch.sqrt(torch.stack([(t.double() ** 2).sum() for t in delta.values()]).sum()))
     factor = min(1.0, clip / norm) if norm > 0 else 1.0
     return {k: t * factor for k, t in delta.items()}, norm
 

@@ -12,7 +12,6 @@ import fcntl
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -42,7 +41,7 @@ class SiteVault:
         self._ledger: Ledger | None = None
 
     @contextlib.contextmanager
-    def exclusive(self) -> Iterator["SiteVault"]:
+    def exclusive(self) -> Iterator[SiteVault]:
         """One writer at a time: a request for this site that overlaps an earlier one still running
         (a late or hung round, a retry, a second run) waits for it, then reads the ledger afresh,
         so two processes never chain entries onto the same head. An OS lock (flock): a killed
@@ -197,8 +196,3 @@ class SiteVault:
             "round": server_round, "epsilon_after": state.epsilon(), "target_epsilon": state.target_epsilon,
             "delta": state.target_delta, "steps_total": state.steps_taken, "reason": reason,
         })
-
-
-def entry_fields(entry: Mapping[str, Any]) -> tuple[float, float, int]:
-    """(sigma, q, steps) of a ``dp-sgd`` entry: what a second accountant composes."""
-    return float(entry["sigma"]), float(entry["sample_rate"]), int(entry["steps"])

@@ -29,9 +29,9 @@ def main() -> None:
     # Seeded noise (labelled as such in metrics.json) so a figure can be rerun bitwise; --run-config may override.
     flat = simulation_config(args.preset, ["dp-noise='seeded'", *(args.run_config or [])], f"{args.out}/dp")
     t = time.perf_counter()
-    dp = simulate(flat)
+    dp = simulate(flat, overwrite=True)  # a benchmark's folder is scratch
     wall = time.perf_counter() - t
-    nodp = simulate({**flat, "dp": False, "out-dir": f"{args.out}/nodp"})
+    nodp = simulate({**flat, "dp": False, "out-dir": f"{args.out}/nodp"}, overwrite=True)
     acc_dp = dp["rounds"][-1]["global"]["accuracy"]
     acc_nodp = nodp["rounds"][-1]["global"]["accuracy"]
     cfg = from_run_config(flat)

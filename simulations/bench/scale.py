@@ -48,7 +48,7 @@ def main() -> None:
     flat = simulation_config("devices", [f"num-sites={args.sites} num-server-rounds={args.rounds} "
                                          f"fraction-train={args.fraction} fraction-evaluate={args.fraction}"], args.out)
     t = time.perf_counter()
-    metrics = simulate(flat)
+    metrics = simulate(flat, overwrite=True)  # a benchmark's folder is scratch
     wall = time.perf_counter() - t
     stop.set()
     th.join()

@@ -13,8 +13,8 @@ generator, the number of steps — with a canary that is worst case for it (Stei
 
 from __future__ import annotations
 
-import secrets
 import json
+import secrets
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -83,7 +83,7 @@ class TrainingCanaries:
     seed: int
 
     @classmethod
-    def create(cls, state_shapes: dict[str, tuple[int, ...]], count: int, seed: int) -> "TrainingCanaries":
+    def create(cls, state_shapes: dict[str, tuple[int, ...]], count: int, seed: int) -> TrainingCanaries:
         """``count`` distinct coordinates of the LoRA tensors, chosen and labelled from ``seed``."""
         g = torch.Generator().manual_seed(seed)
         keys = sorted(k for k in state_shapes if ".lora_" in k)
@@ -135,7 +135,7 @@ class TrainingCanaries:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainingCanaries":
+    def from_json(cls, text: str) -> TrainingCanaries:
         return cls(**json.loads(text))
 
 

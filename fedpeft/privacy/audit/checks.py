@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.privacy.audit.accounting import RDP_TOLERANCE, epsilon_pld, epsilon_rdp
+from fedpeft.privacy.events import DpSgdEvent
 from fedpeft.privacy.ledger import LedgerError, fingerprint, verify_file
 
 SEEDED_STATEMENT = ("reproducible by anyone with the run seed — no protection against the coordinator "
@@ -38,9 +39,9 @@ class SiteAudit:
     noise: list[str] = field(default_factory=list)
     accountant: str = ""
     adjacency: str = ""
-    rounds: list[dict[str, float]] = field(default_factory=list)  # per release: round, claimed, recomputed
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # per release: round, claimed, recomputed
     verified: bool = False
-    history: list[tuple[float, float, int]] = field(default_factory=list)  # (sigma, q, steps) per release
+    history: list[DpSgdEvent] = field(default_factory=list)  # one event per release
     max_grad_norm: float = float("nan")
     fingerprint: str = ""  # SHA-256 of the public key the audit trusted for this site
     no_dp: int = 0  # releases the site's own policy made without DP
@@ -124,15 +125,15 @@ def _audit_site(res: AuditResult, site: int, path: Path, trusted: str | None) ->
         res.failures.append(f"ledger: {e}")
         return
     sa.verified = True
-    history: list[tuple[float, float, int]] = []
-    for i, e in enumerate(ver.entries):
-        kind = e.get("kind")
-        where = f"site {site}: entry {i} (round {e.get('round')})"
-        if isinstance(e.get("time"), (int, float)):
-            sa.first_time = e["time"] if sa.first_time is None else sa.first_time
-            sa.last_time = e["time"]
-        if "deployed" in e:
-            sa.deployed = bool(e["deployed"])
+    history: list[DpSgdEvent] = []
+    for i, entry in enumerate(ver.entries):
+        kind = entry.get("kind")
+        where = f"site {site}: entry {i} (round {entry.get('round')})"
+        if isinstance(entry.get("time"), (int, float)):
+            sa.first_time = entry["time"] if sa.first_time is None else sa.first_time
+            sa.last_time = entry["time"]
+        if "deployed" in entry:
+            sa.deployed = bool(entry["deployed"])
         if kind == "no-dp":
             sa.no_dp += 1
             res.failures.append(f"{where}: released WITHOUT differential privacy (the site's own policy, "
@@ -145,8 +146,8 @@ def _audit_site(res: AuditResult, site: int, path: Path, trusted: str | None) ->
             continue
         sa.releases += 1
         try:
-            sigma, q, steps = float(e["sigma"]), float(e["sample_rate"]), int(e["steps"])
-            delta, target, claimed = float(e["delta"]), float(e["target_epsilon"]), float(e["epsilon_after"])
+            sigma, q, steps = float(entry["sigma"]), float(entry["sample_rate"]), int(entry["steps"])
+            delta, target, claimed = float(entry["delta"]), float(entry["target_epsilon"]), float(entry["epsilon_after"])
         except (KeyError, TypeError, ValueError) as err:
             res.failures.append(f"{where}: missing or malformed field ({err})")
             continue
@@ -154,22 +155,22 @@ def _audit_site(res: AuditResult, site: int, path: Path, trusted: str | None) ->
             res.failures.append(f"{where}: sigma={sigma}, sample_rate={q}, steps={steps}, delta={delta} "
                                 "are not a valid DP-SGD release")
             continue
-        history.append((sigma, q, steps))
-        sa.history.append((sigma, q, steps))
-        sa.max_grad_norm = float(e.get("max_grad_norm", 1.0))
+        history.append(DpSgdEvent(sigma, q, steps))
+        sa.history.append(DpSgdEvent(sigma, q, steps))
+        sa.max_grad_norm = float(entry.get("max_grad_norm", 1.0))
         sa.steps += steps
         sa.delta, sa.target_epsilon = delta, target
-        sa.accountant = str(e.get("accountant", ""))
-        sa.adjacency = str(e.get("adjacency", ""))
-        noise = str(e.get("noise", "?"))
+        sa.accountant = str(entry.get("accountant", ""))
+        sa.adjacency = str(entry.get("adjacency", ""))
+        noise = str(entry.get("noise", "?"))
         if noise not in sa.noise:
             sa.noise.append(noise)
-        if noise == "seeded" and e.get("deployed"):
+        if noise == "seeded" and entry.get("deployed"):
             res.failures.append(f"{where}: dp-noise='seeded' on a deployed site: the coordinator can "
                                 "reproduce this noise, so the claimed epsilon does not hold against it")
         prv = sa.recomputed_with == "PLD"
         eps2 = (epsilon_pld if prv else epsilon_rdp)(history, delta)
-        sa.rounds.append({"round": e.get("round"), "claimed": claimed, "recomputed": eps2})
+        sa.rounds.append({"round": entry.get("round"), "claimed": claimed, "recomputed": eps2})
         # PRV and PLD each carry a discretisation error of ~0.01 in epsilon, so an absolute slack too
         if not math.isclose(eps2, claimed, rel_tol=res.tolerance, abs_tol=PLD_SLACK if prv else 1e-6):
             res.failures.append(f"{where}: claimed epsilon {claimed:.4f} but dp_accounting's "
@@ -220,6 +221,12 @@ def _covered(res: AuditResult, run: Path) -> None:
                                     f"ledger entry for round {rnd}")
 
 
+def _site_of(path: Path) -> int:
+    m = _SITE.search(path.name)
+    assert m is not None, path  # the glob matched site-*.jsonl
+    return int(m.group(1))
+
+
 class NotARun(ValueError):
     """The folder is not a fedpeft run: nothing to audit, and nothing is written into it."""
 
@@ -240,13 +247,13 @@ def audit_run(run_dir: str | Path, *, keys_dir: str | Path | None = None,
                       "replaced a site's key could have rewritten that site's ledger; compare each fingerprint "
                       "below with the one the site gives you (`fedpeft site CONFIG.toml --fingerprint`), "
                       "then rerun with --keys")
-    files = sorted(ledger_dir.glob("site-*.jsonl"), key=lambda p: int(_SITE.search(p.name).group(1))) \
+    files = sorted((p for p in ledger_dir.glob("site-*.jsonl") if _SITE.search(p.name)), key=_site_of) \
         if ledger_dir.exists() else []
     if not files and not (ledger_dir / "server.jsonl").exists():
         res.failures.append(f"{ledger_dir}: no site ledgers; this run has no verifiable DP claim "
                             "(was it run with dp=false?)")
     for path in files:
-        site = int(_SITE.search(path.name).group(1))
+        site = _site_of(path)
         pub = keys / f"site-{site}.pub"
         if not pub.exists():
             res.failures.append(f"site {site}: no registered public key {pub}")
@@ -269,16 +276,16 @@ def _audit_server(res: AuditResult, path: Path, pub: Path) -> None:
     except (LedgerError, OSError) as e:
         res.failures.append(f"server ledger: {e}")
         return
-    history: list[tuple[float, float, int]] = []
+    history: list[DpSgdEvent] = []
     claimed, delta, limit, rounds = 0.0, float("nan"), None, []
-    for i, e in enumerate(ver.entries):
-        if e.get("kind") != "client-dp":
+    for i, entry in enumerate(ver.entries):
+        if entry.get("kind") != "client-dp":
             continue
-        history.append((float(e["sigma"]), 1.0, 1))
-        delta, claimed, limit = float(e["delta"]), float(e["epsilon_after"]), e.get("target_epsilon")
+        history.append(DpSgdEvent(float(entry["sigma"]), 1.0, 1))  # no sampling: every site, every release
+        delta, claimed, limit = float(entry["delta"]), float(entry["epsilon_after"]), entry.get("target_epsilon")
         eps2 = compute_epsilon(history=history, delta=delta)
-        rounds.append({"round": e.get("round"), "claimed": claimed, "recomputed": eps2})
-        where = f"server: entry {i} (round {e.get('round')})"
+        rounds.append({"round": entry.get("round"), "claimed": claimed, "recomputed": eps2})
+        where = f"server: entry {i} (round {entry.get('round')})"
         if not math.isclose(eps2, claimed, rel_tol=res.tolerance, abs_tol=1e-6):
             res.failures.append(f"{where}: claimed client-level epsilon {claimed:.4f} but Opacus' RDP gives {eps2:.4f}")
         if limit is not None and max(eps2, claimed) > float(limit) * (1 + res.tolerance):
@@ -287,7 +294,7 @@ def _audit_server(res: AuditResult, path: Path, pub: Path) -> None:
     res.client_level = {"releases": len(history), "claimed_epsilon": claimed, "delta": delta,
                         "epsilon_recomputed": compute_epsilon(history=history, delta=delta) if history else 0.0,
                         "max_epsilon": limit, "rounds": rounds, "adjacency": "add/remove one whole site",
-                        "sigma": history[0][0] if history else None}
+                        "sigma": history[0].noise_multiplier if history else None}
 
 
 def empirical_audit(res: AuditResult, *, canaries: int = 2000, seed: int | None = None) -> None:
@@ -297,7 +304,7 @@ def empirical_audit(res: AuditResult, *, canaries: int = 2000, seed: int | None 
     above the claimed epsilon falsifies the claim (a failure naming the site)."""
     from fedpeft.privacy.audit.canaries import TrainingCanaries, run_gradient_canaries
 
-    sites: dict[str, dict[str, float]] = {}
+    sites: dict[str, dict[str, Any]] = {}
     kinds: set[str] = set()
     for s, a in sorted(res.sites.items()):
         if not a.history:
@@ -314,11 +321,11 @@ def empirical_audit(res: AuditResult, *, canaries: int = 2000, seed: int | None 
                 res.failures.append(f"site {s}: empirical lower bound epsilon >= {lb:.3f} (95 % confidence) "
                                     f"exceeds the claimed {a.epsilon_recomputed:.3f}: the DP claim is false")
             continue
-        sigmas = {h[0] for h in a.history}
-        rates = {h[1] for h in a.history}
+        sigmas = {h.noise_multiplier for h in a.history}
+        rates = {h.sample_rate for h in a.history}
         if len(sigmas) > 1 or len(rates) > 1:
             res.warnings.append(f"site {s}: sigma or q changed between releases; canaries use the first")
-        sigma, q, _ = a.history[0]
+        sigma, q = a.history[0].noise_multiplier, a.history[0].sample_rate
         audit = run_gradient_canaries(sigma=sigma, sample_rate=q, steps=a.steps, max_grad_norm=a.max_grad_norm,
                                       canaries=canaries, delta=a.delta, seed=seed)
         lb = max(audit.epsilon_lower_bound, audit.epsilon_lower_bound_fdp)

@@ -56,8 +56,8 @@ def add_provenance(res: AuditResult) -> None:
                 records[int(s)] = int(m["num_examples"])
     sites = {}
     for s, a in sorted(res.sites.items()):
-        sigmas = sorted({h[0] for h in a.history})
-        rates = sorted({h[1] for h in a.history})
+        sigmas = sorted({h.noise_multiplier for h in a.history})
+        rates = sorted({h.sample_rate for h in a.history})
         n = records.get(s)
         sites[str(s)] = {"fingerprint": a.fingerprint or None, "sigma": sigmas or None, "sample_rate": rates or None,
                          "max_grad_norm": a.max_grad_norm if a.history else None, "records": n,
