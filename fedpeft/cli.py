@@ -76,7 +76,8 @@ def _backend(cfg: RunConfig, cuda: bool) -> tuple[dict[str, Any], int]:
     gpus = 1.0 / workers if cuda else 0.0
     return {
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": gpus},
-        "init_args": {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": True},
+        "init_args": {"include_dashboard": False, "log_to_driver": True,
+                      "logging_level": "INFO" if os.environ.get("FEDPEFT_VERBOSE") else "ERROR"},
     }, workers
 
 
@@ -120,7 +121,6 @@ def simulate(flat: dict[str, Any], *, overwrite: bool = False) -> dict[str, Any]
     from server.server_app import app as server_app
 
     quiet_libraries()
-    logging.getLogger("flwr").propagate = False  # Flower prints its own lines; no second copy via root
     cfg = from_run_config(flat)
     # A simulation plays every party and starts from nothing: an earlier run's site folders (keys,
     # spent budgets), ledger copies and audit in the same out-dir would be mistaken for this run's.
@@ -349,6 +349,25 @@ def _cmd_app_hash(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_logging(*, verbose: bool) -> None:
+    """Each event once: fedpeft's lines through its own handler only (not again through a root
+    handler Flower or Ray installs), and Flower's strategy banner, run-config dumps and per-round
+    summaries folded away (the config is in metrics.json, the rounds in fedpeft's own lines and
+    the progress bar). ``--verbose`` brings Flower's and Ray's lines back."""
+    if not any(getattr(h, "_fedpeft", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._fedpeft = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    from fedpeft.runtime import quiet_flower
+
+    if verbose:
+        os.environ["FEDPEFT_VERBOSE"] = "1"  # Ray workers read it too (fedpeft.runtime.quiet_libraries)
+    quiet_flower(verbose=verbose)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fedpeft {__version__}")
@@ -408,10 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     ah.add_argument("app", metavar="APP", nargs="?", default=str(Path(__file__).resolve().parents[1]))
     ah.set_defaults(func=_cmd_app_hash)
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    log.addHandler(handler)  # our logger only: Flower's "flwr" logger prints its own lines
-    log.setLevel(logging.INFO)
+    configure_logging(verbose=bool(getattr(args, "verbose", False)))
     try:
         return int(args.func(args))
     except (ValueError, FileExistsError) as e:  # config errors: one clear line, no traceback

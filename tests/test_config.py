@@ -66,13 +66,54 @@ def test_cli_rejects_a_bad_override_before_starting_anything(capsys):
     assert "lora-rank=0: must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model=minilm", "--run-config 'model=minilm': model is not key=<TOML value> (strings need quotes: model='minilm')"),
+    ("lora-rank=abc", "(strings need quotes: lora-rank='abc')"),
+])
+def test_cli_names_an_unquoted_value_in_one_line(capsys, override, message):
+    from fedpeft.cli import main
+
+    # Execute
+    code = main(["simulate", "--preset", "smoke", "--run-config", f"num-sites=3 {override}"])
+    # Assert: exit 2, one line on stderr naming the token and the quoting, no traceback
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("fedpeft: error: ") and message in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_unknown_preset_and_help_list_the_presets_folder(capsys):
+    from fedpeft.cli import main, preset_names
+
+    assert main(["simulate", "--preset", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedpeft: error: --preset='nosuch': no such preset") and "hetero-hospitals" in err
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert len(preset_names()) == 6 and all(name in out for name in preset_names())
+
+
+def test_simulate_refuses_an_out_dir_holding_an_earlier_run(tmp_path, capsys):
+    import fedpeft.cli as cli
+
+    # Prepare: an earlier run's ledger (evidence)
+    (tmp_path / "ledger").mkdir()
+    (tmp_path / "ledger" / "site-0.jsonl").write_text("{}\n")
+    # Execute / Assert: refused, nothing deleted; --overwrite is explicit and says what goes
+    assert cli.main(["simulate", "--preset", "smoke", "--out", str(tmp_path)]) == 2
+    assert "holds an earlier run (ledger)" in capsys.readouterr().err
+    assert (tmp_path / "ledger" / "site-0.jsonl").exists()
+    cli.check_out_dir(tmp_path, overwrite=True)
+    assert not (tmp_path / "ledger").exists()
+
+
 def test_repeated_run_config_flags_all_apply(monkeypatch, tmp_path):
     import fedpeft.cli as cli
 
     # Prepare: capture the config `simulate` would run instead of running it
     seen: list[dict] = []
 
-    def fake_simulate(flat):
+    def fake_simulate(flat, overwrite=False):
         seen.append(flat)
         return {"rounds": [{"global": {"accuracy": 0.5}}], "wall_s": 0.0}
 
