@@ -74,6 +74,7 @@ def no_process_left_behind():
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
     yield
+    _reset_cli_logging()
     deadline = time.monotonic() + 15.0
     while True:
         left = [p for p in me.children(recursive=True) if p.pid not in before and _alive(p)]
@@ -106,3 +107,13 @@ def _cmdline(p) -> list[str]:
         return p.cmdline()
     except psutil.Error:
         return [str(p.pid)]
+
+
+def _reset_cli_logging() -> None:
+    """``fedpeft.cli.main`` configures process-wide logging (no propagation to root); tests that
+    call it in-process must not change what the next test's ``caplog`` sees."""
+    import logging
+
+    log = logging.getLogger("fedpeft")
+    log.propagate = True
+    log.handlers = [h for h in log.handlers if not getattr(h, "_fedpeft", False)]

@@ -224,22 +224,29 @@ def _flower_processes(marker: str) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_tls_authenticated_federation_of_two_sites_runs_and_cleans_up(tmp_path, certs):
+def test_tls_authenticated_federation_runs_and_sites_refuse_weaker_runs_and_untrusted_apps(tmp_path, certs):
+    """The guide's flow through real processes: coordinator (Fleet-only gateway), three registered
+    SuperNodes. Sites 0 and 1 trust the app; site 2 pins another one and refuses it before Flower
+    installs any of it, while the run completes with the other two. Then the coordinator asks for
+    dp=false: sites 0 and 1 (their files: DP on) refuse before training. Every process is gone after."""
+    from fedpeft.deploy.coordinator import CoordinatorError
+
     # Prepare: the guide's steps — coordinator up, sites registered, SuperNodes started
     port = _free_port()
     coord = Coordinator(tmp_path / "coordinator", certs, host="127.0.0.1", port=port)
     coord.start()
     sites: list[subprocess.Popen] = []
     try:
-        for s in range(2):
+        for s in range(3):
             coord.register(certs / f"site-{s}" / "auth.pub")
         cfgs = [_site_files(tmp_path, s, port, certs) for s in range(2)]
+        cfgs.append(_site_files(tmp_path, 2, port, certs, trusted=json.dumps(["0" * 64])))
         sites = [_spawn_site(c, tmp_path / f"site{s}.log") for s, c in enumerate(cfgs)]
         out = tmp_path / "run"
-        # Execute: 2 rounds of the tiny model over TLS
-        res = coord.run(Path(__file__).resolve().parents[1],
-                        f"model='tiny' lora-layers='' num-sites=2 num-server-rounds=2 min-train-sites=2 "
-                        f"batch-size=16 global-test-size=60 target-epsilon=6.0 out-dir='{out}'", timeout=400)
+        base = ("model='tiny' lora-layers='' num-sites=2 min-train-sites=2 batch-size=16 global-test-size=60 "
+                "target-epsilon=6.0")
+        # Execute: a round of the tiny model over TLS (the resume test below runs two)
+        res = coord.run(APP, f"{base} num-server-rounds=1 out-dir='{out}'", timeout=400)
         # Assert: the global adapter, each site's privacy state and ledger, a passing audit
         assert (out / "adapter" / "adapter_model.safetensors").exists(), res.stdout[-2000:]
         metrics = json.loads((out / "metrics.json").read_text())
@@ -248,12 +255,30 @@ def test_tls_authenticated_federation_of_two_sites_runs_and_cleans_up(tmp_path, 
             state = tmp_path / f"state-site{s}"
             assert (state / f"privacy-site{s}.json").exists() and (state / "site-key.pem").exists()
             entries = [json.loads(x) for x in (state / "ledger.jsonl").read_text().splitlines()]
-            assert [e["kind"] for e in entries] == ["open", "dp-sgd", "dp-sgd"]
+            assert [e["kind"] for e in entries] == ["open", "dp-sgd"]
             assert entries[-1]["noise"] == "secret" and entries[-1]["deployed"] is True
-            assert entries[-1]["target_epsilon"] == 6.0  # the site's own budget, from its config
+            assert entries[-1]["target_epsilon"] == 6.0  # within the site's own budget, from its config
             assert (out / "ledger" / f"site-{s}.jsonl").read_bytes() == (state / "ledger.jsonl").read_bytes()
         from fedpeft.privacy.audit.checks import audit_run
         assert audit_run(out).ok
+        # site 2 refused the app it does not trust, every round, and never installed it
+        reasons = [f["reason"] for r in metrics["rounds"] for f in r.get("failures", [])]
+        assert reasons and all("not one this site trusts" in x for x in reasons), reasons
+        apps = tmp_path / "flwr-home-site2" / "apps"
+        assert not apps.exists() or not any(apps.iterdir()), list(apps.iterdir())
+        # Execute: the coordinator asks the sites to train without DP
+        weak = tmp_path / "weak"
+        try:
+            coord.run(APP, f"{base} num-server-rounds=1 round-retries=0 dp=false out-dir='{weak}'", timeout=300)
+        except CoordinatorError:
+            pass  # a run in which no site trains may end as failed; what matters is why
+        # Assert: both DP sites refused before training (their ledgers hold no new release)
+        reasons = " | ".join(f["reason"] for r in json.loads((weak / "metrics.json").read_text())["rounds"]
+                             for f in r.get("failures", []))
+        assert reasons.count("dp=false: the run config asks this site to train without") == 2, reasons
+        for s in range(2):
+            entries = (tmp_path / f"state-site{s}" / "ledger.jsonl").read_text().splitlines()
+            assert len(entries) == 2  # still open + 1 release
     finally:
         for p in sites:
             _kill_group(p)
@@ -263,7 +288,7 @@ def test_tls_authenticated_federation_of_two_sites_runs_and_cleans_up(tmp_path, 
     while _flower_processes(str(port)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _flower_processes(str(port))
-    assert coord.running_pid() is None
+    assert coord.running_pid() is None and coord.running_pid(coord.gateway_pid_file) is None
 
 
 @pytest.mark.slow
@@ -366,8 +391,10 @@ def test_coordinator_killed_mid_run_resumes_after_its_last_round_without_doublin
             time.sleep(0.1)
         else:
             pytest.fail("round 1 was never committed")
-        # Execute: the crash, then the guide's restart with resume=true
-        os.killpg(coord.running_pid(), signal.SIGKILL)
+        # Execute: the crash (the machine: SuperLink, its ServerApp and the gateway), then the
+        # guide's restart with resume=true
+        for pid_file in (coord.pid_file, coord.gateway_pid_file):
+            os.killpg(coord.running_pid(pid_file), signal.SIGKILL)
         t.join(timeout=120)
         killed_after = json.loads(state.read_text())["round"]
         coord.start()
@@ -383,47 +410,6 @@ def test_coordinator_killed_mid_run_resumes_after_its_last_round_without_doublin
             assert [e["round"] for e in releases] == [1, 2], entries
         res = audit_run(out)
         assert res.ok, res.failures
-    finally:
-        for p in sites:
-            _kill_group(p)
-        coord.stop()
-
-
-@pytest.mark.slow
-def test_sites_refuse_a_run_weakening_their_policy_and_an_app_they_do_not_trust(tmp_path, certs):
-    """Through real SuperNodes: the coordinator asks for dp=false; site 0 (its file: DP on) refuses
-    before training, site 1 (its file pins another app) refuses before Flower installs the app."""
-    from fedpeft.deploy.coordinator import CoordinatorError
-
-    # Prepare
-    port = _free_port()
-    coord = Coordinator(tmp_path / "coordinator", certs, host="127.0.0.1", port=port)
-    coord.start()
-    sites: list[subprocess.Popen] = []
-    out = tmp_path / "run"
-    try:
-        for s in range(2):
-            coord.register(certs / f"site-{s}" / "auth.pub")
-        cfgs = [_site_files(tmp_path, 0, port, certs),
-                _site_files(tmp_path, 1, port, certs, trusted=json.dumps(["0" * 64]))]
-        sites = [_spawn_site(c, tmp_path / f"site{s}.log") for s, c in enumerate(cfgs)]
-        # Execute
-        try:
-            coord.run(APP, f"model='tiny' lora-layers='' num-sites=2 num-server-rounds=1 min-train-sites=1 "
-                           f"round-retries=0 batch-size=16 global-test-size=60 dp=false out-dir='{out}'",
-                      timeout=300)
-        except CoordinatorError:
-            pass  # a run in which no site trains may end as failed; what matters is why
-        # Assert: both refusals reached the coordinator, with their reasons
-        reasons = " | ".join(f["reason"] for r in json.loads((out / "metrics.json").read_text())["rounds"]
-                             for f in r.get("failures", []))
-        assert "dp=false" in reasons and "refused (this site's policy" in reasons, reasons
-        assert "not one this site trusts" in reasons, reasons
-        # site 0 trained nothing (its ledger holds no release); site 1 never installed the app
-        ledger = tmp_path / "state-site0" / "ledger.jsonl"
-        assert not ledger.exists() or '"dp-sgd"' not in ledger.read_text()
-        apps = tmp_path / "flwr-home-site1" / "apps"
-        assert not apps.exists() or not any(apps.iterdir()), list(apps.iterdir())
     finally:
         for p in sites:
             _kill_group(p)
