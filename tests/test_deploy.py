@@ -225,10 +225,11 @@ def _flower_processes(marker: str) -> list[psutil.Process]:
 
 @pytest.mark.slow
 def test_tls_authenticated_federation_runs_and_sites_refuse_weaker_runs_and_untrusted_apps(tmp_path, certs):
-    """The guide's flow through real processes: coordinator (Fleet-only gateway), three registered
-    SuperNodes. Sites 0 and 1 trust the app; site 2 pins another one and refuses it before Flower
-    installs any of it, while the run completes with the other two. Then the coordinator asks for
-    dp=false: sites 0 and 1 (their files: DP on) refuse before training. Every process is gone after."""
+    """The guide's flow through real processes: coordinator (Fleet-only gateway), registered
+    SuperNodes of sites 0 and 1 (they trust the app) train a round, evaluate and pass the audit.
+    Then site 2 joins, pinning another app, and the coordinator asks for dp=false: sites 0 and 1
+    (their files: DP on) refuse before training, site 2 refuses the app before Flower installs any
+    of it. Every process is gone after."""
     from fedpeft.deploy.coordinator import CoordinatorError
 
     # Prepare: the guide's steps — coordinator up, sites registered, SuperNodes started
@@ -240,7 +241,6 @@ def test_tls_authenticated_federation_runs_and_sites_refuse_weaker_runs_and_untr
         for s in range(3):
             coord.register(certs / f"site-{s}" / "auth.pub")
         cfgs = [_site_files(tmp_path, s, port, certs) for s in range(2)]
-        cfgs.append(_site_files(tmp_path, 2, port, certs, trusted=json.dumps(["0" * 64])))
         sites = [_spawn_site(c, tmp_path / f"site{s}.log") for s, c in enumerate(cfgs)]
         out = tmp_path / "run"
         base = ("model='tiny' lora-layers='' num-sites=2 min-train-sites=2 batch-size=16 global-test-size=60 "
@@ -261,21 +261,23 @@ def test_tls_authenticated_federation_runs_and_sites_refuse_weaker_runs_and_untr
             assert (out / "ledger" / f"site-{s}.jsonl").read_bytes() == (state / "ledger.jsonl").read_bytes()
         from fedpeft.privacy.audit.checks import audit_run
         assert audit_run(out).ok
-        # site 2 refused the app it does not trust, every round, and never installed it
-        reasons = [f["reason"] for r in metrics["rounds"] for f in r.get("failures", [])]
-        assert reasons and all("not one this site trusts" in x for x in reasons), reasons
-        apps = tmp_path / "flwr-home-site2" / "apps"
-        assert not apps.exists() or not any(apps.iterdir()), list(apps.iterdir())
-        # Execute: the coordinator asks the sites to train without DP
+        # Execute: site 2 joins (it pins another app); the coordinator asks for training without DP
+        sites.append(_spawn_site(_site_files(tmp_path, 2, port, certs, trusted=json.dumps(["0" * 64])),
+                                 tmp_path / "site2.log"))
         weak = tmp_path / "weak"
         try:
-            coord.run(APP, f"{base} num-server-rounds=1 round-retries=0 dp=false out-dir='{weak}'", timeout=300)
+            coord.run(APP, f"{base} num-server-rounds=1 round-retries=0 fraction-evaluate=0 dp=false "
+                           f"out-dir='{weak}'", timeout=300)
         except CoordinatorError:
             pass  # a run in which no site trains may end as failed; what matters is why
-        # Assert: both DP sites refused before training (their ledgers hold no new release)
+        # Assert: both DP sites refused before training (their ledgers hold no new release), and
+        # site 2 refused the app it does not trust and never installed it
         reasons = " | ".join(f["reason"] for r in json.loads((weak / "metrics.json").read_text())["rounds"]
                              for f in r.get("failures", []))
         assert reasons.count("dp=false: the run config asks this site to train without") == 2, reasons
+        assert reasons.count("not one this site trusts") == 1, reasons
+        apps = tmp_path / "flwr-home-site2" / "apps"
+        assert not apps.exists() or not any(apps.iterdir()), list(apps.iterdir())
         for s in range(2):
             entries = (tmp_path / f"state-site{s}" / "ledger.jsonl").read_text().splitlines()
             assert len(entries) == 2  # still open + 1 release
