@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from fedpeft.cli import load_preset
-from fedpeft.runconfig import from_run_config, parse_overrides
 from fedpeft.inprocess import run_federation
+from fedpeft.runconfig import from_run_config, parse_overrides
 from fedpeft.runtime import quiet_libraries
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
 from types import SimpleNamespace
 
+import pytest
+import torch
 from flwr.app import MetricRecord, RecordDict
 
 from fedpeft.aggregation import available_merges, create_merge

@@ -78,10 +78,10 @@ def _canary_run(*, broken: bool, eps: float):
 
     from opacus.optimizers import DPOptimizer
 
-    from fedpeft.runconfig import from_run_config
-    from fedpeft.privacy.audit.canaries import TrainingCanaries
-    from fedpeft.site import site_train
     from fedpeft.factory import initial_adapter_state
+    from fedpeft.privacy.audit.canaries import TrainingCanaries
+    from fedpeft.runconfig import from_run_config
+    from fedpeft.site import site_train
 
     cfg = from_run_config({"model": "minilm", "model-layers": 1, "lora-layers": "0", "notes-per-site": 300,
                            "num-server-rounds": 3, "local-epochs": 2, "batch-size": 64, "dp-noise": "seeded",

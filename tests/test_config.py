@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fedpeft.cli import simulation_config
 from fedpeft.config import ConfigError, RunConfig

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fedpeft import adapters, factory, models, prefix, site, training
-from fedpeft.runconfig import from_run_config
 from fedpeft.policy import PolicyError
+from fedpeft.runconfig import from_run_config
 from tests.conftest import make_tiny_lora
 
 TINY = {"model": "tiny", "lora-layers": "", "lr": 0.01, "adapter-lr-scale": 1.0, "notes-per-site": 40,
@@ -140,8 +140,8 @@ def test_client_app_refuses_seeded_noise_without_a_simulation_partition():
     from flwr.app import Context, RecordDict
 
     from clients import client_app
-    from fedpeft.runconfig import to_run_config
     from fedpeft.federation import CONFIG, config_record
+    from fedpeft.runconfig import to_run_config
 
     # Prepare: a run that asks for seeded noise, seen by a real SuperNode (no partition-id) and a virtual one
     flat = {**to_run_config(from_run_config({**TINY, "dp-noise": "seeded"})), "server-round": 1}

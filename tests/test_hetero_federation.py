@@ -9,10 +9,10 @@ from peft import PeftModel
 
 from fedpeft import adapters, models, ranks
 from fedpeft.config import ConfigError
-from fedpeft.runconfig import from_run_config
-from fedpeft.federation import ReplyError
-from fedpeft.site import site_train
 from fedpeft.factory import build_model, global_adapter_config, initial_adapter_state, worker_model
+from fedpeft.federation import ReplyError
+from fedpeft.runconfig import from_run_config
+from fedpeft.site import site_train
 
 TINY = {"model": "tiny", "lora-layers": "", "lr": 0.01, "adapter-lr-scale": 1.0, "notes-per-site": 40,
         "test-per-site": 10, "num-server-rounds": 2, "batch-size": 16, "dp-noise": "seeded",
@@ -96,10 +96,9 @@ def _content(delta, *, site, rank, n=10):
 
 
 def test_strategy_merges_by_rank_and_rejects_a_reply_contradicting_its_rank(tmp_path):
-    from tests.test_aggregation import _Reply
-
     from fedpeft.federation import from_arrays, validate_train_reply
     from fedpeft.strategy import make_strategy
+    from tests.test_aggregation import _Reply
 
     # Prepare: svd, DP off (no ledgers), three sites of ranks 2, 4, 8
     cfg = from_run_config({**TINY, "merge": "svd", "dp": False, "out-dir": str(tmp_path), "min-train-sites": 1})

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from fedpeft.aggregation.hetero import (
-    RankMergeError, create_rank_merge, frozen_a, lora_scaling, project, rank_merges, stack, svd, zero_pad,
+    RankMergeError,
+    create_rank_merge,
+    frozen_a,
+    lora_scaling,
+    project,
+    rank_merges,
+    stack,
+    svd,
+    zero_pad,
 )
 
 D_OUT, D_IN = 24, 20

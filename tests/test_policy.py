@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from fedpeft.runconfig import from_run_config
+from fedpeft.factory import initial_adapter_state
 from fedpeft.policy import PolicyError, SitePolicy
 from fedpeft.privacy.ledger import verify_file
 from fedpeft.privacy.vault import SiteVault
+from fedpeft.runconfig import from_run_config
 from fedpeft.site import apply_node_config, site_round
-from fedpeft.factory import initial_adapter_state
 
 TINY = {"model": "tiny", "lora-layers": "", "lr": 0.01, "notes-per-site": 40, "test-per-site": 10,
         "num-server-rounds": 2, "batch-size": 16}

@@ -12,8 +12,8 @@ from fedpeft import ranks
 from fedpeft.aggregation.robust import coordinate_median, coordinate_trimmed_mean
 from fedpeft.aggregation.robust_ranks import robust_rank_merge
 from fedpeft.config import ConfigError
-from fedpeft.runconfig import from_run_config
 from fedpeft.factory import initial_adapter_state
+from fedpeft.runconfig import from_run_config
 from tests.test_hetero_federation import TINY
 
 

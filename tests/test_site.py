@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from fedpeft import adapters
-from fedpeft.runconfig import from_run_config
-from fedpeft.privacy.accountant import PrivacyState
-from fedpeft.site import SiteError, site_evaluate, site_train
 from fedpeft.factory import build_model, initial_adapter_state
+from fedpeft.privacy.accountant import PrivacyState
+from fedpeft.runconfig import from_run_config
+from fedpeft.site import SiteError, site_evaluate, site_train
 
 TINY = {"model": "tiny", "lora-layers": "", "lr": 0.01, "adapter-lr-scale": 1.0, "notes-per-site": 40, "test-per-site": 10, "num-server-rounds": 2, "batch-size": 16}
 

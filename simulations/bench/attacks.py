@@ -21,9 +21,9 @@ from flwr.app import MetricRecord, RecordDict
 
 from fedpeft import site
 from fedpeft.cli import load_preset
-from fedpeft.runconfig import from_run_config, parse_overrides
 from fedpeft.federation import ReplyLimits, to_arrays, validate_train_reply
 from fedpeft.inprocess import run_federation
+from fedpeft.runconfig import from_run_config, parse_overrides
 from fedpeft.runtime import quiet_libraries
 from fedpeft.strategy import adam_update_bound
 

@@ -17,8 +17,8 @@ import torch
 
 from fedpeft import models
 from fedpeft.cli import load_preset
-from fedpeft.runconfig import from_run_config, parse_overrides
 from fedpeft.inprocess import run_federation
+from fedpeft.runconfig import from_run_config, parse_overrides
 from fedpeft.runtime import quiet_libraries
 
 # The contract tests that take a `device`; their CUDA cases carry "cuda" in their ids.

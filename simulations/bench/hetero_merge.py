@@ -41,9 +41,9 @@ def _dense(As, Bs, scalings, weights, max_rank):
 
 def _worker(method: str, modules: int, sites: int, d: int, q) -> None:
     torch.set_num_threads(2)
-    from fedpeft.aggregation.hetero import svd
-
     import psutil
+
+    from fedpeft.aggregation.hetero import svd
 
     proc = psutil.Process()
     seconds, peak, out = 0.0, 0, []

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from fedpeft.cli import load_preset
-from fedpeft.runconfig import from_run_config, parse_overrides
 from fedpeft.inprocess import run_federation
 from fedpeft.privacy.audit.canaries import run_gradient_canaries
+from fedpeft.runconfig import from_run_config, parse_overrides
 from fedpeft.runtime import quiet_libraries
 from fedpeft.training import expected_sample_rate
 

@@ -22,8 +22,8 @@ import torch
 
 from fedpeft import models
 from fedpeft.cli import load_preset
-from fedpeft.runconfig import from_run_config, parse_overrides
 from fedpeft.inprocess import run_federation
+from fedpeft.runconfig import from_run_config, parse_overrides
 from fedpeft.runtime import quiet_libraries
 
 
