@@ -15,7 +15,8 @@ from fedpeft.privacy.audit.statement import NEXT_STEPS, known, privacy_statement
 SIGN_OFF = ["## Sign-off", "",
             "I have compared each site's key fingerprint above with the one the site gave me out of band, "
             "and I have read this report.", "",
-            "| | |", "|---|---|", "| Name | |", "| Role | |", "| Date | |", "| Signature | |", ""]
+            "| Privacy officer | Entry |", "|---|---|", *(f"| {k} | {'_' * 40} |" for k in ("Name", "Role", "Date",
+                                                                                          "Signature")), ""]
 
 
 def _verdict_line(res: AuditResult) -> str:
