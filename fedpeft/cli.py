@@ -273,7 +273,8 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     try:
         if args.action == "start":
             pid = coord.start()
-            print(f"SuperLink running (pid {pid}) on {args.host}:{args.port}; state and log in {coord.state_dir}")
+            print(f"SuperLink running (pid {pid}) on 127.0.0.1:{coord.internal_port} (operator only); sites dial "
+                  f"the Fleet-only gateway on {args.host}:{args.port}; state and log in {coord.state_dir}")
         elif args.action == "stop":
             print("stopped" if coord.stop() else f"no SuperLink running from {coord.state_dir}")
         elif args.action == "register":
@@ -335,7 +336,9 @@ def _cmd_site(args: argparse.Namespace) -> int:
         print(" ".join(argv))
         return 0
     sys.stdout.flush()
-    env = launcher_env(cfg.state_dir, cfg.trusted_apps, {**os.environ, **OFFLINE_ENV})
+    env = {**os.environ, **OFFLINE_ENV}
+    if cfg.trusted_apps:  # required over TLS; an --insecure test site without pins runs any app
+        env = launcher_env(cfg.state_dir, cfg.trusted_apps, env)
     # become the SuperNode: stopping this process (Ctrl-C, SIGTERM, a service manager) stops it
     os.execvpe(argv[0], argv, env)
 
