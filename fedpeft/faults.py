@@ -1,6 +1,6 @@
 """Fault and attack injection for simulations: which sites crash in a round, which sites are
 poisoned and what they send. Pure functions of the run seed, site and round, so a run repeats;
-a deployed site refuses any run config that asks for them (``site.check_noise_source``).
+a deployed site refuses any run config that asks for them (``policy.check_noise_source``).
 """
 
 from __future__ import annotations
