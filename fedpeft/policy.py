@@ -63,8 +63,10 @@ class SitePolicy:
     def enforce(self, cfg: RunConfig) -> RunConfig:
         """The run config this site trains with, or PolicyError naming the key that asks for less."""
         p = cfg.privacy
-        if not self.dp:
-            return dataclasses.replace(cfg, privacy=dataclasses.replace(p, enabled=False))
+        if not self.dp:  # the site's own choice; injected faults and attacks stay refused
+            cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(p, enabled=False))
+            check_noise_source(cfg, deployed=True)
+            return cfg
         where = "(this site's policy, from its own file: privacy.{} in `fedpeft site CONFIG.toml`)"
         if not p.enabled:
             raise PolicyError(f"dp=false: the run config asks this site to train without differential "

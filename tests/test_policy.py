@@ -60,3 +60,6 @@ def test_only_the_sites_own_file_turns_dp_off_and_its_reply_and_ledger_say_so(tm
     assert json.loads(reply.ledger.decode().splitlines()[-1])["kind"] == "no-dp"
     with pytest.raises(Exception, match="must be true or false"):
         SitePolicy.from_node_config({"dp": "maybe"})
+    # a site without DP still refuses the simulation-only attack and fault injection
+    with pytest.raises(PolicyError, match="^attack='sign-flip'.*refused on a deployed site"):
+        apply_node_config(from_run_config({**TINY, "attack": "sign-flip"}), {**SITE_FILE, "dp": "false"}, deployed=True)
