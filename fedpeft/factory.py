@@ -21,7 +21,7 @@ from fedpeft.config import AdapterConfig, ModelConfig, RunConfig
 def _base_model(model_fields: tuple, labels: tuple[str, ...], device: str) -> PreTrainedModel:
     cfg = ModelConfig(*model_fields)  # the config's fields as a hashable cache key
     model = models.load_base_model(cfg, num_labels=len(labels), labels=list(labels))
-    return model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to() oddly
+    return model.to(torch.device(device))
 
 
 def base_model(cfg: RunConfig) -> torch.nn.Module:

@@ -132,7 +132,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 def tiny_bert_config(num_labels: int, vocab_size: int = 30522) -> BertConfig:
     """A 2-layer, 32-wide BERT: fast enough for CPU tests and smoke federations."""
-    return BertConfig(  # type: ignore[call-arg]  # num_labels is a PretrainedConfig kwarg the stubs omit
+    return BertConfig(
         vocab_size=vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
