@@ -319,6 +319,7 @@ def _cmd_site(args: argparse.Namespace) -> int:
     from fedpeft.deploy.apptrust import launcher_env
     from fedpeft.deploy.coordinator import OFFLINE_ENV
     from fedpeft.deploy.site_config import load_site_config
+    from fedpeft.policy import SitePolicy
 
     cfg = load_site_config(args.config, insecure=args.insecure)
     fp, pub = _site_key(cfg)
@@ -328,8 +329,8 @@ def _cmd_site(args: argparse.Namespace) -> int:
     argv = cfg.supernode_args()
     print(f"site {cfg.site_id}: {cfg.examples} labelled notes in {cfg.data_path}; connecting to {cfg.address} "
           f"({'INSECURE, local testing only' if cfg.insecure else 'TLS'})")
-    print(f"site {cfg.site_id}: privacy policy (this file's, not the coordinator's): "
-          f"{f'DP on, at most epsilon={cfg.target_epsilon:g}, delta={cfg.target_delta:g}' if cfg.dp else 'DP OFF'}; "
+    policy = SitePolicy(dp=cfg.dp, target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta)
+    print(f"site {cfg.site_id}: privacy policy (this file's, not the coordinator's): {policy.describe()}; "
           f"trusted apps: {', '.join(h[:16] + '...' for h in cfg.trusted_apps) or 'ANY (insecure mode)'}")
     print(f"site {cfg.site_id}: ledger key {fp} — give it to your privacy officer out of band")
     if args.dry_run:

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 from fedpeft.config import ConfigError, RunConfig
 
-POLICY_KEYS = ("dp", "target-epsilon", "target-delta")
-
 
 class PolicyError(RuntimeError):
     """The run config asks this site for less privacy than its own policy allows."""

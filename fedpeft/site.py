@@ -23,7 +23,7 @@ from fedpeft.config import RunConfig
 from fedpeft.data.sites import SiteData, make_site
 from fedpeft.factory import dataset, global_adapter_config, worker_model
 from fedpeft.faults import InjectedFault, attacked, attackers, crashes, hangs, is_late
-from fedpeft.policy import SitePolicy, check_noise_source  # noqa: F401  (re-exported)
+from fedpeft.policy import SitePolicy
 from fedpeft.privacy.accountant import BudgetExceeded, PrivacyState
 from fedpeft.privacy.audit.canaries import TrainingCanaries
 from fedpeft.privacy.ledger import delta_hash

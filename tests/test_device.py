@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedpeft import adapters, factory, models, prefix, site, training
-from fedpeft.policy import PolicyError
+from fedpeft.policy import PolicyError, check_noise_source
 from fedpeft.runconfig import from_run_config
 from tests.conftest import make_tiny_lora
 
@@ -129,9 +129,9 @@ def test_sites_draw_secret_noise_unless_the_run_asks_for_seeded():
 def test_a_deployed_site_refuses_seeded_noise():
     seeded = from_run_config({**TINY, "dp-noise": "seeded"})
     with pytest.raises(PolicyError, match="dp-noise=.seeded.: refused on a deployed site"):
-        site.check_noise_source(seeded, deployed=True)
-    site.check_noise_source(seeded, deployed=False)  # a simulation may
-    site.check_noise_source(from_run_config(TINY), deployed=True)  # secret noise is always fine
+        check_noise_source(seeded, deployed=True)
+    check_noise_source(seeded, deployed=False)  # a simulation may
+    check_noise_source(from_run_config(TINY), deployed=True)  # secret noise is always fine
 
 
 def test_client_app_refuses_seeded_noise_without_a_simulation_partition():

@@ -116,7 +116,8 @@ def test_overlapping_requests_for_one_site_take_turns_and_chain_one_ledger(tmp_p
 
 def test_attack_and_fault_injection_are_simulation_only_and_do_what_they_say():
     from fedpeft.policy import PolicyError
-    from fedpeft.site import attackers, check_noise_source
+    from fedpeft.policy import check_noise_source
+    from fedpeft.site import attackers
 
     # Prepare: 3 sites, sign-flip at 1/3 (one attacker)
     cfg = from_run_config({**TINY, "num-sites": 3, "attack": "sign-flip", "attack-fraction": 0.34,
