@@ -47,7 +47,7 @@ class DPUnsupportedError(ValueError):
 @dataclass(frozen=True)
 class AdapterMethod:
     name: str
-    build: Callable[[AdapterConfig], PeftConfig]
+    build: Callable[[AdapterConfig, str, list[str] | None], PeftConfig]  # (config, peft task type, targets)
     dp_capable: bool
     dp_reason: str = ""
 
@@ -56,7 +56,8 @@ METHODS: Registry[AdapterMethod] = Registry("PEFT method", "adapter")
 
 
 def register_adapter_method(
-    name: str, build: Callable[[AdapterConfig], PeftConfig], *, dp_capable: bool, dp_reason: str = ""
+    name: str, build: Callable[[AdapterConfig, str, list[str] | None], PeftConfig], *, dp_capable: bool,
+    dp_reason: str = "",
 ) -> None:
     """Add a PEFT method; ``dp_capable`` says whether Opacus per-sample gradients are exact for it."""
     METHODS.add(name, AdapterMethod(name, build, dp_capable, dp_reason))
@@ -65,33 +66,33 @@ def register_adapter_method(
 adapter_method = METHODS.get
 
 
-def _lora(cfg: AdapterConfig, *, dora: bool = False) -> PeftConfig:
+def _lora(cfg: AdapterConfig, task_type: str, targets: list[str] | None, *, dora: bool = False) -> PeftConfig:
     return LoraConfig(
-        task_type="SEQ_CLS",
+        task_type=task_type,
         r=cfg.rank,
         lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft types it int; it takes any float
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_module_list,
+        target_modules=targets,
         layers_to_transform=cfg.layer_list,
         use_rslora=cfg.use_rslora,
         use_dora=dora,
     )
 
 
-def _bitfit(cfg: AdapterConfig) -> PeftConfig:
+def _bitfit(cfg: AdapterConfig, task_type: str, targets: list[str] | None) -> PeftConfig:
     # BitFit = train only biases (+ head). peft's BEFT adds a zero-initialised bias vector to each
     # targeted Linear, which is the same function class and gives a loadable PEFT file format.
-    return BeftConfig(task_type="SEQ_CLS", target_modules=["query", "key", "value", "dense"])
+    return BeftConfig(task_type=task_type, target_modules=["query", "key", "value", "dense"])
 
 
-def _ia3(cfg: AdapterConfig) -> PeftConfig:
-    return IA3Config(task_type="SEQ_CLS", target_modules=["key", "value", "output.dense"],
+def _ia3(cfg: AdapterConfig, task_type: str, targets: list[str] | None) -> PeftConfig:
+    return IA3Config(task_type=task_type, target_modules=["key", "value", "output.dense"],
                      feedforward_modules=["output.dense"])
 
 
 register_adapter_method("lora", _lora, dp_capable=True)
 register_adapter_method(
-    "dora", lambda c: _lora(c, dora=True), dp_capable=False,
+    "dora", lambda c, t, m: _lora(c, t, m, dora=True), dp_capable=False,
     dp_reason="Opacus 1.6 cannot compute per-sample gradients through peft's DoRA layer "
               "(DoraLinearLayer.forward signature; ghost clipping rejects its parameter tying)",
 )
@@ -117,8 +118,11 @@ def require_dp_capable(name: str) -> None:
         )
 
 
-def create_adapter(model: PreTrainedModel, cfg: AdapterConfig, *, dp: bool, base_name: str) -> PeftModel:
-    """Wrap ``model`` with the configured adapter; the classifier head is trained (modules_to_save).
+def create_adapter(model: PreTrainedModel, cfg: AdapterConfig, *, dp: bool, base_name: str,
+                   task_type: str = "SEQ_CLS", targets: list[str] | None | str = "config") -> PeftModel:
+    """Wrap ``model`` with the configured adapter (peft ``task_type``; a sequence classifier's head
+    is trained too, as modules_to_save). ``targets``: the modules LoRA adapts (None: peft's default
+    for the architecture; "config": the config's lora-target-modules).
 
     Raises ``DPUnsupportedError`` before touching the model when ``dp`` is asked for a method that
     Opacus cannot train correctly.
@@ -126,7 +130,7 @@ def create_adapter(model: PreTrainedModel, cfg: AdapterConfig, *, dp: bool, base
     method = adapter_method(cfg.method)
     if dp:
         require_dp_capable(cfg.method)
-    peft_config = method.build(cfg)
+    peft_config = method.build(cfg, task_type, cfg.target_module_list if isinstance(targets, str) else targets)
     try:
         peft_model = get_peft_model(model, peft_config)
     except ValueError as e:  # peft's NoMatchingPeftModuleError: say which of our keys to change

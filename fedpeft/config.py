@@ -22,6 +22,10 @@ __all__ = [
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+TASK_NAMES = ("classification", "causal-lm")  # fedpeft.tasks registers one class for each
+ENCODERS = ("minilm", "tiny")  # embedded / random BERT encoders (classification)
+DECODERS = ("smollm2", "tiny-llama", "tiny-gpt2")  # embedded / random causal LMs (causal-lm)
+SYNTHETIC = {"notes": "classification", "referrals": "causal-lm"}  # embedded generators and their task
 DP_NOISE = ("secret", "seeded")
 
 
@@ -39,12 +43,18 @@ def _help(text: str, key: str) -> dict[str, str]:
 
 @dataclass
 class ModelConfig:
+    task: str = field(default="classification", metadata=_help(
+        "'classification' (a sequence classifier over notes) or 'causal-lm' (generative fine-tuning of a causal "
+        "language model on prompt/response pairs; the loss covers the response tokens only)", "task"))
     name: str = field(
         default="minilm",
-        metadata=_help("'minilm' (embedded all-MiniLM-L6-v2), 'tiny' (random tiny BERT for tests), "
-                       "or a local model folder / hub name", "model"),
+        metadata=_help("classification: 'minilm' (embedded all-MiniLM-L6-v2), 'tiny' (random tiny BERT for tests); "
+                       "causal-lm: 'smollm2' (embedded SmolLM2-135M-Instruct), 'tiny-llama' / 'tiny-gpt2' (random, "
+                       "for tests); or a local model folder, or a .gguf file", "model"),
     )
-    max_length: int = field(default=64, metadata=_help("tokens per note (truncation)", "max-length"))
+    max_length: int = field(default=64, metadata=_help(
+        "tokens per note (classification) or per prompt + response (causal-lm; the prompt's start is cut first)",
+        "max-length"))
     seed: int = field(default=0, metadata=_help("seed for randomly initialised weights (tiny model, head)", "model-seed"))
     pooling: str = field(default="mean", metadata=_help(
         "'mean' (masked mean of token states, as sentence-transformers trained MiniLM) or 'cls' "
@@ -65,8 +75,24 @@ class ModelConfig:
         "natively: CUDA GPUs from Ampere on, x86 CPUs with AVX512-BF16 or AMX; float32 elsewhere), "
         "'bfloat16' or 'float32'; adapter weights, optimizer state, per-sample clipping and DP noise "
         "stay float32 either way", "precision"))
+    max_new_tokens: int = field(default=24, metadata=_help(
+        "causal-lm: tokens generated (greedy) per held-out prompt for the answer-accuracy metric", "max-new-tokens"))
+    eval_generations: int = field(default=64, metadata=_help(
+        "causal-lm: held-out prompts answered by greedy generation per evaluation (the loss and perplexity "
+        "use every example); 0 = all", "eval-generations"))
 
     def __post_init__(self) -> None:
+        if self.task not in TASK_NAMES:
+            raise bad("task", self.task, f"must be one of {', '.join(TASK_NAMES)}")
+        if self.task == "causal-lm" and self.name in ENCODERS:
+            raise bad("model", self.name, f"is a BERT encoder; task='causal-lm' needs {', '.join(DECODERS)}, "
+                      "a causal LM folder or a .gguf file")
+        if self.task == "classification" and self.name in DECODERS:
+            raise bad("model", self.name, "is a causal LM; use it with task='causal-lm'")
+        if self.max_new_tokens < 1:
+            raise bad("max-new-tokens", self.max_new_tokens, "must be >= 1")
+        if self.eval_generations < 0:
+            raise bad("eval-generations", self.eval_generations, "must be >= 0 (0 = all)")
         if self.pooling not in ("mean", "cls"):
             raise bad("pooling", self.pooling, "must be 'mean' or 'cls'")
         if self.layers < 0:
@@ -77,7 +103,7 @@ class ModelConfig:
             raise bad("max-length", self.max_length, "must be >= 8")
         if self.head_init not in ("label-names", "random"):
             raise bad("head-init", self.head_init, "must be 'label-names' or 'random'")
-        if self.head_init == "label-names" and self.pooling != "mean":
+        if self.head_init == "label-names" and self.pooling != "mean" and self.task == "classification":
             raise ConfigError(f"head-init={self.head_init!r} needs pooling='mean'; got pooling={self.pooling!r} "
                               "(set head-init='random')")
         if not 0.0 <= self.dropout < 1.0:
@@ -247,7 +273,11 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    source: str = field(default="notes", metadata=_help("'notes' (embedded generator) or a CSV/JSONL/datasets path", "data"))
+    source: str = field(default="notes", metadata=_help(
+        "'notes' (embedded note generator, classification), 'referrals' (embedded referral-letter generator: "
+        "note -> specialty and a one-sentence reason, causal-lm), or a CSV/JSONL/datasets path ('{site}' in it: "
+        "one file per site). causal-lm files hold instruction/input/output (Alpaca) or chat 'messages' rows",
+        "data"))
     notes_per_site: int = field(default=1800, metadata=_help("mean training notes per site (generator)", "notes-per-site"))
     test_per_site: int = field(default=40, metadata=_help("held-out notes per site (generator)", "test-per-site"))
     global_test_size: int = field(default=1000, metadata=_help("server-side global test notes", "global-test-size"))
@@ -271,15 +301,13 @@ class DataConfig:
             raise bad("quantity-skew", self.quantity_skew, "must be >= 0")
         if not 0.0 <= self.label_noise < 1.0:
             raise bad("label-noise", self.label_noise, "must be in [0, 1)")
-        if self.source != "notes" and not self.label_list:
-            raise bad("labels", self.labels, "file data needs the shared class list, e.g. labels='a,b,c'")
 
     @property
     def label_list(self) -> list[str]:
         from fedpeft.data.notes import LABELS
 
         given = [x.strip() for x in self.labels.split(",") if x.strip()]
-        return given or (list(LABELS) if self.source == "notes" else [])
+        return given or (list(LABELS) if self.source in SYNTHETIC else [])
 
 
 @dataclass
@@ -401,7 +429,17 @@ class RunConfig:
     preset: str = "hospitals"
 
     def __post_init__(self) -> None:
-        """Checks that span sections: mixed ranks need a rank rule, rank rules need LoRA."""
+        """Checks that span sections: the data fits the task, mixed ranks need a rank rule, rank rules need LoRA."""
+        task, source = self.model.task, self.data.source
+        if source in SYNTHETIC and SYNTHETIC[source] != task:
+            other = next(k for k, v in SYNTHETIC.items() if v == task)
+            raise ConfigError(f"data={source!r} is the {SYNTHETIC[source]} generator; task={task!r} needs "
+                              f"data={other!r} or a file")
+        if task == "classification" and source not in SYNTHETIC and not self.data.label_list:
+            raise bad("labels", self.data.labels, "file data needs the shared class list, e.g. labels='a,b,c'")
+        if task == "causal-lm" and self.privacy.enabled and self.privacy.grad_sample_mode == "ghost":
+            raise ConfigError("grad-sample-mode='ghost' with task='causal-lm': ghost clipping needs one loss per "
+                              "logit row, a causal LM has one per response token; use 'hooks'")
         merge, ranks = self.federation.merge, self.adapter.rank_list
         if merge not in (*DELTA_RULES, *RANK_RULES):
             raise bad("merge", merge, f"must be one of {', '.join((*DELTA_RULES, *RANK_RULES))}")

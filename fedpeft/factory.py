@@ -13,14 +13,15 @@ import torch
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedModel
 
-from fedpeft import adapters, models, prefix, ranks, training
+from fedpeft import adapters, models, prefix, ranks
 from fedpeft.config import AdapterConfig, ModelConfig, RunConfig
+from fedpeft.tasks import Examples, task_of
 
 
 @functools.lru_cache(maxsize=2)
 def _base_model(model_fields: tuple, labels: tuple[str, ...], device: str) -> PreTrainedModel:
     cfg = ModelConfig(*model_fields)  # the config's fields as a hashable cache key
-    model = models.load_base_model(cfg, num_labels=len(labels), labels=list(labels))
+    model = task_of(cfg).load_model(cfg, list(labels))
     return model.to(torch.device(device))
 
 
@@ -32,7 +33,9 @@ def base_model(cfg: RunConfig) -> torch.nn.Module:
 def new_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, labels: tuple[str, ...], *, dp: bool
                ) -> adapters.PeftModel:
     base = _base_model(dataclasses.astuple(model_cfg), labels, str(models.select_device()))
-    return adapters.create_adapter(copy.deepcopy(base), adapter_cfg, dp=dp, base_name=model_cfg.name)
+    task = task_of(model_cfg)
+    return adapters.create_adapter(copy.deepcopy(base), adapter_cfg, dp=dp, base_name=model_cfg.name,
+                                   task_type=task.peft_task_type, targets=task.lora_targets(model_cfg, adapter_cfg))
 
 
 def build_model(cfg: RunConfig, *, dp: bool, adapter: AdapterConfig | None = None) -> adapters.PeftModel:
@@ -84,24 +87,34 @@ def initial_adapter_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
 _PREFIX_CACHE = prefix.PrefixCache()
 
 
-def dataset(cfg: RunConfig, texts: list[str], labels: list[int]) -> TensorDataset:
-    """Token dataset, or, when the adapter leaves the bottom layers frozen, their cached output
-    (computed once per note set; see ``fedpeft.prefix``)."""
-    tok = models.load_tokenizer(cfg.model.name)
-    start = prefix.prefix_start(cfg.model, cfg.adapter)
+def dataset(cfg: RunConfig, texts: list[str], labels: list[int], targets: list[str] | tuple[str, ...] = ()
+            ) -> TensorDataset:
+    """The task's token dataset, or, when the adapter leaves the bottom layers frozen, their cached
+    output (computed once per example set; see ``fedpeft.prefix``)."""
+    task = task_of(cfg.model)
+    examples = Examples(list(texts), list(labels), tuple(targets))
+    start = task.prefix_start(cfg.model, cfg.adapter)
     if start == 0:
-        return training.encode(texts, labels, tok, max_length=cfg.model.max_length)
+        return task.encode(cfg.model, examples)
     base = base_model(cfg)
     precision = models.resolve_precision(cfg.model.precision, next(base.parameters()).device)
     model_key = dataclasses.astuple(dataclasses.replace(cfg.model, precision=precision))
-    ffn = prefix.ffn_start(cfg.model, cfg.adapter)
-    key = prefix.fingerprint(texts, labels, (model_key, start, ffn))  # the head is not cached
-    ds = _PREFIX_CACHE.get(key)
-    if ds is None:
-        tokens = training.encode(texts, labels, tok, max_length=cfg.model.max_length)
-        ds = prefix.compute_prefix(base, tokens, start_layer=start, ffn_start=ffn, precision=precision)
-        _PREFIX_CACHE.put(key, ds)
-    return ds
+    ffn = task.ffn_start(cfg.model, cfg.adapter)
+    key = prefix.fingerprint(texts, labels, (model_key, start, ffn), targets)  # the head is not cached
+    cached = _PREFIX_CACHE.get(key)
+    if cached is None:
+        computed = task.compute_prefix(base, task.encode(cfg.model, examples), start_layer=start, ffn_start=ffn,
+                                       precision=precision)
+        assert isinstance(computed, prefix.PrefixDataset)
+        _PREFIX_CACHE.put(key, computed)
+        return computed
+    return cached
+
+
+def evaluate(cfg: RunConfig, model: torch.nn.Module, data: TensorDataset) -> dict[str, float]:
+    """The task's held-out metrics (``accuracy`` is its primary one) on the compute device."""
+    return task_of(cfg.model).evaluate(model, data, device=models.select_device(), precision=cfg.model.precision,
+                                       num_labels=len(cfg.data.label_list), cfg=cfg.model)
 
 
 class Scorer:

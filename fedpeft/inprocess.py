@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedpeft import adapters, factory, models, site, training
+from fedpeft import adapters, factory, models, site
 from fedpeft.aggregation import create_merge
 from fedpeft.config import RunConfig
-from fedpeft.data.sites import global_test_set
+from fedpeft.data.sites import global_test_examples
 from fedpeft.merging import merge_replies
 from fedpeft.reply import Reply
 
@@ -43,13 +43,11 @@ def run_federation(cfg: RunConfig, *, on_round: Callable[[RoundResult], None] | 
     merge = create_merge(cfg.federation.merge) if cfg.rank_rule is None else None
     device = models.select_device()
     glob = factory.initial_adapter_state(cfg)
-    texts, labels = global_test_set(cfg.data, seed=cfg.train.seed, num_sites=n)
-    test = factory.dataset(cfg, texts, labels)
+    test = factory.dataset(cfg, *global_test_examples(cfg.data, seed=cfg.train.seed, num_sites=n, task=cfg.model.task))
     scorer = factory.Scorer(cfg)  # the ServerApp's scorer
 
     def score(state: dict[str, torch.Tensor]) -> float:
-        return training.evaluate(scorer(state), test, device=device, num_labels=len(cfg.data.label_list),
-                                 precision=cfg.model.precision).accuracy
+        return factory.evaluate(cfg, scorer(state), test)["accuracy"]
 
     results = [RoundResult(0, 0.0, score(glob))]
     privacy: dict[int, str | None] = {}

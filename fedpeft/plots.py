@@ -36,7 +36,9 @@ def plot_accuracy(metrics: dict[str, Any], path: Path) -> None:
     for s in sorted(per_site, key=int)[:MAX_LINES]:
         xs, ys = zip(*per_site[s])
         ax.plot(xs, ys, "-", alpha=0.6, lw=1, label=f"site {s} (local test)")
-    ax.set(xlabel="round", ylabel="accuracy", title="Accuracy per round", ylim=(0, 1))
+    label = str(metrics.get("metric_label", "accuracy"))
+    ax.set(xlabel="round", ylabel=label if len(label) < 30 else "answer accuracy", title=f"{label} per round"[:1].upper()
+           + f"{label} per round"[1:], ylim=(0, 1))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")

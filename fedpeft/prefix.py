@@ -41,13 +41,15 @@ FFN_TARGETS = ("intermediate.dense",)  # modules inside a layer's feed-forward b
 
 class PrefixDataset(TensorDataset):
     """(hidden states entering layer ``start_layer`` — or, with ``ffn_start``, that layer's
-    attention output — , attention mask, labels)."""
+    attention output — , attention mask, labels); ``ids``: the token ids as well, for tasks that
+    generate from the prompts (causal-lm)."""
 
     def __init__(self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *, start_layer: int,
-                 ffn_start: bool = False) -> None:
+                 ffn_start: bool = False, ids: torch.Tensor | None = None) -> None:
         super().__init__(hidden, mask, labels)
         self.start_layer = start_layer
         self.ffn_start = ffn_start
+        self.ids = ids
 
 
 def prefix_start(model: ModelConfig, adapter: AdapterConfig) -> int:
@@ -109,10 +111,12 @@ def compute_prefix(model: torch.nn.Module, data: TensorDataset, *, start_layer: 
     return PrefixDataset(hidden, mask, labels, start_layer=start_layer, ffn_start=ffn_start)
 
 
-def fingerprint(texts: Sequence[str], labels: Sequence[int], key: tuple) -> str:
+def fingerprint(texts: Sequence[str], labels: Sequence[int], key: tuple, targets: Sequence[str] = ()) -> str:
     h = hashlib.sha256(repr(key).encode())
     for t, y in zip(texts, labels, strict=True):
         h.update(f"{y}\x00{t}\x01".encode())
+    for r in targets:
+        h.update(f"{r}\x02".encode())
     return h.hexdigest()
 
 
@@ -201,7 +205,8 @@ class PrefixCache:
                 with safe_open(str(path), framework="pt") as fh:  # one read: tensors and metadata
                     meta = fh.metadata()
                     ds = PrefixDataset(fh.get_tensor("hidden"), fh.get_tensor("mask"), fh.get_tensor("labels"),
-                                       start_layer=int(meta["start_layer"]), ffn_start=meta.get("ffn_start") == "1")
+                                       start_layer=int(meta["start_layer"]), ffn_start=meta.get("ffn_start") == "1",
+                                       ids=fh.get_tensor("ids") if "ids" in fh.keys() else None)
             except Exception as e:  # a damaged cache file is recomputed, never trusted
                 log.warning("prefix cache %s unreadable (%s); recomputing", path, e)
             else:
@@ -216,7 +221,10 @@ class PrefixCache:
         path = self._file(key)
         if path is not None:
             hidden, mask, labels = (t.contiguous() for t in ds.tensors)
-            data = save({"hidden": hidden, "mask": mask, "labels": labels},
+            tensors = {"hidden": hidden, "mask": mask, "labels": labels}
+            if ds.ids is not None:
+                tensors["ids"] = ds.ids.contiguous()
+            data = save(tensors,
                         metadata={"start_layer": str(ds.start_layer), "ffn_start": str(int(ds.ffn_start))})
             atomic_write_bytes(path, data)
 

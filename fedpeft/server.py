@@ -13,14 +13,15 @@ from typing import Any
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from fedpeft import adapters, checkpoint, models, training
-from fedpeft.config import RunConfig
-from fedpeft.data.sites import global_test_set, make_site, split_counts
-from fedpeft.factory import Scorer, base_model, dataset, initial_adapter_state
+from fedpeft import adapters, checkpoint, models
+from fedpeft.config import SYNTHETIC, RunConfig
+from fedpeft.data.sites import global_test_examples, make_site, split_counts
+from fedpeft.factory import Scorer, base_model, dataset, evaluate, initial_adapter_state
 from fedpeft.federation import config_record, from_arrays, to_arrays
 from fedpeft.io import atomic_write_json
 from fedpeft.runconfig import from_run_config, to_run_config
 from fedpeft.strategy import DeltaMerge, RoundLog, make_strategy
+from fedpeft.tasks import task_of
 
 log = logging.getLogger(__name__)
 MAX_SPLIT_SITES = 40  # the split plot stays readable; 1,000-site runs plot the first 40
@@ -36,7 +37,7 @@ class RunRecorder:
         self.data: dict[str, Any] = {
             "config": to_run_config(cfg), "adapter_bytes": adapter_bytes, "full_model_bytes": full_model_bytes,
             "labels": cfg.data.label_list, "precision": precision, "dp_noise": noise_statement(cfg),
-            "rounds": [],
+            "task": cfg.model.task, "metric_label": task_of(cfg.model).metric_label, "rounds": [],
         }
 
     def resume_from(self, path: Path, done: int) -> None:
@@ -47,9 +48,9 @@ class RunRecorder:
             self.t0 -= float(old.get("wall_s", 0.0))
         self.data["resumed_after"] = done
 
-    def record(self, rnd: int, ev: training.EvalResult, rlog: RoundLog | None) -> None:
-        row: dict[str, Any] = {"round": rnd, "global": {"accuracy": ev.accuracy, "loss": ev.loss,
-                                                         "macro_f1": ev.macro_f1}}
+    def record(self, rnd: int, ev: Mapping[str, float], rlog: RoundLog | None) -> None:
+        row: dict[str, Any] = {"round": rnd, "global": {k.replace("-", "_"): v for k, v in ev.items()
+                                                         if k not in ("examples", "generated")}}
         if rlog is not None:
             sites: dict[str, dict[str, Any]] = {}
             for s, m in rlog.train.items():
@@ -122,8 +123,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     init = initial_adapter_state(cfg)
     scorer = Scorer(cfg)
 
-    tt, ty = global_test_set(cfg.data, seed=cfg.train.seed, num_sites=cfg.federation.num_sites)
-    test_ds = dataset(cfg, tt, ty)
+    test_ds = dataset(cfg, *global_test_examples(cfg.data, seed=cfg.train.seed, num_sites=cfg.federation.num_sites,
+                                                 task=cfg.model.task))
     strategy: DeltaMerge = make_strategy(cfg)
     precision = models.resolve_precision(cfg.model.precision, device)
     log.info("compute precision: %s (precision=%r on %s)", precision, cfg.model.precision, device)
@@ -131,7 +132,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
                       full_model_bytes=models.model_bytes(base_model(cfg)), precision=precision)
     meta = {"labels": labels, "model": cfg.model.name, "model-layers": cfg.model.layers,
             "pooling": cfg.model.pooling, "adapter": cfg.adapter.method, "merge": cfg.federation.merge,
-            "lora-ranks": cfg.adapter.rank_list}
+            "lora-ranks": cfg.adapter.rank_list, "task": cfg.model.task}
     # Resume: continue after the last committed round (adapter, strategy moments, RNG, metrics)
     done = 0
     saved = checkpoint.load_server_state(out) if cfg.federation.resume else None
@@ -147,10 +148,11 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
         model = scorer(from_arrays(arrays))
-        ev = training.evaluate(model, test_ds, device=device, num_labels=len(labels), precision=cfg.model.precision)
+        ev = evaluate(cfg, model, test_ds)
+        reported = MetricRecord({k: v for k, v in ev.items() if k not in ("examples", "generated")})
         rnd += done
         if rnd == done and done > 0:  # the resumed-from round is already recorded and committed
-            return MetricRecord({"accuracy": ev.accuracy, "loss": ev.loss, "macro-f1": ev.macro_f1})
+            return reported
         rlog = strategy.rounds.get(rnd)
         energy = {"dropped-energy": rlog.dropped_by_module} if rlog is not None and rlog.dropped_by_module else {}
         last_energy.update(energy)  # the global adapter records what truncation dropped, per module
@@ -158,10 +160,10 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
                               metadata={**meta, "round": rnd, **energy})
         rec.record(rnd, ev, strategy.rounds.get(rnd))
         checkpoint.save_server_state(out, rnd, strategy)  # the commit point of the round
-        log.info("round %d: global accuracy %.4f loss %.4f", rnd, ev.accuracy, ev.loss)
+        log.info("round %d: global accuracy %.4f loss %.4f", rnd, ev["accuracy"], ev["loss"])
         if rnd > 0:
-            progress.update(task, advance=1, description=f"acc {ev.accuracy:.3f}")
-        return MetricRecord({"accuracy": ev.accuracy, "loss": ev.loss, "macro-f1": ev.macro_f1})
+            progress.update(task, advance=1, description=f"acc {ev['accuracy']:.3f}")
+        return reported
 
     # Execute
     flat = to_run_config(cfg)
@@ -187,8 +189,9 @@ def write_plots(out: Path, metrics: dict[str, Any], cfg: RunConfig) -> None:
     from fedpeft import plots
 
     n = min(cfg.federation.num_sites, MAX_SPLIT_SITES)
-    if cfg.data.source == "notes":
-        sites = [make_site(s, cfg.federation.num_sites, cfg.data, seed=cfg.train.seed) for s in range(n)]
+    if cfg.data.source in SYNTHETIC:
+        sites = [make_site(s, cfg.federation.num_sites, cfg.data, seed=cfg.train.seed, task=cfg.model.task)
+                 for s in range(n)]
         plots.plot_split(split_counts(sites, len(cfg.data.label_list)), cfg.data.label_list,
                          [s.name for s in sites], out / "plots" / "split.png")
     plots.plot_accuracy(metrics, out / "plots" / "accuracy.png")

@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 from fedpeft import adapters, models, prefix, ranks, training
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import SiteData, make_site
-from fedpeft.factory import dataset, global_adapter_config, worker_model
+from fedpeft.factory import dataset, evaluate, global_adapter_config, worker_model
 from fedpeft.faults import InjectedFault, attacked, attackers, crashes, hangs, is_late
 from fedpeft.policy import SitePolicy
 from fedpeft.privacy.accountant import BudgetExceeded, PrivacyState
@@ -29,6 +29,7 @@ from fedpeft.privacy.audit.canaries import TrainingCanaries
 from fedpeft.privacy.ledger import delta_hash
 from fedpeft.privacy.vault import SiteVault
 from fedpeft.reply import Reply
+from fedpeft.tasks import task_of
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class SiteError(RuntimeError):
 
 def load_site(cfg: RunConfig, *, site: int, num_sites: int, data_path: str | None = None) -> SiteData:
     try:
-        data = make_site(site, num_sites, cfg.data, seed=cfg.train.seed, data_path=data_path)
+        data = make_site(site, num_sites, cfg.data, seed=cfg.train.seed, data_path=data_path, task=cfg.model.task)
     except Exception as e:
         raise SiteError(f"site {site}: cannot load data ({data_path or cfg.data.source}): {e}") from e
     if not data.train_texts:
@@ -79,14 +80,15 @@ def site_work(cfg: RunConfig, *, site: int, num_sites: int, data_path: str | Non
     """This site's data and datasets, built on first use in this worker and kept (bounded by the
     machine's memory; an evicted site's prefix comes back from the disk cache when one is set)."""
     stamp = _file_stamp(data_path or (cfg.data.source.format(site=site) if "{site}" in cfg.data.source else None))
+    task = task_of(cfg.model)
     key = (site, num_sites, data_path, stamp, dataclasses.astuple(cfg.data), cfg.train.seed,
-           dataclasses.astuple(cfg.model), prefix.prefix_start(cfg.model, cfg.adapter),
-           prefix.ffn_start(cfg.model, cfg.adapter), str(models.select_device()))
+           dataclasses.astuple(cfg.model), task.prefix_start(cfg.model, cfg.adapter),
+           task.ffn_start(cfg.model, cfg.adapter), str(models.select_device()))
     work = _SITES.get(key)
     if work is None:
         data = load_site(cfg, site=site, num_sites=num_sites, data_path=data_path)
-        test = dataset(cfg, data.test_texts, data.test_labels) if data.test_texts else None
-        work = SiteWork(data, dataset(cfg, data.train_texts, data.train_labels), test)
+        test = dataset(cfg, data.test_texts, data.test_labels, data.test_targets) if data.test_texts else None
+        work = SiteWork(data, dataset(cfg, data.train_texts, data.train_labels, data.train_targets), test)
         _SITES.put(key, work, work.nbytes)
     return work
 
@@ -150,7 +152,7 @@ def site_train(
     res = training.train_local(model, ds, train=cfg.train, privacy=cfg.privacy, privacy_state=state,
                                device=device, seed=seed, noise_seed=noise_seed, anchor=anchor,
                                precision=cfg.model.precision, before_step=before_step,
-                               before_release=before_release)
+                               before_release=before_release, task=task_of(cfg.model))
     local = adapters.get_adapter_state(model)
     delta = {k: local[k] - start[k].to(local[k].dtype) for k in ranks.sent_keys(cfg, local)}
     if canaries is not None:
@@ -158,7 +160,9 @@ def site_train(
     if site in attackers(cfg):  # fault injection: a poisoned site (simulations only)
         delta = attacked(cfg, site, server_round, delta)
     local_acc = float("nan")
-    if work.test is not None:  # the locally trained adapter on this site's own held-out notes
+    # the locally trained adapter on this site's own held-out notes (a generative task's answers cost a
+    # generation per prompt: its sites score the global adapter only, in the evaluate round)
+    if work.test is not None and cfg.model.task == "classification":
         local_acc = training.evaluate(model, work.test, device=device, num_labels=len(cfg.data.label_list),
                                       precision=cfg.model.precision).accuracy
     metrics = {
@@ -294,7 +298,8 @@ def site_evaluate(
     ds = work.test if work.test is not None else work.train
     model = worker_model(dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, enabled=False)),
                          global_state, global_adapter_config(cfg, global_state))
-    ev = training.evaluate(model, ds, device=models.select_device(), num_labels=len(cfg.data.label_list),
-                           precision=cfg.model.precision)
-    return {"site": float(site), "num-examples": float(ev.examples), "accuracy": ev.accuracy,
-            "loss": ev.loss, "macro-f1": ev.macro_f1}
+    ev = evaluate(cfg, model, ds)
+    out = {"site": float(site), "num-examples": ev.pop("examples"), **ev}
+    if "macro-f1" in out:  # classification's metrics keep their order
+        out = {k: out[k] for k in ("site", "num-examples", "accuracy", "loss", "macro-f1")}
+    return out

@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from fedpeft.models import autocast, physical_batch_size
 from fedpeft.prefix import length_batches, start_of, trim
 from fedpeft.privacy.accountant import PrivacyState, new_privacy_state
 from fedpeft.privacy.events import history_of
+
+if TYPE_CHECKING:
+    from fedpeft.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +107,6 @@ def logits_of(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, **start: An
     return model(input_ids=x, attention_mask=mask).logits
 
 
-def _forward_loss(model: nn.Module, batch: Sequence[torch.Tensor], device: torch.device,
-                  criterion: nn.Module, start: Mapping[str, Any], precision: str) -> tuple[torch.Tensor, int]:
-    x, mask, y = (t.to(device) for t in batch)
-    with autocast(device, precision):
-        logits = logits_of(model, x, mask, **start)
-    return criterion(logits.float(), y), int(y.shape[0])
-
-
 def _float32_grad_samples(params: Sequence[nn.Parameter]) -> None:
     """Per-sample gradients in the parameters' dtype before Opacus clips them.
 
@@ -140,6 +135,7 @@ def train_local(
     precision: str = "float32",
     before_step: Callable[[int], None] | None = None,
     before_release: Callable[[], None] | None = None,
+    task: Task | None = None,
 ) -> TrainResult:
     """Train the adapter in place for ``train.local_epochs`` (or ``train.local_steps`` steps).
 
@@ -158,7 +154,13 @@ def train_local(
     sampling come from ``noise_seed``; when it is None (the default) from the operating system's
     entropy, so nobody, the coordinator included, can regenerate them. Pass a seed only for
     reproducible simulations (``dp-noise='seeded'``).
+
+    ``task`` (default classification) gives the loss: one number per example, then the batch mean.
     """
+    if task is None:
+        from fedpeft.tasks import TASKS
+
+        task = TASKS.get("classification")
     torch.manual_seed(seed)
     round_steps = steps_per_round(num_examples=len(data), batch_size=train.batch_size,
                                   local_epochs=train.local_epochs, local_steps=train.local_steps)
@@ -232,7 +234,8 @@ def train_local(
                 chunks = _length_chunks(batch, physical)
                 for j, chunk in enumerate(chunks):
                     t0 = time.perf_counter()
-                    loss, n = _forward_loss(model, chunk, device, criterion, start, precision)
+                    loss, n = task.batch_loss(model, chunk, device=device, start=start, precision=precision,
+                                              criterion=criterion)
                     # plain accumulation weights each pass's mean into the batch mean; under DP Opacus
                     # scales per-sample gradients itself
                     (loss if engine is not None else loss * (n / n_batch)).backward()

@@ -11,7 +11,7 @@ STAMP=".install-stamp"
 want="$("$PY" -c 'import hashlib,sys; print(hashlib.sha256(open("pyproject.toml","rb").read()).hexdigest(), sys.executable)')"
 here="$(pwd -P)/fedpeft"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && \
-   [ "$("$PY" -c 'import os,fedpeft; print(os.path.dirname(os.path.realpath(fedpeft.__file__)))' 2>/dev/null)" = "$here" ]; then
+   [ "$(cd / && "$PY" -c 'import os,fedpeft; print(os.path.dirname(os.path.realpath(fedpeft.__file__)))' 2>/dev/null)" = "$here" ]; then
   exit 0
 fi
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then

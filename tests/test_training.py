@@ -67,7 +67,7 @@ def test_centralised_baseline_trains_whole_passes_even_when_sites_use_local_step
     # Assert: two whole passes over the pooled notes at batch 8, not 1 step each
     passes = -(-_pooled_count(cfg) // 8)
     assert steps == [passes, passes] and passes > 1
-    assert 0.0 <= result.accuracy <= 1.0
+    assert 0.0 <= result["accuracy"] <= 1.0
 
 
 def _pooled_count(cfg) -> int:
@@ -89,4 +89,4 @@ def test_centralised_baseline_is_reproducible_whatever_the_global_rng_state():
     torch.rand(1000)
     second = train_centralised(cfg, epochs=1)
     # Assert: bitwise the same result (it starts from the federation's seeded round-0 adapter)
-    assert (second.loss, second.accuracy) == (first.loss, first.accuracy)
+    assert (second["loss"], second["accuracy"]) == (first["loss"], first["accuracy"])

@@ -163,6 +163,11 @@ def _demographics(rng: np.random.Generator, style: SiteStyle) -> str:
 
 def generate_note(rng: np.random.Generator, label: int, style: SiteStyle) -> str:
     """One note for class ``label`` written in ``style``."""
+    return note_and_finding(rng, label, style)[0]
+
+
+def note_and_finding(rng: np.random.Generator, label: int, style: SiteStyle) -> tuple[str, str]:
+    """One note, and its first core finding in clinical wording (the referral's reason)."""
     cls = LABELS[label]
     others = [c for c in LABELS if c != cls]
     n_core = 1 if rng.random() < 0.35 else int(rng.integers(2, 4))
@@ -185,7 +190,7 @@ def generate_note(rng: np.random.Generator, label: int, style: SiteStyle) -> str
         parts.append(rng.choice([f"PMH {hist}.", f"Background of {hist}.", f"Hx: {hist}."]))
     if rng.random() < 0.3:
         parts.append(rng.choice(["Onset 2 days ago.", "Symptoms for weeks.", "Worse at night.", "GP referral."]))
-    return _typos(rng, " ".join(parts), style.typo_rate)
+    return _typos(rng, " ".join(parts), style.typo_rate), SYMPTOMS[cls][int(idx[0])][1]
 
 
 def class_mix(rng: np.random.Generator, style: SiteStyle, alpha: float) -> np.ndarray:
@@ -201,15 +206,27 @@ def generate_notes(
     label_noise: float = 0.0,
 ) -> tuple[list[str], list[int]]:
     """``n`` notes and labels. ``style=None`` draws a style per note (a global, mixed test set)."""
+    texts, labels, _ = notes_with_findings(n=n, seed=seed, style=style, mix=mix, label_noise=label_noise)
+    return texts, labels
+
+
+def notes_with_findings(
+    *, n: int, seed: int, style: SiteStyle | None = None, mix: np.ndarray | None = None,
+    label_noise: float = 0.0,
+) -> tuple[list[str], list[int], list[str]]:
+    """``generate_notes`` plus each note's key finding (same notes for the same arguments)."""
     rng = np.random.default_rng(seed)
     mix = np.full(len(LABELS), 1 / len(LABELS)) if mix is None else mix
     texts: list[str] = []
     labels: list[int] = []
+    findings: list[str] = []
     for _ in range(n):
         y = int(rng.choice(len(LABELS), p=mix))
         st = style or ARCHETYPES[int(rng.integers(len(ARCHETYPES)))]
-        texts.append(generate_note(rng, y, st))
+        text, finding = note_and_finding(rng, y, st)
+        texts.append(text)
+        findings.append(finding)
         if label_noise > 0 and rng.random() < label_noise:
             y = int((y + rng.integers(1, len(LABELS))) % len(LABELS))
         labels.append(y)
-    return texts, labels
+    return texts, labels, findings

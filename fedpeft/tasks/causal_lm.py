@@ -1,0 +1,245 @@
+"""Causal language modelling on prompt/response pairs: the loss covers the response tokens only,
+logits are computed only at the positions that predict them, and held-out prompts are answered
+by greedy generation for the answer-accuracy metric.
+
+A prompt is a chat transcript (``fedpeft.data.instructions``), rendered through the tokenizer's
+chat template (Alpaca's "### Instruction / ### Response" layout when it has none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+from torch.utils.data import TensorDataset
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from fedpeft import llm, models
+from fedpeft.config import AdapterConfig, ModelConfig
+from fedpeft.prefix import PREFIX_METHODS, PrefixDataset, length_batches, trim
+from fedpeft.tasks.base import Examples, Task
+
+IGNORE = -100  # transformers' label for positions the loss skips
+LLAMA_LIKE = ("llama", "mistral", "qwen2")  # decoders whose layers fedpeft can resume from cached states
+DEFAULT_TARGETS = next(f.default for f in dataclasses.fields(AdapterConfig) if f.name == "target_modules")
+
+
+def messages_of(prompt: str) -> list[dict[str, str]]:
+    """A prompt as chat messages: a JSON list of {role, content} (what the loaders write), or plain text."""
+    if prompt.startswith("["):
+        try:
+            msgs = json.loads(prompt)
+        except json.JSONDecodeError:
+            msgs = None
+        if isinstance(msgs, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs):
+            return msgs
+    return [{"role": "user", "content": prompt}]
+
+
+def render_prompt(tok: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The text the model sees before its answer."""
+    msgs = messages_of(prompt)
+    if getattr(tok, "chat_template", None):
+        return str(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    system = "".join(m["content"] + "\n\n" for m in msgs if m["role"] == "system")
+    turns = "".join(f"### {'Instruction' if m['role'] == 'user' else 'Response'}:\n{m['content']}\n\n"
+                    for m in msgs if m["role"] != "system")
+    return f"{system}{turns}### Response:\n"
+
+
+def answer_of(text: str) -> str:
+    """The answer part of a response: its first clause, case-folded ("Cardiology. Chest pain..." ->
+    "cardiology"; "B) aspirin" -> "b"), what exact-match and option accuracy compare."""
+    return re.split(r"[.\n:;,)]", text.strip(), maxsplit=1)[0].strip().lower()
+
+
+def body_of(model: nn.Module) -> tuple[Any, Any]:
+    """(the causal LM under any peft wrapper, its decoder body)."""
+    base: Any = model.get_base_model() if isinstance(model, PeftModel) else model
+    return base, getattr(base, str(base.base_model_prefix))
+
+
+def resumable(model: PreTrainedModel) -> bool:
+    return getattr(model.config, "model_type", "") in LLAMA_LIKE
+
+
+def run_layers(body: Any, hidden: torch.Tensor, mask: torch.Tensor, *, start: int) -> torch.Tensor:
+    """Decoder layers ``start:`` and the final norm on cached states, as the body's own forward runs
+    them (same causal mask, same rotary positions). Hand-written: transformers cannot start a forward
+    at a middle layer."""
+    from transformers.masking_utils import create_causal_mask
+
+    pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    causal = create_causal_mask(config=body.config, inputs_embeds=hidden, attention_mask=mask, cache=None,
+                                position_ids=pos)
+    rope = body.rotary_emb(hidden, position_ids=pos)
+    for layer in body.layers[start:]:
+        out = layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=pos)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return body.norm(hidden)
+
+
+class CausalLM(Task):
+    name = "causal-lm"
+    peft_task_type = "CAUSAL_LM"
+    metric_label = "answer accuracy (greedy generation, exact match of the answer)"
+
+    def load_model(self, cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
+        return llm.load_causal_lm(cfg)
+
+    def tokenizer(self, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+        return llm.load_tokenizer(cfg.name)
+
+    def lora_targets(self, model_cfg: ModelConfig, adapter: AdapterConfig) -> list[str] | None:
+        """The run's modules, or with the (classification) default peft's own per-architecture choice
+        (q_proj/v_proj for Llama, c_attn for GPT-2)."""
+        return None if adapter.target_modules == DEFAULT_TARGETS else adapter.target_module_list
+
+    def encode(self, cfg: ModelConfig, examples: Examples) -> TensorDataset:
+        """(ids, mask, labels): labels are the ids on response tokens (the eos included, so the model
+        learns to stop) and IGNORE on the prompt and padding. Too long: the prompt's start goes first."""
+        tok = self.tokenizer(cfg)
+        if len(examples.targets) != len(examples.texts):
+            raise ValueError(f"causal-lm needs one response per prompt: {len(examples.texts)} prompts, "
+                             f"{len(examples.targets)} responses")
+        rows: list[tuple[list[int], list[int]]] = []
+        eos = tok.eos_token or ""
+        for prompt, response in zip(examples.texts, examples.targets):
+            p = tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+            r = tok(response + eos, add_special_tokens=False)["input_ids"][: max(1, cfg.max_length - 8)]
+            p = p[max(0, len(p) + len(r) - cfg.max_length):]
+            rows.append((p, r))
+        width = max((len(p) + len(r) for p, r in rows), default=1)
+        pad = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        for i, (p, r) in enumerate(rows):
+            n = len(p) + len(r)
+            ids[i, :n] = torch.tensor(p + r)
+            mask[i, :n] = 1
+            labels[i, len(p):n] = torch.tensor(r)
+        return TensorDataset(ids, mask, labels)
+
+    def hidden(self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor, start: Mapping[str, Any]) -> torch.Tensor:
+        """Final hidden states (after the last norm), from token ids or from cached states."""
+        base, body = body_of(model)
+        if start:
+            return run_layers(body, x.to(base.dtype), mask, start=int(start["start_layer"]))
+        return body(input_ids=x, attention_mask=mask).last_hidden_state
+
+    def token_losses(self, model: nn.Module, batch: Sequence[torch.Tensor], *, device: torch.device,
+                     start: Mapping[str, Any], precision: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(loss of each response token, its row, batch size). The LM head runs only at the positions
+        that predict a response token: over SmolLM2's 49k-token vocabulary it would otherwise cost as
+        much as the adapted layers."""
+        x, mask, y = (t.to(device) for t in batch)
+        x, mask = trim(x, mask)
+        y = y[:, : mask.shape[1]]
+        base, _ = body_of(model)
+        with models.autocast(device, precision):
+            hidden = self.hidden(model, x, mask, start)
+            rows, cols = (y[:, 1:] != IGNORE).nonzero(as_tuple=True)
+            logits = base.get_output_embeddings()(hidden[rows, cols])
+        ce = nn.functional.cross_entropy(logits.float(), y[rows, cols + 1], reduction="none")
+        return ce, rows, int(x.shape[0])
+
+    def per_example_loss(self, model: nn.Module, batch: Sequence[torch.Tensor], *, device: torch.device,
+                         start: Mapping[str, Any], precision: str) -> torch.Tensor:
+        """Mean loss over each example's response tokens (one record, one number)."""
+        ce, rows, n = self.token_losses(model, batch, device=device, start=start, precision=precision)
+        total = torch.zeros(n, device=ce.device, dtype=ce.dtype).index_add(0, rows, ce)
+        count = torch.zeros(n, device=ce.device, dtype=ce.dtype).index_add(0, rows, torch.ones_like(ce))
+        return total / count.clamp(min=1.0)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: TensorDataset, *, device: torch.device, precision: str,
+                 num_labels: int, cfg: ModelConfig | None = None) -> dict[str, float]:
+        """Token-level loss and perplexity over every example; answer accuracy by greedy generation
+        on the first ``eval-generations`` prompts."""
+        if len(data) == 0:
+            return {**self.empty_metrics(), "perplexity": float("nan")}
+        cfg = cfg or ModelConfig(task=self.name, name="tiny-llama")
+        model.to(device).eval()
+        start = ({"start_layer": data.start_layer} if isinstance(data, PrefixDataset) else {})
+        x_all, mask_all, y_all = data.tensors
+        nll, tokens = 0.0, 0
+        for idx in length_batches(mask_all, 64):
+            ce, _, _ = self.token_losses(model, (x_all[idx], mask_all[idx], y_all[idx]), device=device,
+                                         start=start, precision=precision)
+            nll += float(ce.sum())
+            tokens += int(ce.numel())
+        loss = nll / max(tokens, 1)
+        ids = data.ids if isinstance(data, PrefixDataset) and data.ids is not None else x_all
+        k = len(data) if cfg.eval_generations == 0 else min(cfg.eval_generations, len(data))
+        answers = self.generate_rows(model, ids[:k], y_all[:k], cfg, device=device, precision=precision)
+        refs = [self.tokenizer(cfg).decode(r[r != IGNORE], skip_special_tokens=True) for r in y_all[:k]]
+        hits = [answer_of(a) == answer_of(r) for a, r in zip(answers, refs)]
+        return {"accuracy": sum(hits) / max(len(hits), 1), "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                "examples": float(len(data)), "generated": float(len(hits))}
+
+    def generate_rows(self, model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, cfg: ModelConfig, *,
+                      device: torch.device, precision: str, batch_size: int = 32) -> list[str]:
+        """Greedy answers to the prompt part (the tokens before the response) of each row."""
+        prompts = [row[: int((lab != IGNORE).nonzero()[0])] if (lab != IGNORE).any() else row
+                   for row, lab in zip(ids, labels)]
+        return self.generate(model, prompts, cfg, device=device, precision=precision, batch_size=batch_size)
+
+    def generate(self, model: nn.Module, prompts: Sequence[torch.Tensor], cfg: ModelConfig, *, device: torch.device,
+                 precision: str, batch_size: int = 32, max_new_tokens: int | None = None) -> list[str]:
+        tok = self.tokenizer(cfg)
+        pad = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
+        gen = GenerationConfig(max_new_tokens=max_new_tokens or cfg.max_new_tokens, do_sample=False,
+                               pad_token_id=pad, eos_token_id=tok.eos_token_id)
+        out: list[str] = [""] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad least
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            x = torch.full((len(idx), width), pad, dtype=torch.long)
+            m = torch.zeros((len(idx), width), dtype=torch.long)
+            for j, i in enumerate(idx):  # left padding: every prompt ends where generation starts
+                n = len(prompts[i])
+                x[j, width - n:] = prompts[i]
+                m[j, width - n:] = 1
+            generate: Any = model.generate
+            with models.autocast(device, precision):
+                new = generate(input_ids=x.to(device), attention_mask=m.to(device), generation_config=gen)
+            for j, i in enumerate(idx):
+                out[i] = tok.decode(new[j, width:], skip_special_tokens=True)
+        return out
+
+    def prefix_start(self, model_cfg: ModelConfig, adapter: AdapterConfig) -> int:
+        layers = adapter.layer_list
+        if adapter.method not in PREFIX_METHODS or not layers or model_cfg.name == "tiny-gpt2":
+            return 0
+        if model_cfg.name not in (llm.SMOLLM2, "tiny-llama"):
+            from transformers import AutoConfig
+
+            if AutoConfig.from_pretrained(str(llm.model_folder(model_cfg.name))).model_type not in LLAMA_LIKE:
+                return 0
+        return min(layers)
+
+    @torch.no_grad()
+    def compute_prefix(self, model: nn.Module, data: TensorDataset, *, start_layer: int, ffn_start: bool,
+                       precision: str) -> TensorDataset:
+        """The input of layer ``start_layer`` for every example, once (the frozen layers below it)."""
+        ids, mask, labels = data.tensors
+        base, body = body_of(model)
+        device = next(base.parameters()).device
+        dtype = getattr(torch, models.resolve_precision(precision, device))
+        width = int(base.config.hidden_size)
+        hidden = torch.zeros((len(ids), ids.shape[1], width), dtype=dtype)
+        for idx in length_batches(mask, 32):
+            b_ids, b_mask = trim(ids[idx], mask[idx])
+            with models.autocast(device, precision):
+                out = body(input_ids=b_ids.to(device), attention_mask=b_mask.to(device), output_hidden_states=True)
+            hidden[idx, : b_ids.shape[1]] = out.hidden_states[start_layer].to("cpu", dtype)
+        return PrefixDataset(hidden, mask, labels, start_layer=start_layer, ids=ids)
