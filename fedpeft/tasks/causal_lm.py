@@ -62,6 +62,7 @@ def answer_of(text: str) -> str:
 
 def body_of(model: nn.Module) -> tuple[Any, Any]:
     """(the causal LM under any peft wrapper, its decoder body)."""
+    model = getattr(model, "_module", model)  # under an Opacus GradSampleModule
     base: Any = model.get_base_model() if isinstance(model, PeftModel) else model
     return base, getattr(base, str(base.base_model_prefix))
 
@@ -148,7 +149,9 @@ class CausalLM(Task):
             hidden = self.hidden(model, x, mask, start)
             rows, cols = (y[:, 1:] != IGNORE).nonzero(as_tuple=True)
             logits = base.get_output_embeddings()(hidden[rows, cols])
-        ce = nn.functional.cross_entropy(logits.float(), y[rows, cols + 1], reduction="none")
+        # float32 at least (autocast's bfloat16 logits), float64 kept (the exactness tests)
+        ce = nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                                         y[rows, cols + 1], reduction="none")
         return ce, rows, int(x.shape[0])
 
     def per_example_loss(self, model: nn.Module, batch: Sequence[torch.Tensor], *, device: torch.device,

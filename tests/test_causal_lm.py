@@ -1,0 +1,134 @@
+"""The causal-lm task on tiny random Llama and GPT-2 models: response-only loss, Opacus'
+per-sample gradients and clipping against a brute-force per-example loop in float64, the
+frozen-prefix path against the full forward, and LoRA weights that move under DP."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedpeft import adapters, factory, training
+from fedpeft.data.instructions import generate_referrals
+from fedpeft.runconfig import from_run_config
+from fedpeft.tasks import task_of
+from fedpeft.tasks.causal_lm import IGNORE, answer_of
+from tests.conftest import DEVICES
+
+TARGETS = {"tiny-llama": "q_proj,v_proj,down_proj", "tiny-gpt2": "c_attn,c_fc"}
+
+
+def gen_cfg(model: str, **extra):
+    flat = {"task": "causal-lm", "model": model, "data": "referrals", "lora-layers": "1", "lora-rank": 4,
+            "lora-target-modules": TARGETS[model], "max-length": 96, "notes-per-site": 24, "test-per-site": 6,
+            "global-test-size": 6, "batch-size": 8, "eval-generations": 3, "max-new-tokens": 4, **extra}
+    return from_run_config(flat)
+
+
+def batch_of(cfg, n: int = 5):
+    prompts, labels, responses = generate_referrals(n=n, seed=3)
+    return task_of(cfg.model).encode(cfg.model, factory.Examples(prompts, labels, tuple(responses)))
+
+
+def test_encoding_masks_the_prompt_and_keeps_the_response_with_its_eos():
+    # Prepare
+    cfg = gen_cfg("tiny-llama")
+    task = task_of(cfg.model)
+    tok = task.tokenizer(cfg.model)
+    prompts, _, responses = generate_referrals(n=3, seed=1)
+    # Execute
+    ids, mask, labels = task.encode(cfg.model, factory.Examples(prompts, [0, 0, 0], tuple(responses))).tensors
+    # Assert: the supervised tokens decode to exactly the response and the end-of-turn token
+    for i in range(3):
+        sup = labels[i][labels[i] != IGNORE]
+        assert tok.decode(sup) == responses[i] + tok.eos_token
+        n = int(mask[i].sum())
+        assert (labels[i, n:] == IGNORE).all() and (ids[i, :n][labels[i, :n] != IGNORE] == sup).all()
+        assert "<|im_start|>assistant" in tok.decode(ids[i, : n - len(sup)])  # the chat template's answer slot
+    assert answer_of(responses[0]) in {"cardiology", "pulmonology", "neurology", "gastroenterology",
+                                       "orthopedics", "dermatology", "endocrinology"}
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_per_sample_gradients_and_clipping_match_a_brute_force_loop_in_float64(model):
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    # Prepare: LoRA on attention and MLP projections (GPT-2's are Conv1D), float64 throughout
+    cfg = gen_cfg(model, **{"lora-layers": ""})
+    task = task_of(cfg.model)
+    net = factory.build_model(cfg, dp=True).double()
+    with torch.no_grad():  # B = 0 at init would make every per-sample gradient of A zero
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    data = batch_of(cfg, 5)
+    batch = data.tensors
+    params = [p for p in net.parameters() if p.requires_grad]
+    cpu = torch.device("cpu")
+    # transformers keeps float32 paths inside float64 models (LlamaRMSNorm, rotary tables, attention
+    # masks), so agreement is to ~1e-6 of each tensor's scale; a wrong per-sample gradient (a batch sum,
+    # a missing 1/n) is off by O(1)
+    rtol = 1e-5
+    # Execute: brute force, one example at a time
+    brute = []
+    for i in range(5):
+        loss = task.per_example_loss(net, [t[i:i + 1] for t in batch], device=cpu, start={}, precision="float32")
+        brute.append(torch.autograd.grad(loss.sum(), params))
+    # ... and Opacus' hooks on the batch mean
+    gsm = GradSampleModule(net, loss_reduction="mean")
+    loss = task.per_example_loss(net, batch, device=cpu, start={}, precision="float32").mean()
+    loss.backward()
+    # Assert: per-sample gradients equal the loop's
+    for j, p in enumerate(params):
+        want = torch.stack([g[j] for g in brute])
+        torch.testing.assert_close(p.grad_sample, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+    # ... and the clipped sum equals the loop's clip-then-sum (C below every norm: all are clipped)
+    clip = 0.5 * min(math.sqrt(sum(float(x.pow(2).sum()) for x in g)) for g in brute)
+    opt = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=5)
+    opt.clip_and_accumulate()
+    for j, p in enumerate(params):
+        want = sum(g[j] * min(1.0, clip / math.sqrt(sum(float(x.pow(2).sum()) for x in g))) for g in brute)
+        torch.testing.assert_close(p.summed_grad, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+    gsm._close()
+
+
+def test_the_frozen_prefix_path_equals_the_full_forward_in_float64():
+    # Prepare: LoRA on layer 1 of 2; layer 0's output cached once
+    cfg = gen_cfg("tiny-llama")
+    task = task_of(cfg.model)
+    net = factory.build_model(cfg, dp=False).double()
+    data = batch_of(cfg, 4)
+    # Execute
+    cached = task.compute_prefix(net, data, start_layer=1, ffn_start=False, precision="float32")
+    full = task.per_example_loss(net, data.tensors, device=torch.device("cpu"), start={}, precision="float32")
+    resumed = task.per_example_loss(net, cached.tensors, device=torch.device("cpu"), start={"start_layer": 1},
+                                    precision="float32")
+    # Assert: the same loss per example, and the cache keeps the token ids for generation
+    torch.testing.assert_close(resumed, full, rtol=1e-8, atol=0.0)  # float32 paths inside, as above
+    assert torch.equal(cached.ids, data.tensors[0])
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=lambda d: d.type)
+def test_lora_weights_move_under_dp_and_epsilon_is_spent(device, monkeypatch):
+    # Prepare: opacus#820 reported adapters silently frozen under DP with recent peft
+    monkeypatch.setenv("FEDPEFT_DEVICE", device.type)
+    cfg = gen_cfg("tiny-llama", **{"lr": 0.05, "adapter-lr-scale": 1.0})
+    start = factory.initial_adapter_state(cfg)
+    net = factory.worker_model(cfg, start)
+    from fedpeft.data.sites import make_site
+
+    site = make_site(0, 2, cfg.data, seed=0, task="causal-lm")
+    data = factory.dataset(cfg, site.train_texts, site.train_labels, site.train_targets)
+    state = training.plan_privacy(num_examples=len(data), train=cfg.train, privacy=cfg.privacy, num_rounds=2)
+    # Execute
+    res = training.train_local(net, data, train=cfg.train, privacy=cfg.privacy, privacy_state=state, device=device,
+                               seed=1, task=task_of(cfg.model))
+    after = adapters.get_adapter_state(net)
+    # Assert: every adapter tensor moved, epsilon is positive and within the plan's budget
+    for k, v in after.items():
+        assert float((v - start[k]).abs().max()) > 1e-4, k
+    assert 0 < res.epsilon <= cfg.privacy.target_epsilon and res.steps > 0
+    ev = factory.evaluate(cfg, net, data)
+    assert set(ev) >= {"accuracy", "loss", "perplexity"} and ev["perplexity"] == pytest.approx(math.exp(ev["loss"]))
