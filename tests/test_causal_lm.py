@@ -132,3 +132,64 @@ def test_lora_weights_move_under_dp_and_epsilon_is_spent(device, monkeypatch):
     assert 0 < res.epsilon <= cfg.privacy.target_epsilon and res.steps > 0
     ev = factory.evaluate(cfg, net, data)
     assert set(ev) >= {"accuracy", "loss", "perplexity"} and ev["perplexity"] == pytest.approx(math.exp(ev["loss"]))
+
+
+def test_instruction_loaders_read_alpaca_csv_jsonl_and_chat_and_name_bad_rows(tmp_path):
+    import json
+
+    from fedpeft.data.instructions import load_instructions
+    from fedpeft.data.loaders import DataLoadError
+    from fedpeft.tasks.causal_lm import messages_of
+
+    # Prepare: the same two examples in the three layouts
+    rows = [{"instruction": "Name the specialty.", "input": "Chest pain on exertion.", "output": "Cardiology"},
+            {"instruction": "Expand: SOB", "input": "", "output": "shortness of breath"}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "a.csv").write_text("instruction,input,output\n" + "\n".join(
+        f'"{r["instruction"]}","{r["input"]}","{r["output"]}"' for r in rows) + "\n")
+    chats = [{"messages": [{"role": "user", "content": "Name the specialty.\n\nChest pain on exertion."},
+                           {"role": "assistant", "content": "Cardiology"}]},
+             {"messages": [{"role": "user", "content": "Expand: SOB"}, {"role": "assistant", "content": "shortness of breath"}]}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
+    # Execute
+    got = [load_instructions(tmp_path / name) for name in ("a.jsonl", "a.csv", "c.jsonl")]
+    # Assert: one meaning whatever the layout
+    for prompts, responses in got:
+        assert responses == ["Cardiology", "shortness of breath"]
+        assert [messages_of(p) for p in prompts] == [[m for m in c["messages"][:-1]] for c in chats]
+    # Bad rows: file, row and field named
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"instruction": "x"}) + "\n")
+    with pytest.raises(DataLoadError, match=r"bad\.jsonl: line 2: field 'output' is missing"):
+        load_instructions(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.csv").write_text("instruction,input,output\nx,,y\nz,,\n")
+    with pytest.raises(DataLoadError, match=r"bad\.csv: row 3: field 'output' is empty"):
+        load_instructions(tmp_path / "bad.csv")
+    (tmp_path / "badchat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                                     {"role": "user", "content": "again"}]}))
+    with pytest.raises(DataLoadError, match=r"badchat\.jsonl: line 1: field 'messages': the last message"):
+        load_instructions(tmp_path / "badchat.jsonl")
+    (tmp_path / "badrole.jsonl").write_text(json.dumps({"messages": [{"role": "doctor", "content": "hi"},
+                                                                     {"role": "assistant", "content": "ok"}]}))
+    with pytest.raises(DataLoadError, match=r"line 1: field 'messages\[0\]'"):
+        load_instructions(tmp_path / "badrole.jsonl")
+
+
+def test_referral_sites_are_non_iid_and_the_config_refuses_mismatched_task_and_data():
+    from fedpeft.config import ConfigError
+    from fedpeft.data.sites import make_site
+
+    # Prepare / Execute
+    cfg = gen_cfg("tiny-llama", **{"notes-per-site": 200})
+    a, b = (make_site(s, 4, cfg.data, seed=0, task="causal-lm") for s in (1, 2))
+    # Assert: site 1 (a cardiology centre) answers cardiology far more often than site 2 (children's hospital)
+    share = [sum(r.startswith("Cardiology:") for r in s.train_targets) / len(s.train_targets) for s in (a, b)]
+    assert share[0] > share[1] + 0.2
+    assert all(answer_of(r) == ["cardiology", "pulmonology", "neurology", "gastroenterology", "orthopedics",
+                                "dermatology", "endocrinology"][y] for r, y in zip(a.train_targets, a.train_labels))
+    with pytest.raises(ConfigError, match=r"data='notes' is the classification generator; task='causal-lm' needs "
+                                          r"data='referrals'"):
+        from_run_config({"task": "causal-lm", "model": "tiny-llama"})
+    with pytest.raises(ConfigError, match=r"model='minilm': is a BERT encoder"):
+        from_run_config({"task": "causal-lm", "data": "referrals"})
+    with pytest.raises(ConfigError, match=r"grad-sample-mode='ghost' with task='causal-lm'"):
+        from_run_config({"task": "causal-lm", "model": "tiny-llama", "data": "referrals", "grad-sample-mode": "ghost"})

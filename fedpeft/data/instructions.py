@@ -19,9 +19,8 @@ import numpy as np
 from fedpeft.data.loaders import DataLoadError, _read_text
 from fedpeft.data.notes import LABELS, SiteStyle, notes_with_findings
 
-SYSTEM = ("You are a clinical triage assistant. Answer with the specialty the referral should go to, "
-          "then give the key finding.")
-QUESTION = "Which specialty should this referral go to?"
+SYSTEM = "Triage the referral: the specialty, then the key finding."
+QUESTION = "Specialty?"
 ROLES = ("system", "user", "assistant")
 
 
@@ -32,8 +31,8 @@ def chat(user: str, system: str | None = None) -> str:
 
 
 def referral_response(label: int, finding: str) -> str:
-    """The target: the specialty, then a one-sentence reason ("Cardiology. Key finding: syncope.")."""
-    return f"{LABELS[label].capitalize()}. Key finding: {finding}."
+    """The target: the specialty, then the reason in one line ("Cardiology: syncope.")."""
+    return f"{LABELS[label].capitalize()}: {finding}."
 
 
 def generate_referrals(

@@ -15,6 +15,8 @@ ca-cert = "certs/ca.crt"                  # the federation CA (TLS)
 auth-key = "certs/site-0/auth"            # this site's node-authentication key (EC, OpenSSH)
 
 [data]
+task = "classification"                 # or "causal-lm": then path is a JSONL/CSV of instruction/input/output
+                                        # or chat "messages" rows, and the three keys below are not used
 path = "/data/notes.csv"                # CSV, JSONL or a saved datasets folder
 text-column = "text"
 label-column = "label"
@@ -40,7 +42,7 @@ from typing import Any
 
 import tomllib
 
-from fedpeft.config import ConfigError
+from fedpeft.config import TASK_NAMES, ConfigError
 
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
 
@@ -67,16 +69,20 @@ class SiteConfig:
     lora_rank: int | None = None
     api_port: int | None = None
     insecure: bool = False
+    task: str = "classification"
     examples: int = field(default=0, init=False)
 
     def node_config(self) -> str:
         """Flower's ``--node-config`` string: what the ClientApp reads on this site."""
         items: dict[str, Any] = {
             "site-id": self.site_id, "data-path": str(self.data_path), "state-dir": str(self.state_dir),
-            "text-column": self.text_column, "label-column": self.label_column, "labels": ",".join(self.labels),
+            "task": self.task,
             "dp": "true" if self.dp else "false",
             "target-epsilon": float(self.target_epsilon), "target-delta": float(self.target_delta),
         }
+        if self.task == "classification":
+            items.update({"text-column": self.text_column, "label-column": self.label_column,
+                          "labels": ",".join(self.labels)})
         if self.lora_rank is not None:
             items["lora-rank"] = self.lora_rank
         return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in items.items())
@@ -97,7 +103,7 @@ class SiteConfig:
 SCHEMA: dict[str, tuple[str, ...]] = {
     "site": ("id", "state-dir", "lora-rank", "api-port"),
     "coordinator": ("address", "ca-cert", "auth-key"),
-    "data": ("path", "text-column", "label-column", "labels"),
+    "data": ("task", "path", "text-column", "label-column", "labels"),
     "privacy": ("dp", "target-epsilon", "target-delta"),
     "app": ("trusted",),
 }
@@ -159,9 +165,13 @@ def load_site_config(path: str | Path, *, insecure: bool = False) -> SiteConfig:
     m = _ADDRESS.match(address)
     if not m or not 1 <= int(m.group("port")) <= 65535:
         raise _bad("coordinator.address", address, "must be host:port with a port in 1-65535")
+    task = _get(data, "data", "task", str, "classification")
+    if task not in TASK_NAMES:
+        raise _bad("data.task", task, f"must be one of {', '.join(TASK_NAMES)}")
     cfg = SiteConfig(
-        site_id=site_id, state_dir=rel(_get(site, "site", "state-dir", str)), address=address,
-        data_path=rel(_get(data, "data", "path", str)), labels=list(_get(data, "data", "labels", list)),
+        site_id=site_id, state_dir=rel(_get(site, "site", "state-dir", str)), address=address, task=task,
+        data_path=rel(_get(data, "data", "path", str)),
+        labels=list(_get(data, "data", "labels", list, [] if task == "causal-lm" else ...)),
         text_column=_get(data, "data", "text-column", str, "text"),
         label_column=_get(data, "data", "label-column", str, "label"),
         dp=_get(priv, "privacy", "dp", bool, True),
@@ -171,7 +181,7 @@ def load_site_config(path: str | Path, *, insecure: bool = False) -> SiteConfig:
         lora_rank=_get(site, "site", "lora-rank", int, None), api_port=_get(site, "site", "api-port", int, None),
         insecure=insecure,
     )
-    if not cfg.labels or not all(isinstance(x, str) and x for x in cfg.labels):
+    if task == "classification" and (not cfg.labels or not all(isinstance(x, str) and x for x in cfg.labels)):
         raise _bad("data.labels", cfg.labels, "must be a non-empty list of class names")
     if len(set(cfg.labels)) != len(cfg.labels):
         raise _bad("data.labels", cfg.labels, "has duplicates")
@@ -230,6 +240,14 @@ def _check_data(cfg: SiteConfig) -> None:
 
     if not cfg.data_path.exists():
         raise _bad("data.path", str(cfg.data_path), "no such file or folder")
+    if cfg.task == "causal-lm":
+        from fedpeft.data.instructions import load_instructions
+
+        try:
+            cfg.examples = len(load_instructions(cfg.data_path)[0])
+        except DataLoadError as e:
+            raise ConfigError(f"data.path: {e}") from None
+        return
     try:
         texts, _ = load_labelled_texts(cfg.data_path, labels=cfg.labels, text_column=cfg.text_column,
                                        label_column=cfg.label_column)
