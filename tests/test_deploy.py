@@ -164,6 +164,39 @@ def test_a_site_must_pin_the_apps_it_runs_and_pins_are_hashes(tmp_path, certs):
     assert 'dp="true"' in nc and "target-epsilon=6.0" in nc
 
 
+def test_a_generative_site_reads_its_instruction_file_and_refuses_a_run_of_another_task(tmp_path, certs):
+    from fedpeft.data.instructions import generate_referrals
+    from fedpeft.runconfig import from_run_config
+    from fedpeft.site import SiteError, apply_node_config
+
+    # Prepare: a chat-format JSONL file; [data] task = "causal-lm", no labels
+    prompts, _, responses = generate_referrals(n=12, seed=4)
+    data = tmp_path / "site0.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": json.loads(p) + [{"role": "assistant", "content": r}]})
+                              for p, r in zip(prompts, responses)) + "\n")
+    cfg = _site_files(tmp_path, 0, 9092, certs, path=str(data))
+    text = cfg.read_text().replace('[data]\n', '[data]\ntask = "causal-lm"\n')
+    cfg.write_text(text)
+    # Execute
+    site = load_site_config(cfg)
+    nc = dict(item.split("=", 1) for item in site.node_config().split(" "))
+    # Assert: the node config names the task and carries no class list
+    assert site.examples == 12 and nc["task"] == '"causal-lm"' and "labels" not in nc
+    node = {"task": "causal-lm", "dp": "true", "target-epsilon": 6.0, "target-delta": 1e-5}
+    run = from_run_config({"task": "causal-lm", "model": "tiny-llama", "data": "referrals", "target-epsilon": 6.0})
+    assert apply_node_config(run, node, deployed=True).model.task == "causal-lm"
+    with pytest.raises(SiteError, match=r"task='classification' \(run config\) but this site's data is for "
+                                        r"task='causal-lm'"):
+        apply_node_config(from_run_config({"target-epsilon": 6.0}), node, deployed=True)
+    # a bad row is named with its line and field
+    data.write_text(data.read_text() + json.dumps({"instruction": "x"}) + "\n")
+    with pytest.raises(ConfigError, match=r"^data.path: .*site0.jsonl: line 13: field 'output' is missing"):
+        load_site_config(cfg)
+    cfg.write_text(text.replace('task = "causal-lm"', 'task = "generation"'))
+    with pytest.raises(ConfigError, match=r"^data.task='generation': must be one of classification, causal-lm"):
+        load_site_config(cfg)
+
+
 def test_the_gateway_forwards_the_fleet_api_only():
     from fedpeft.deploy.gateway import allowed
 

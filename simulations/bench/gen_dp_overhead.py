@@ -22,7 +22,8 @@ import torch
 
 def setup(layers: str, steps: int):
     from fedpeft import factory
-    from fedpeft.data.instructions import generate_referrals
+    from fedpeft.data.instructions import QUESTION, SYSTEM, chat, referral_response
+    from fedpeft.data.notes import notes_with_findings
     from fedpeft.runconfig import from_run_config
 
     flat = {"task": "causal-lm", "model": "smollm2", "data": "referrals", "lora-layers": layers,
@@ -30,10 +31,13 @@ def setup(layers: str, steps: int):
             "adapter-lr-scale": 1.0, "max-physical-batch-size": 16}
     cfg = from_run_config(flat)
     n = 16 * steps
-    prompts, labels, responses = generate_referrals(n=n, seed=0)
-    long = [p.replace("Referral note: ", "Referral note: " + p[-260:-60] + " ") for p in prompts]  # every row 128 tokens
-    data = factory.dataset(cfg, long, labels, responses)
-    assert int(data.tensors[1].sum(1).min()) == 128, "rows must fill the 128 tokens"
+    notes, labels, findings = notes_with_findings(n=6 * n, seed=0)
+    # six notes per referral: every prompt is longer than 128 tokens, so every row is cut to exactly 128
+    prompts = [chat("Referral note: " + " ".join(notes[6 * i:6 * i + 6]) + f"\n{QUESTION}", SYSTEM) for i in range(n)]
+    responses = [referral_response(labels[6 * i], findings[6 * i]) for i in range(n)]
+    data = factory.dataset(cfg, prompts, labels[::6], responses)
+    lengths = data.tensors[1].sum(1)
+    assert int(lengths.min()) == 128, f"rows must fill the 128 tokens: {lengths.tolist()}"
     return cfg, data
 
 
