@@ -90,7 +90,7 @@ def test_cli_unknown_preset_and_help_list_the_presets_folder(capsys):
     with pytest.raises(SystemExit):
         main(["simulate", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert len(preset_names()) == 6 and all(name in out for name in preset_names())
+    assert len(preset_names()) == 8 and all(name in out for name in preset_names())
 
 
 def test_simulate_refuses_an_out_dir_holding_an_earlier_run(tmp_path, capsys):
@@ -130,7 +130,8 @@ def test_presets_are_valid_configs():
     from fedpeft.cli import PRESET_DIR, simulation_config
 
     names = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
-    assert names == ["attacks", "devices", "hetero-hospitals", "hospitals", "hospitals-large", "smoke"]
+    assert names == ["attacks", "clinical-gen", "devices", "hetero-hospitals", "hospitals", "hospitals-large", "smoke",
+                     "tiny-gen"]
     for name in names:
         cfg = from_run_config(simulation_config(name, None, None))
         assert cfg.preset == name and cfg.federation.out_dir == f"runs/{name}"
