@@ -118,13 +118,3 @@ def _reset_cli_logging() -> None:
     log.propagate = True
     log.handlers = [h for h in log.handlers if not getattr(h, "_fedpeft", False)]
 
-
-# The end-to-end files first, longest first: the suite's two xdist workers (--dist loadfile) take
-# files in this order, so the long ones run side by side instead of queueing behind each other.
-SLOWEST_FIRST = ("test_simulation.py", "test_deploy.py", "test_simulation_faults.py", "test_simulation_more.py",
-                 "test_audit_math.py", "test_generative_federation.py")
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise

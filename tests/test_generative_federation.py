@@ -58,7 +58,7 @@ def test_exported_adapter_reloads_with_plain_peft_and_generates(gen_run):
     out, flat, _ = gen_run
     cfg = from_run_config(flat)
     # Prepare: the server's own model for the final adapter
-    served = factory.Scorer(cfg)(json_free_state(out))
+    served = factory.Scorer(cfg)(adapter_file_state(out))
     ids = torch.tensor([[1, 20, 300, 4000, 50, 6]])
     # Execute: plain peft on the base fedpeft.json names, and the one-line loader
     plain = PeftModel.from_pretrained(base_lm(cfg.model), str(out / "adapter")).eval()
@@ -71,8 +71,8 @@ def test_exported_adapter_reloads_with_plain_peft_and_generates(gen_run):
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 
-def json_free_state(out):
+def adapter_file_state(out):
+    """The exported adapter's tensors, as the server held them (peft's key names)."""
     from safetensors.torch import load_file
 
-    raw = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    return {k: v for k, v in raw.items()}
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
