@@ -74,6 +74,14 @@ def test_smoke_adapter_loads_with_peft(smoke_run):
     assert a == (ckpt[-1] / "adapter_model.safetensors").read_bytes()
 
 
+def test_same_seed_gives_bitwise_the_same_global_adapter(tmp_path, smoke_run):
+    out, flat, metrics = smoke_run
+    again = simulate({**flat, "out-dir": str(tmp_path / "again")})
+    assert again["rounds"][-1]["global"] == metrics["rounds"][-1]["global"]
+    assert (tmp_path / "again" / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (out / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
 def _default_sigint() -> None:
     """The child's own SIGINT handling: a background job (``nohup ... &``) inherits it ignored."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -189,7 +197,6 @@ def test_sigkill_then_resume_gives_bitwise_the_uninterrupted_adapter(tmp_path, s
     from fedpeft.cli import main
     assert main(["simulate", "--resume", str(out)]) == 0
     # Assert: a second process and a fresh Ray give bitwise the reference run's adapter and metrics
-    # (this is also the same-seed reproducibility check: a nondeterministic run could not pass it)
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (out_ref / "adapter" / "adapter_model.safetensors").read_bytes()
     metrics = json.loads((out / "metrics.json").read_text())
