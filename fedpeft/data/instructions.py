@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedpeft.data.loaders import DataLoadError, _read_text
+from fedpeft.data.loaders import DataLoadError, _read_text, jsonl_objects
 from fedpeft.data.notes import LABELS, SiteStyle, notes_with_findings
 
 SYSTEM = "Triage the referral: the specialty, then the key finding."
@@ -79,15 +79,7 @@ def _rows(path: Path, text: str) -> Iterable[tuple[str, dict]]:
         for row in reader:
             yield f"row {reader.line_num}", dict(row)
         return
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataLoadError(f"{path}: line {i}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise DataLoadError(f"{path}: line {i}: expected a JSON object, got {type(obj).__name__}")
+    for i, obj in jsonl_objects(path, text):
         yield f"line {i}", obj
 
 

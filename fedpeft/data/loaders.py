@@ -41,7 +41,8 @@ def _rows_csv(path: Path, text: str, text_col: str, label_col: str) -> Iterable[
         yield f"row {reader.line_num}", row.get(text_col), row.get(label_col)
 
 
-def _rows_jsonl(path: Path, text: str, text_col: str, label_col: str) -> Iterable[tuple[str, object, object]]:
+def jsonl_objects(path: Path, text: str) -> Iterable[tuple[int, dict]]:
+    """(line number, object) for each non-empty line; a line that is not a JSON object is an error naming it."""
     for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -51,6 +52,11 @@ def _rows_jsonl(path: Path, text: str, text_col: str, label_col: str) -> Iterabl
             raise DataLoadError(f"{path}: line {i}: invalid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise DataLoadError(f"{path}: line {i}: expected a JSON object, got {type(obj).__name__}")
+        yield i, obj
+
+
+def _rows_jsonl(path: Path, text: str, text_col: str, label_col: str) -> Iterable[tuple[str, object, object]]:
+    for i, obj in jsonl_objects(path, text):
         for col in (text_col, label_col):
             if col not in obj:
                 raise DataLoadError(f"{path}: line {i}: missing field {col!r}")
