@@ -1,24 +1,19 @@
 """Adapters through peft: build, read/write exactly the trainable tensors, PEFT-format I/O.
 
-Methods live in a registry (``register_adapter_method``/``create_adapter``) that also records
-whether Opacus can train them privately, so DP requests for an unsupported method fail fast.
+The methods live in ``fedpeft.methods`` (one registry entry each, with its grad sampler);
+``create_adapter`` builds one and prepares it for per-example gradients.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import (
-    BeftConfig,
-    IA3Config,
-    LoraConfig,
-    PeftConfig,
     PeftModel,
     get_peft_model,
     get_peft_model_state_dict,
@@ -28,7 +23,15 @@ from transformers import PreTrainedModel
 
 from fedpeft.config import AdapterConfig
 from fedpeft.io import atomic_dir
-from fedpeft.registry import Registry
+from fedpeft.methods import (  # re-exported: the registry lives in fedpeft.methods
+    METHODS,
+    AdapterMethod,
+    DPUnsupportedError,
+    adapter_method,
+    register_adapter_method,
+    require_dp_capable,
+)
+from fedpeft.methods.vectors import HANDLE
 
 log = logging.getLogger(__name__)
 
@@ -36,86 +39,12 @@ AdapterState = dict[str, torch.Tensor]
 METADATA_FILE = "fedpeft.json"
 
 
+__all__ = ["METHODS", "AdapterMethod", "AdapterStateError", "DPUnsupportedError", "adapter_method", "create_adapter",
+           "get_adapter_state", "register_adapter_method", "require_dp_capable", "save_adapter", "set_adapter_state"]
+
+
 class AdapterStateError(ValueError):
     """Adapter tensors do not match the model's adapter (keys, shapes or dtype)."""
-
-
-class DPUnsupportedError(ValueError):
-    """DP was asked for with a PEFT method Opacus cannot train correctly."""
-
-
-@dataclass(frozen=True)
-class AdapterMethod:
-    name: str
-    build: Callable[[AdapterConfig, str, list[str] | None], PeftConfig]  # (config, peft task type, targets)
-    dp_capable: bool
-    dp_reason: str = ""
-
-
-METHODS: Registry[AdapterMethod] = Registry("PEFT method", "adapter")
-
-
-def register_adapter_method(
-    name: str, build: Callable[[AdapterConfig, str, list[str] | None], PeftConfig], *, dp_capable: bool,
-    dp_reason: str = "",
-) -> None:
-    """Add a PEFT method; ``dp_capable`` says whether Opacus per-sample gradients are exact for it."""
-    METHODS.add(name, AdapterMethod(name, build, dp_capable, dp_reason))
-
-
-adapter_method = METHODS.get
-
-
-def _lora(cfg: AdapterConfig, task_type: str, targets: list[str] | None, *, dora: bool = False) -> PeftConfig:
-    return LoraConfig(
-        task_type=task_type,
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft types it int; it takes any float
-        lora_dropout=cfg.dropout,
-        target_modules=targets,
-        layers_to_transform=cfg.layer_list,
-        use_rslora=cfg.use_rslora,
-        use_dora=dora,
-    )
-
-
-def _bitfit(cfg: AdapterConfig, task_type: str, targets: list[str] | None) -> PeftConfig:
-    # BitFit = train only biases (+ head). peft's BEFT adds a zero-initialised bias vector to each
-    # targeted Linear, which is the same function class and gives a loadable PEFT file format.
-    return BeftConfig(task_type=task_type, target_modules=["query", "key", "value", "dense"])
-
-
-def _ia3(cfg: AdapterConfig, task_type: str, targets: list[str] | None) -> PeftConfig:
-    return IA3Config(task_type=task_type, target_modules=["key", "value", "output.dense"],
-                     feedforward_modules=["output.dense"])
-
-
-register_adapter_method("lora", _lora, dp_capable=True)
-register_adapter_method(
-    "dora", lambda c, t, m: _lora(c, t, m, dora=True), dp_capable=False,
-    dp_reason="Opacus 1.6 cannot compute per-sample gradients through peft's DoRA layer "
-              "(DoraLinearLayer.forward signature; ghost clipping rejects its parameter tying)",
-)
-register_adapter_method(
-    "ia3", _ia3, dp_capable=False,
-    dp_reason="IA3 vectors live in a ParameterDict that no Opacus hook sees "
-              "('Per sample gradient is not initialized')",
-)
-register_adapter_method(
-    "bitfit", _bitfit, dp_capable=False,
-    dp_reason="peft's bias adapter (BEFT) keeps its vectors in a ParameterDict, like IA3, "
-              "so Opacus hooks never see them",
-)
-
-
-def require_dp_capable(name: str) -> None:
-    """Raise ``DPUnsupportedError`` (with the reason) for a method Opacus cannot train correctly."""
-    method = adapter_method(name)
-    if not method.dp_capable:
-        raise DPUnsupportedError(
-            f"adapter={name!r} with dp=true: {method.dp_reason}. "
-            "Use adapter='lora', or set dp=false for a non-private baseline."
-        )
 
 
 def create_adapter(model: PreTrainedModel, cfg: AdapterConfig, *, dp: bool, base_name: str,
@@ -137,14 +66,28 @@ def create_adapter(model: PreTrainedModel, cfg: AdapterConfig, *, dp: bool, base
         raise ValueError(f"lora-target-modules={cfg.target_modules!r} lora-layers={cfg.layers!r}: "
                          f"no module of this model matches ({e})") from e
     peft_model.peft_config["default"].base_model_name_or_path = base_name  # peft overwrites it from the model
+    method.prepare(peft_model)
     return peft_model
+
+
+def is_prompt_learning(model: PeftModel) -> bool:
+    return bool(model.active_peft_config.is_prompt_learning)
+
+
+def _exchanged(model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """A prompt-learning adapter's trainable tensors by name (adapter name stripped). peft's own state
+    holds P-tuning's encoder *output*, which cannot be trained further, so sites exchange the encoder."""
+    return {n.replace(".default.", "."): p for n, p in model.named_parameters() if p.requires_grad and HANDLE not in n}
 
 
 def get_adapter_state(model: PeftModel) -> AdapterState:
     """Exactly the adapter's trainable tensors (peft names, adapter name stripped), detached copies."""
+    if is_prompt_learning(model):
+        return {k: v.detach().cpu().clone() for k, v in _exchanged(model).items()}
     state = get_peft_model_state_dict(model)
     # adapter tensors: the trainable ones, plus a LoRA A frozen on purpose (merge='frozen_a')
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad or ".lora_A." in n}
+    trainable = {n for n, p in model.named_parameters()
+                 if (p.requires_grad or ".lora_A." in n) and HANDLE not in n}
     if len(state) != len(trainable):
         raise AdapterStateError(
             f"adapter state has {len(state)} tensors but the model has {len(trainable)} trainable ones"
@@ -178,13 +121,20 @@ def check_adapter_state(expected: Mapping[str, torch.Tensor], got: Mapping[str, 
 
 def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
     """Load adapter tensors, rejecting missing/unexpected keys and shape mismatches."""
+    if is_prompt_learning(model):
+        params = _exchanged(model)
+        check_adapter_state({k: p.detach() for k, p in params.items()}, state)
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state[k].to(device=p.device, dtype=p.dtype))
+        return
     current = get_peft_model_state_dict(model)
     check_adapter_state(current, state)
     ref = next(iter(current.values()))
     result = set_peft_model_state_dict(
         model, {k: v.to(device=ref.device, dtype=current[k].dtype) for k, v in state.items()}
     )
-    bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "beft" in k]
+    bad = [k for k in getattr(result, "unexpected_keys", []) if any(t in k for t in ("lora_", "beft_", "ia3_"))]
     if bad:
         raise AdapterStateError(f"peft did not place adapter keys: {bad[:5]}")
 

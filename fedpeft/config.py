@@ -23,6 +23,7 @@ __all__ = [
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 TASK_NAMES = ("classification", "causal-lm")  # fedpeft.tasks registers one class for each
+METHOD_NAMES = ("lora", "dora", "ia3", "bitfit", "prompt", "p-tuning", "prefix")  # fedpeft.methods: one entry each
 ENCODERS = ("minilm", "tiny")  # embedded / random BERT encoders (classification)
 DECODERS = ("smollm2", "tiny-llama", "tiny-gpt2")  # embedded / random causal LMs (causal-lm)
 SYNTHETIC = {"notes": "classification", "referrals": "causal-lm"}  # embedded generators and their task
@@ -116,7 +117,9 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    method: str = field(default="lora", metadata=_help("'lora', 'bitfit', 'dora' or 'ia3'", "adapter"))
+    method: str = field(default="lora", metadata=_help(
+        "PEFT method: " + ", ".join(repr(m) for m in METHOD_NAMES),
+        "adapter"))
     rank: int = field(default=8, metadata=_help("LoRA rank r", "lora-rank"))
     alpha: float = field(default=16.0, metadata=_help("LoRA scaling alpha", "lora-alpha"))
     dropout: float = field(default=0.0, metadata=_help("LoRA dropout", "lora-dropout"))
@@ -125,6 +128,8 @@ class AdapterConfig:
     layers: str = field(default="5", metadata=_help("comma-separated layer indices to adapt ('' = all); "
                         "MiniLM's top layer by default: the frozen layers below it run once per note set "
                         "(fedpeft.prefix) and backward stops there", "lora-layers"))
+    virtual_tokens: int = field(default=8, metadata=_help(
+        "virtual tokens of adapter='prompt', 'p-tuning' or 'prefix'", "virtual-tokens"))
     use_rslora: bool = field(default=False, metadata=_help("rank-stabilised LoRA scaling alpha/sqrt(r)", "rslora"))
     ranks: str = field(default="", metadata=_help(
         "per-site LoRA ranks, e.g. '4,8,16,32': site k trains rank ranks[k mod n] (cycling; a deployed "
@@ -132,15 +137,17 @@ class AdapterConfig:
         "trains lora-rank. Mixed ranks need a rank merge rule (merge=zero_pad|svd|stack|frozen_a)", "lora-ranks"))
 
     def __post_init__(self) -> None:
-        if self.method not in ("lora", "bitfit", "dora", "ia3"):
-            raise bad("adapter", self.method, "must be one of lora, bitfit, dora, ia3")
+        if self.method not in METHOD_NAMES:
+            raise bad("adapter", self.method, f"must be one of {', '.join(METHOD_NAMES)}")
         if self.rank < 1:
             raise bad("lora-rank", self.rank, "must be >= 1")
         if self.alpha <= 0:
             raise bad("lora-alpha", self.alpha, "must be > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("lora-dropout", self.dropout, "must be in [0, 1)")
-        if self.method in ("lora", "dora", "ia3") and not self.target_module_list:
+        if self.virtual_tokens < 1:
+            raise bad("virtual-tokens", self.virtual_tokens, "must be >= 1")
+        if self.method in ("lora", "dora") and not self.target_module_list:
             raise bad("lora-target-modules", self.target_modules, "must name at least one module")
         try:
             _ = self.layer_list  # parsing is the check
@@ -461,6 +468,13 @@ class RunConfig:
         if merge in RANK_RULES and self.adapter.method != "lora":
             raise ConfigError(f"merge={merge!r} merges LoRA factors; adapter={self.adapter.method!r} has none "
                               "(use adapter='lora' or merge='fedavg')")
+        if self.adapter.method == "prefix" and task != "causal-lm":
+            raise ConfigError(f"adapter='prefix' with task={task!r}: prefix tuning feeds past key/values to every "
+                              "attention layer, and transformers' BERT (v5) takes none; use adapter='prompt' or "
+                              "'p-tuning'")
+        if self.privacy.enabled and self.privacy.grad_sample_mode == "ghost" and self.adapter.method != "lora":
+            raise ConfigError(f"grad-sample-mode='ghost' with adapter={self.adapter.method!r}: fedpeft's samplers "
+                              "for that method give per-example gradients, not ghost norms; use 'hooks'")
 
     @property
     def rank_rule(self) -> str | None:

@@ -167,7 +167,7 @@ class BertMeanPoolForSequenceClassification(BertPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
-                prefix_hidden=None, start_layer: int = 0, ffn_start: bool = False, **kwargs):
+                prefix_hidden=None, start_layer: int = 0, ffn_start: bool = False, inputs_embeds=None, **kwargs):
         """``prefix_hidden`` (from ``prefix_states``: the input of layer ``start_layer``, or with
         ``ffn_start`` that layer's attention output) skips the frozen work below it; the result
         equals the full forward."""
@@ -179,9 +179,12 @@ class BertMeanPoolForSequenceClassification(BertPreTrainedModel):
                                      ffn_start=ffn_start)
         else:
             if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                               token_type_ids=token_type_ids).last_hidden_state
+                attention_mask = torch.ones((input_ids if input_ids is not None else inputs_embeds).shape[:2],
+                                            dtype=torch.long, device=(input_ids if input_ids is not None
+                                                                      else inputs_embeds).device)
+            # inputs_embeds: prompt learning (peft puts the virtual tokens before the embeddings)
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                               inputs_embeds=inputs_embeds).last_hidden_state
         pooled = mean_pool(hidden, attention_mask)
         logits = self.classifier(self.dropout(pooled))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None

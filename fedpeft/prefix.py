@@ -33,7 +33,13 @@ CACHE_BUDGET_BYTES = 1 << 30  # per process; a 3,600-note site at 48 tokens x 38
 CACHE_DIR_ENV = "FEDPEFT_PREFIX_CACHE"
 CACHE_BYTES_ENV = "FEDPEFT_CACHE_BYTES"
 WORKERS_ENV = "FEDPEFT_WORKERS"
-PREFIX_METHODS = ("lora", "dora", "ia3")  # adapters that touch only the layers they name
+
+
+def layer_local(method: str) -> bool:
+    """The method touches only the layers lora-layers names (its registry entry says)."""
+    from fedpeft.methods import adapter_method  # peft and Opacus: only when a model is built
+
+    return adapter_method(method).layer_local
 
 
 FFN_TARGETS = ("intermediate.dense",)  # modules inside a layer's feed-forward block, after its attention
@@ -55,7 +61,7 @@ class PrefixDataset(TensorDataset):
 def prefix_start(model: ModelConfig, adapter: AdapterConfig) -> int:
     """First adapted layer when everything below it is frozen and cacheable, else 0 (no cache)."""
     layers = adapter.layer_list
-    if model.pooling != "mean" or adapter.method not in PREFIX_METHODS or not layers:
+    if model.pooling != "mean" or not layers or not layer_local(adapter.method):
         return 0
     return min(layers)
 

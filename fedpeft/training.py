@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedpeft.config import PrivacyConfig, TrainConfig
+from fedpeft.methods import check_grad_samples
 from fedpeft.models import autocast, physical_batch_size
 from fedpeft.prefix import length_batches, start_of, trim
 from fedpeft.privacy.accountant import PrivacyState, new_privacy_state
@@ -247,6 +248,7 @@ def train_local(
                     # order, not by length): clip this pass's per-sample grads into the running sum and
                     # skip the step; noise is added once, on the batch's last pass.
                     _float32_grad_samples(params)
+                    check_grad_samples(params, n)
                     if j < len(chunks) - 1:
                         optimizer.signal_skip_step(do_skip=True)
                         optimizer.step()

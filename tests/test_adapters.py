@@ -81,10 +81,21 @@ def test_peft_format_round_trip_same_logits(tmp_path, tiny_dataset):
                                rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["dora", "ia3", "bitfit"])
-def test_dp_with_unsupported_method_fails_fast(method):
-    with pytest.raises(adapters.DPUnsupportedError, match=f"adapter='{method}' with dp=true"):
-        make_tiny_lora(dp=True, method=method)
+def test_every_method_of_the_menu_trains_under_dp_and_the_refusal_names_the_reason():
+    from dataclasses import replace
+
+    from fedpeft import methods
+
+    # Assert: the whole menu is DP-capable (tests/test_peft_menu.py checks each against a brute-force loop)
+    assert methods.METHODS.names() == sorted(["lora", "dora", "ia3", "bitfit", "prompt", "p-tuning", "prefix"])
+    assert all(methods.adapter_method(m).dp_capable for m in methods.METHODS.names())
+    # ... and a method registered as not capable is refused before any model is touched, with its reason
+    methods.METHODS.add("lora", replace(methods.adapter_method("lora"), dp_capable=False, dp_reason="a test reason"))
+    try:
+        with pytest.raises(adapters.DPUnsupportedError, match="adapter='lora' with dp=true: a test reason"):
+            make_tiny_lora(dp=True)
+    finally:
+        methods.METHODS.add("lora", replace(methods.adapter_method("lora"), dp_capable=True, dp_reason=""))
 
 
 def test_bitfit_without_dp_trains_only_biases_and_head(tiny_dataset, fast_train, tmp_path):

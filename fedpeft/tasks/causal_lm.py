@@ -23,7 +23,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from fedpeft import llm, models
 from fedpeft.config import AdapterConfig, ModelConfig
-from fedpeft.prefix import PREFIX_METHODS, PrefixDataset, length_batches, trim
+from fedpeft.prefix import PrefixDataset, layer_local, length_batches, trim
 from fedpeft.tasks.base import Examples, Task
 
 IGNORE = -100  # transformers' label for positions the loss skips
@@ -87,6 +87,21 @@ def run_layers(body: Any, hidden: torch.Tensor, mask: torch.Tensor, *, start: in
     return body.norm(hidden)
 
 
+def virtual_token_hidden(model: PeftModel, body: Any, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states of the real tokens behind a prompt-learning adapter's virtual tokens, as
+    peft's forward places them (prompts before the embeddings; a prefix as past keys and values)."""
+    from peft import PeftType
+
+    cfg = model.active_peft_config
+    n = int(cfg.num_virtual_tokens)
+    full = torch.cat([torch.ones((x.shape[0], n), dtype=mask.dtype, device=mask.device), mask], dim=1)
+    if cfg.peft_type == PeftType.PREFIX_TUNING:
+        return body(input_ids=x, attention_mask=full, past_key_values=model.get_prompt(x.shape[0])).last_hidden_state
+    embeds = body.get_input_embeddings()(x)
+    prompts = model.get_prompt(x.shape[0]).to(embeds.dtype)
+    return body(inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=full).last_hidden_state[:, n:]
+
+
 class CausalLM(Task):
     name = "causal-lm"
     peft_task_type = "CAUSAL_LM"
@@ -134,6 +149,9 @@ class CausalLM(Task):
         base, body = body_of(model)
         if start:
             return run_layers(body, x.to(base.dtype), mask, start=int(start["start_layer"]))
+        peft_model = getattr(model, "_module", model)
+        if isinstance(peft_model, PeftModel) and peft_model.active_peft_config.is_prompt_learning:
+            return virtual_token_hidden(peft_model, body, x, mask)
         return body(input_ids=x, attention_mask=mask).last_hidden_state
 
     def token_losses(self, model: nn.Module, batch: Sequence[torch.Tensor], *, device: torch.device,
@@ -221,7 +239,7 @@ class CausalLM(Task):
 
     def prefix_start(self, model_cfg: ModelConfig, adapter: AdapterConfig) -> int:
         layers = adapter.layer_list
-        if adapter.method not in PREFIX_METHODS or not layers or model_cfg.name == "tiny-gpt2":
+        if not layers or not layer_local(adapter.method) or model_cfg.name == "tiny-gpt2":
             return 0
         if model_cfg.name not in (llm.SMOLLM2, "tiny-llama"):
             from transformers import AutoConfig

@@ -1,0 +1,92 @@
+"""Vector methods: IA3 (learned rescaling, Liu et al. 2022) and BitFit (biases, Ben Zaken et al.
+2022, as peft's additive BEFT bias), with exact per-example gradients for Opacus.
+
+peft keeps each vector in a ``ParameterDict`` that is never called, so no Opacus hook ever sees it
+("Per sample gradient is not initialized"). Opacus hooks a module only when it holds a trainable
+tensor itself, so each IA3/BEFT layer gets a one-element handle parameter (``HANDLE``: no effect on
+the output, zero gradient, never sent) and the samplers below compute the vector's gradients from
+the layer's input and output gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import register_grad_sampler
+from peft import BeftConfig, IA3Config, PeftConfig, PeftModel
+from peft.tuners.beft.layer import Linear as BeftLinear
+from peft.tuners.ia3.layer import Linear as IA3Linear
+from peft.utils.other import transpose
+
+from fedpeft.config import AdapterConfig
+
+HANDLE = "fedpeft_dp_handle"
+BERT_LINEAR = ["query", "key", "value", "dense"]  # every Linear of a BERT layer
+
+
+def _ia3(cfg: AdapterConfig, task_type: str, targets: list[str] | None) -> PeftConfig:
+    # peft's per-architecture choice (keys, values and the feed-forward output), on every layer:
+    # IA3Config has no layers_to_transform.
+    return IA3Config(task_type=task_type)
+
+
+def _bitfit(cfg: AdapterConfig, task_type: str, targets: list[str] | None) -> PeftConfig:
+    # BitFit trains the biases: peft's BEFT adds a zero-initialised bias to each targeted Linear
+    # (the same function class, and a loadable PEFT format), on every Linear of every layer.
+    return BeftConfig(task_type=task_type, target_modules=BERT_LINEAR if task_type == "SEQ_CLS" else "all-linear")
+
+
+def _vector(layer: torch.nn.Module) -> torch.nn.Parameter:
+    store = layer.ia3_l if isinstance(layer, IA3Linear) else layer.beft_bias
+    (name,) = [a for a in layer.active_adapters if a in store]
+    return store[name]
+
+
+def _handle_gs(layer: torch.nn.Module, n: int) -> dict[torch.nn.Parameter, torch.Tensor]:
+    h = getattr(layer, HANDLE)
+    return {h: torch.zeros((n, *h.shape), dtype=h.dtype, device=h.device)}
+
+
+@register_grad_sampler(IA3Linear)
+def ia3_grad_sample(layer: IA3Linear, activations: list[torch.Tensor],
+                    backprops: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """out = base(x) * l, or for a feed-forward layer out = base(x * l)."""
+    v = _vector(layer)
+    base = layer.get_base_layer()
+    with torch.no_grad():
+        x, g = activations[0].to(v.dtype), backprops.to(v.dtype)
+        w = transpose(base.weight, layer.fan_in_fan_out).to(v.dtype)  # (out, in); GPT-2's Conv1D stores (in, out)
+        if layer.is_feedforward:  # d out / d l_i = x_i (g W)_i
+            gs = torch.einsum("n...i,n...i->ni", g @ w, x)
+        else:  # d out / d l_o = base(x)_o
+            b = base.bias.to(v.dtype) if base.bias is not None else None
+            gs = torch.einsum("n...o,n...o->no", g, F.linear(x, w, b))
+    return {v: gs.reshape(len(gs), *v.shape), **_handle_gs(layer, len(gs))}
+
+
+@register_grad_sampler(BeftLinear)
+def beft_grad_sample(layer: BeftLinear, activations: list[torch.Tensor],
+                     backprops: torch.Tensor) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """out = base(x) + b: d out / d b = 1, summed over positions."""
+    v = _vector(layer)
+    with torch.no_grad():
+        gs = torch.einsum("n...o->no", backprops.to(v.dtype))
+    return {v: gs.reshape(len(gs), *v.shape), **_handle_gs(layer, len(gs))}
+
+
+def _drop_handle(module: torch.nn.Module, state: dict, prefix: str, local_metadata: object) -> None:
+    state.pop(prefix + HANDLE, None)  # never saved, never sent: it carries nothing
+
+
+def prepare_vectors(model: PeftModel) -> None:
+    for module in model.modules():
+        if isinstance(module, (IA3Linear, BeftLinear)) and not hasattr(module, HANDLE):
+            v = _vector(module)
+            module.register_parameter(HANDLE, torch.nn.Parameter(torch.zeros(1, dtype=v.dtype, device=v.device)))
+            module.register_state_dict_post_hook(_drop_handle)
+
+
+from fedpeft.methods import register_adapter_method  # noqa: E402
+
+register_adapter_method("ia3", _ia3, prepare=prepare_vectors)
+register_adapter_method("bitfit", _bitfit, prepare=prepare_vectors)
