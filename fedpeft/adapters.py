@@ -28,6 +28,7 @@ from fedpeft.methods import (  # re-exported: the registry lives in fedpeft.meth
     AdapterMethod,
     DPUnsupportedError,
     adapter_method,
+    after_step,
     register_adapter_method,
     require_dp_capable,
 )
@@ -59,6 +60,7 @@ def create_adapter(model: PreTrainedModel, cfg: AdapterConfig, *, dp: bool, base
     method = adapter_method(cfg.method)
     if dp:
         require_dp_capable(cfg.method)
+    method.insert(model, cfg)
     peft_config = method.build(cfg, task_type, cfg.target_module_list if isinstance(targets, str) else targets)
     try:
         peft_model = get_peft_model(model, peft_config)
@@ -134,6 +136,7 @@ def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> No
     result = set_peft_model_state_dict(
         model, {k: v.to(device=ref.device, dtype=current[k].dtype) for k, v in state.items()}
     )
+    after_step(model)  # a method's post-processing of loaded values (LoReFT: R's rows orthonormal)
     bad = [k for k in getattr(result, "unexpected_keys", []) if any(t in k for t in ("lora_", "beft_", "ia3_"))]
     if bad:
         raise AdapterStateError(f"peft did not place adapter keys: {bad[:5]}")

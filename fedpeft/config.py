@@ -23,7 +23,7 @@ __all__ = [
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 TASK_NAMES = ("classification", "causal-lm")  # fedpeft.tasks registers one class for each
-METHOD_NAMES = ("lora", "dora", "ia3", "bitfit", "prompt", "p-tuning", "prefix")  # fedpeft.methods: one entry each
+METHOD_NAMES = ("lora", "dora", "ia3", "bitfit", "prompt", "p-tuning", "prefix", "bottleneck", "loreft")  # fedpeft.methods: one entry each
 ENCODERS = ("minilm", "tiny")  # embedded / random BERT encoders (classification)
 DECODERS = ("smollm2", "tiny-llama", "tiny-gpt2")  # embedded / random causal LMs (causal-lm)
 SYNTHETIC = {"notes": "classification", "referrals": "causal-lm"}  # embedded generators and their task

@@ -8,8 +8,20 @@ import torch
 from peft import PeftModel
 
 from fedpeft.adapters import read_metadata
-from fedpeft.config import ModelConfig
+from fedpeft.config import AdapterConfig, ModelConfig
 from fedpeft.models import load_base_model
+
+
+def with_inserted_modules(base: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """A hand-written method's modules (bottleneck, LoReFT: ``fedpeft.methods.inserted``) put into the
+    base, where the saved adapter expects them; other methods are peft's own and need nothing."""
+    from fedpeft.methods.inserted import insert_modules
+
+    meta = read_metadata(path)
+    if meta.get("adapter") in ("bottleneck", "loreft"):
+        insert_modules(base, AdapterConfig(method=str(meta["adapter"]), rank=int(meta["lora-rank"]),
+                                           layers=str(meta.get("lora-layers", ""))))
+    return base
 
 
 def load_classifier(path: str | Path) -> PeftModel:
@@ -23,7 +35,7 @@ def load_classifier(path: str | Path) -> PeftModel:
     labels = [str(x) for x in meta["labels"]]
     cfg = ModelConfig(name=str(meta.get("model", "minilm")), layers=int(meta.get("model-layers", 0)),
                       pooling=str(meta.get("pooling", "mean")), head_init="random")  # the adapter holds the head
-    base = load_base_model(cfg, num_labels=len(labels), labels=labels)
+    base = with_inserted_modules(load_base_model(cfg, num_labels=len(labels), labels=labels), path)
     return PeftModel.from_pretrained(base, str(path)).eval()
 
 
@@ -41,7 +53,7 @@ def load_causal_lm(path: str | Path) -> PeftModel:
     """The causal LM ``fedpeft.json`` names (the embedded SmolLM2 from its materialised folder) + the adapter."""
     from fedpeft.llm import load_causal_lm as base_lm
 
-    return PeftModel.from_pretrained(base_lm(causal_lm_config(path)), str(path)).eval()
+    return PeftModel.from_pretrained(with_inserted_modules(base_lm(causal_lm_config(path)), path), str(path)).eval()
 
 
 def generate(path: str | Path, prompts: list[str], *, max_new_tokens: int = 64, device: torch.device | None = None,

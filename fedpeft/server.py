@@ -132,7 +132,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
                       full_model_bytes=models.model_bytes(base_model(cfg)), precision=precision)
     meta = {"labels": labels, "model": cfg.model.name, "model-layers": cfg.model.layers,
             "pooling": cfg.model.pooling, "adapter": cfg.adapter.method, "merge": cfg.federation.merge,
-            "lora-ranks": cfg.adapter.rank_list, "task": cfg.model.task, "model-seed": cfg.model.seed}
+            "lora-ranks": cfg.adapter.rank_list, "task": cfg.model.task, "model-seed": cfg.model.seed,
+            "lora-rank": cfg.adapter.rank, "lora-layers": cfg.adapter.layers}
     # Resume: continue after the last committed round (adapter, strategy moments, RNG, metrics)
     done = 0
     saved = checkpoint.load_server_state(out) if cfg.federation.resume else None

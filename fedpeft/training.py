@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedpeft.config import PrivacyConfig, TrainConfig
-from fedpeft.methods import check_grad_samples
+from fedpeft.methods import after_step, check_grad_samples
 from fedpeft.models import autocast, physical_batch_size
 from fedpeft.prefix import length_batches, start_of, trim
 from fedpeft.privacy.accountant import PrivacyState, new_privacy_state
@@ -228,6 +228,7 @@ def train_local(
                     if before_release is not None:
                         before_release()
                     optimizer.step()
+                    after_step(model)
                     steps += 1
                     continue
                 optimizer.zero_grad(set_to_none=True)
@@ -256,6 +257,7 @@ def train_local(
                 if before_release is not None and engine is not None:
                     before_release()
                 optimizer.step()
+                after_step(model)  # a method's projection of the released values (LoReFT), no data touched
                 if anchor is not None and train.proximal_mu > 0:
                     _proximal_step(named, anchor, lr=train.lr, mu=train.proximal_mu)
                 seen += n_batch

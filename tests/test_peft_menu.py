@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedpeft import adapters, factory, models
 from fedpeft.config import AdapterConfig, ModelConfig
 from fedpeft.methods import METHODS, GradSampleError, check_grad_samples
+from fedpeft.methods.inserted import insert_modules
 from fedpeft.runconfig import ConfigError, from_run_config
 from fedpeft.tasks import task_of
 from tests.conftest import CPU
@@ -96,7 +97,7 @@ def test_classifier_dp_step_equals_the_brute_force_clip_and_sum(method, device):
 
 
 @pytest.mark.parametrize("method,model_name,rtol", [
-    *[(m, "tiny-gpt2", RTOL) for m in ("lora", "dora", "ia3", "prompt", "p-tuning", "prefix")],
+    *[(m, "tiny-gpt2", RTOL) for m in ("lora", "dora", "ia3", "prompt", "p-tuning", "prefix", "bottleneck", "loreft")],
     # peft's BEFT takes Linear layers only (GPT-2's are Conv1D). transformers' Llama keeps float32 in
     # RMSNorm and the rotary tables inside a float64 model: agreement to ~1e-7 of scale there.
     ("bitfit", "tiny-llama", 1e-5), ("prefix", "tiny-llama", 1e-5), ("dora", "tiny-llama", 1e-5),
@@ -195,6 +196,7 @@ def test_export_round_trip_through_plain_peft_gives_the_same_logits(method, tmp_
     # Execute: PEFT format, read back by peft alone onto a fresh base
     adapters.save_adapter(model, tmp_path / "a")
     fresh = models.load_base_model(ModelConfig(name="tiny", seed=0), num_labels=3)
+    insert_modules(fresh, AdapterConfig(method=method, rank=4, layers=""))  # bottleneck, loreft: their modules
     loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "a")).eval()
     # Assert
     torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-5, atol=1e-6)
@@ -241,7 +243,55 @@ def test_method_combinations_that_cannot_work_are_refused_naming_the_keys():
         from_run_config({"adapter": "prompt", "virtual-tokens": 0})
 
 
-@pytest.mark.parametrize("method", ["dora", "ia3", "bitfit", "prompt", "p-tuning"])
+def test_loreft_keeps_r_orthonormal_after_steps_and_after_a_merge():
+    from fedpeft.aggregation.fedavg import fedavg
+    from fedpeft.methods.inserted import LoReFT
+
+    # Prepare: two sites' LoReFT states with different orthonormal R (their average is not orthonormal)
+    model = tiny_classifier("loreft", CPU)
+    state = adapters.get_adapter_state(model)
+    keys = [k for k in state if k.endswith(".R")]
+    assert keys
+    gen = torch.Generator().manual_seed(1)
+    sites = []
+    for _ in range(2):
+        s = dict(state)
+        for k in keys:
+            q, _ = torch.linalg.qr(torch.randn(state[k].shape[1], state[k].shape[0], generator=gen, dtype=torch.float64))
+            s[k] = q.T.contiguous()
+        sites.append(s)
+    merged = fedavg(sites, [1.0, 1.0])
+    eye = torch.eye(state[keys[0]].shape[0], dtype=torch.float64)
+    assert not torch.allclose(merged[keys[0]] @ merged[keys[0]].T, eye, atol=1e-3)
+    # Execute: the merged state loaded into a site's model (the rule: average, then project)
+    adapters.set_adapter_state(model, merged)
+    # Assert: rows orthonormal, spanning the same space the QR of the average gives; an orthonormal R
+    # is left as it is by the projection
+    for m in model.modules():
+        if isinstance(m, LoReFT) and m.R.requires_grad:  # not peft's frozen original copy
+            torch.testing.assert_close(m.R @ m.R.T, eye, rtol=0, atol=1e-12)
+            before = m.R.detach().clone()
+            m.fedpeft_after_step()
+            torch.testing.assert_close(m.R, before, rtol=0, atol=1e-12)
+    q, _ = torch.linalg.qr(merged[keys[0]].T)
+    got = adapters.get_adapter_state(model)[keys[0]]
+    torch.testing.assert_close(got.T @ got, q @ q.T, rtol=0, atol=1e-12)  # same row space
+
+
+def test_inserted_methods_start_as_the_identity():
+    # Prepare
+    ids = torch.randint(100, 1000, (2, 7))
+    plain = models.load_base_model(ModelConfig(name="tiny", seed=0), num_labels=3).double().eval()
+    for method in ("bottleneck", "loreft"):
+        # Execute: a fresh adapter (up = 0; W = R, b = 0) with the same head
+        model = tiny_classifier(method, CPU).eval()
+        # Assert: the base model's hidden states, unchanged
+        want = plain.bert(input_ids=ids).last_hidden_state
+        got = model.base_model.model.bert(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3", "bitfit", "prompt", "p-tuning", "bottleneck", "loreft"])
 def test_every_method_federates_with_dp_in_process(method):
     from fedpeft.inprocess import run_federation
 

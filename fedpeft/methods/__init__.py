@@ -34,6 +34,10 @@ def _no_prepare(model: PeftModel) -> None:
     return None
 
 
+def _no_insert(model: torch.nn.Module, cfg: AdapterConfig) -> list[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class AdapterMethod:
     name: str
@@ -42,6 +46,8 @@ class AdapterMethod:
     dp_reason: str = ""
     layer_local: bool = False  # touches only the layers lora-layers names: the prefix cache can serve it
     prepare: Callable[[PeftModel], None] = field(default=_no_prepare)
+    # modules a hand-written method puts into the base model before peft wraps it (fedpeft.methods.inserted)
+    insert: Callable[[torch.nn.Module, AdapterConfig], list[str]] = field(default=_no_insert)
     prompt_learning: bool = False  # virtual tokens enter at layer 0 (prompt, P-tuning, prefix)
 
 
@@ -81,9 +87,11 @@ def check_grad_samples(params: list[torch.nn.Parameter], n: int) -> None:
 
 
 # The entries register themselves on import.
-from fedpeft.methods import lora, prompts, vectors  # noqa: E402,F401
+from fedpeft.methods import inserted, lora, prompts, vectors  # noqa: E402,F401
 
 assert set(METHODS.names()) == set(METHOD_NAMES), "fedpeft.config.METHOD_NAMES and the registry disagree"
 
-__all__ = ["METHODS", "AdapterMethod", "DPUnsupportedError", "GradSampleError", "adapter_method", "check_grad_samples",
+after_step = inserted.after_step
+
+__all__ = ["METHODS", "after_step", "AdapterMethod", "DPUnsupportedError", "GradSampleError", "adapter_method", "check_grad_samples",
            "register_adapter_method", "require_dp_capable"]

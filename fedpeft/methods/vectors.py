@@ -21,19 +21,37 @@ from peft.utils.other import transpose
 from fedpeft.config import AdapterConfig
 
 HANDLE = "fedpeft_dp_handle"
-BERT_LINEAR = ["query", "key", "value", "dense"]  # every Linear of a BERT layer
+# peft's per-architecture IA3 choice (keys, values, the feed-forward output), BERT and Llama/GPT-2 names
+IA3_TARGETS = {"SEQ_CLS": ["key", "value", "output.dense"], "CAUSAL_LM": ["k_proj", "v_proj", "down_proj", "c_attn",
+                                                                           "mlp.c_proj"]}
+IA3_FEEDFORWARD = {"SEQ_CLS": ["output.dense"], "CAUSAL_LM": ["down_proj", "mlp.c_proj"]}
+LINEAR = {"SEQ_CLS": ["query", "key", "value", "dense"],  # every Linear of a BERT layer, of a Llama layer
+          "CAUSAL_LM": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def in_layers(names: list[str], layers: list[int]) -> str:
+    """A peft target regex: modules ending in one of ``names`` inside the given layers only (IA3 and
+    BEFT have no layers_to_transform), so the frozen layers below stay cacheable."""
+    ends = "|".join(n.replace(".", r"\.") for n in names)
+    return rf".*\.(?:layer|layers|h)\.(?:{'|'.join(map(str, layers))})\.(?:.*\.)?(?:{ends})"
 
 
 def _ia3(cfg: AdapterConfig, task_type: str, targets: list[str] | None) -> PeftConfig:
-    # peft's per-architecture choice (keys, values and the feed-forward output), on every layer:
-    # IA3Config has no layers_to_transform.
-    return IA3Config(task_type=task_type)
+    layers = cfg.layer_list
+    if not layers:  # every layer: peft's own mapping for the architecture
+        return IA3Config(task_type=task_type)
+    return IA3Config(task_type=task_type, target_modules=in_layers(IA3_TARGETS[task_type], layers),
+                     feedforward_modules=in_layers(IA3_FEEDFORWARD[task_type], layers))
 
 
 def _bitfit(cfg: AdapterConfig, task_type: str, targets: list[str] | None) -> PeftConfig:
     # BitFit trains the biases: peft's BEFT adds a zero-initialised bias to each targeted Linear
-    # (the same function class, and a loadable PEFT format), on every Linear of every layer.
-    return BeftConfig(task_type=task_type, target_modules=BERT_LINEAR if task_type == "SEQ_CLS" else "all-linear")
+    # (the same function class, and a loadable PEFT format), on every Linear of the lora-layers.
+    layers = cfg.layer_list
+    if not layers:
+        return BeftConfig(task_type=task_type, target_modules=LINEAR["SEQ_CLS"] if task_type == "SEQ_CLS"
+                          else "all-linear")
+    return BeftConfig(task_type=task_type, target_modules=in_layers(LINEAR[task_type], layers))
 
 
 def _vector(layer: torch.nn.Module) -> torch.nn.Parameter:
@@ -88,5 +106,5 @@ def prepare_vectors(model: PeftModel) -> None:
 
 from fedpeft.methods import register_adapter_method  # noqa: E402
 
-register_adapter_method("ia3", _ia3, prepare=prepare_vectors)
-register_adapter_method("bitfit", _bitfit, prepare=prepare_vectors)
+register_adapter_method("ia3", _ia3, prepare=prepare_vectors, layer_local=True)
+register_adapter_method("bitfit", _bitfit, prepare=prepare_vectors, layer_local=True)
