@@ -69,16 +69,18 @@ def simulation_config(preset: str, overrides: list[str] | None, out: str | None)
     return to_run_config(from_run_config(flat))
 
 
-def _backend(cfg: RunConfig, cuda: bool) -> tuple[dict[str, Any], int]:
-    """Ray resources per virtual site, and how many sites run at once. With a GPU every site gets
-    an equal fraction of it (Ray fractional GPUs), so a GPU machine needs no flags."""
+def _backend(cfg: RunConfig, cuda: bool, ray_address: str | None = None) -> tuple[dict[str, Any], int]:
+    """Ray resources per virtual site (client-cpus, client-gpus), and how many sites run at once on
+    this machine. By default every site gets an equal fraction of this machine's GPU (Ray fractional
+    GPUs), so a GPU machine needs no flags. ``ray_address``: join a running Ray cluster (``ray start``)
+    instead of starting a local one; the cluster's scheduler places the sites."""
     workers = max(1, int((os.cpu_count() or 1) / cfg.federation.client_cpus))
-    gpus = 1.0 / workers if cuda else 0.0
-    return {
-        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": gpus},
-        "init_args": {"include_dashboard": False, "log_to_driver": True,
-                      "logging_level": "INFO" if os.environ.get("FEDPEFT_VERBOSE") else "ERROR"},
-    }, workers
+    gpus = cfg.federation.client_gpus if cfg.federation.client_gpus >= 0 else (1.0 / workers if cuda else 0.0)
+    init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
+                            "logging_level": "INFO" if os.environ.get("FEDPEFT_VERBOSE") else "ERROR"}
+    if ray_address:
+        init["address"] = ray_address
+    return {"client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": gpus}, "init_args": init}, workers
 
 
 RUN_PARTS = ("sites", "ledger", "audit", "checkpoints", "server-state.json", "metrics.json", "adapter")
@@ -98,8 +100,9 @@ def check_out_dir(out: Path, *, overwrite: bool) -> None:
         (out / p).unlink() if (out / p).is_file() else shutil.rmtree(out / p)
 
 
-def simulate(flat: dict[str, Any], *, overwrite: bool = False) -> dict[str, Any]:
-    """Run ServerApp + ClientApp in Flower's Simulation Engine (Ray); always shut Ray down.
+def simulate(flat: dict[str, Any], *, overwrite: bool = False, ray_address: str | None = None) -> dict[str, Any]:
+    """Run ServerApp + ClientApp in Flower's Simulation Engine (Ray); always shut Ray down (or, on
+    a cluster given by ``ray_address`` or ``RAY_ADDRESS``, disconnect from it).
 
     The engine runs in a daemon thread (so do the threads Flower starts from it) while this one
     waits: Ctrl-C then stops the run within seconds, shutting Ray down; the rounds already
@@ -126,7 +129,10 @@ def simulate(flat: dict[str, Any], *, overwrite: bool = False) -> dict[str, Any]
     # spent budgets), ledger copies and audit in the same out-dir would be mistaken for this run's.
     if not cfg.federation.resume:  # a resumed run continues from exactly these
         check_out_dir(Path(cfg.federation.out_dir), overwrite=overwrite)
-    backend, workers = _backend(cfg, torch.cuda.is_available())
+    ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    if ray_address:
+        log.info("joining the Ray cluster at %s", ray_address)
+    backend, workers = _backend(cfg, torch.cuda.is_available(), ray_address)
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(flat))
     # One frozen-prefix cache folder for every Ray worker of this run (fedpeft.prefix), removed after;
     # each worker sizes its in-memory caches to its share of the machine.
@@ -197,13 +203,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         flat = resume_config(args.resume)
         if args.run_config:
             raise ValueError("--resume continues the run as it was configured; drop --run-config")
-        metrics = simulate(flat)
+        metrics = simulate(flat, ray_address=args.ray_address)
         print(f"done: resumed after round {metrics.get('resumed_after')}, "
               f"{len(metrics['rounds']) - 1} rounds, final global accuracy "
               f"{metrics['rounds'][-1]['global']['accuracy']:.4f}")
         return 0
     flat = simulation_config(args.preset, args.run_config, args.out)
-    metrics = simulate(flat, overwrite=args.overwrite)
+    metrics = simulate(flat, overwrite=args.overwrite, ray_address=args.ray_address)
     last = metrics["rounds"][-1]
     out = Path(flat["out-dir"])
     print(f"done: {len(metrics['rounds']) - 1} rounds, final global accuracy {last['global']['accuracy']:.4f}, "
@@ -404,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--overwrite", action="store_true",
                      help="replace an earlier run in the output folder (its ledgers, keys and audit are deleted)")
     sim.add_argument("--verbose", action="store_true", help="also Flower's and Ray's own log lines")
+    sim.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="run on an existing Ray cluster (`ray start --head`; default: $RAY_ADDRESS, else a "
+                          "local Ray this command starts and stops)")
     sim.set_defaults(func=_cmd_simulate)
     aud = sub.add_parser("audit", help="verify a run's signed privacy ledgers and recompute every site's epsilon")
     aud.add_argument("run_dir", metavar="DIR", help="a run folder (out-dir of a simulation or coordinator)")

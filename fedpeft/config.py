@@ -335,6 +335,9 @@ class FederationConfig:
         "ranks use merge='median' etc. directly", "robust"))
     server_lr: float = field(default=1e-2, metadata=_help("server learning rate (FedAdam/FedYogi/FedAdagrad eta)", "server-lr"))
     client_cpus: float = field(default=1.0, metadata=_help("CPUs per virtual client (Ray)", "client-cpus"))
+    client_gpus: float = field(default=-1.0, metadata=_help(
+        "GPUs per virtual client (Ray; fractions share one); -1: an equal share of this machine's GPU, "
+        "none without one", "client-gpus"))
     out_dir: str = field(default="runs/latest", metadata=_help("where metrics, adapter and plots go", "out-dir"))
     resume: bool = field(default=False, metadata=_help(
         "continue the run in out-dir after its last complete round (server-state.json) instead of "
@@ -368,8 +371,20 @@ class FederationConfig:
                                                               "max-reply-mib"))
     max_num_examples: int = field(default=10_000_000, metadata=_help(
         "largest num-examples a reply may claim (a weight an attacker controls)", "max-num-examples"))
+    delta_format: str = field(default="float32", metadata=_help(
+        "how a site sends its delta: 'float32', 'float16' or 'int8' (one float32 scale per row); quantised "
+        "after the DP noise, so epsilon is unchanged (fedpeft.compression)", "delta-format"))
+    error_feedback: bool = field(default=False, metadata=_help(
+        "a site keeps what delta-format cut off and adds it to its next delta (saved with its state)",
+        "error-feedback"))
 
     def __post_init__(self) -> None:
+        if self.client_cpus <= 0:
+            raise bad("client-cpus", self.client_cpus, "must be > 0")
+        if self.client_gpus < 0 and self.client_gpus != -1.0:
+            raise bad("client-gpus", self.client_gpus, "must be >= 0, or -1 for an equal share of this machine's GPU")
+        if self.delta_format not in ("float32", "float16", "int8"):
+            raise bad("delta-format", self.delta_format, "must be float32, float16 or int8")
         if self.num_sites < 1:
             raise bad("num-sites", self.num_sites, "must be >= 1")
         if self.num_rounds < 1:

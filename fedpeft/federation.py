@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedpeft import compression
 from fedpeft.adapters import AdapterStateError, check_adapter_state
 from fedpeft.privacy.ledger import LedgerError, ServerCopies, delta_hash
 from fedpeft.reply import Reply
@@ -81,11 +82,12 @@ def _payload_bytes(record: ArrayRecord) -> int:
 def validate_train_reply(content: RecordDict, *, expected: Mapping[str, torch.Tensor],
                          ledgers: ServerCopies | None = None, server_round: int = 0,
                          expected_for: Callable[[int], Mapping[str, torch.Tensor]] | None = None,
-                         limits: ReplyLimits | None = None) -> Reply:
+                         limits: ReplyLimits | None = None, delta_format: str = "float32") -> Reply:
     """Check a train reply against the global adapter's keys, shapes and dtypes (with mixed ranks,
     ``expected_for(declared lora-rank)``), against ``limits`` (size, example count, stale round,
     update magnitude) and, with ``ledgers`` (DP runs), against the site's signed ledger; raise
-    ReplyError naming the field."""
+    ReplyError naming the field. ``delta_format``: how sites send deltas; the ledger hash is checked
+    on the tensors as sent, everything else on their decoded float32 values."""
     limits = limits or ReplyLimits()
     if ARRAYS in content.array_records:
         size = _payload_bytes(content.array_records[ARRAYS])
@@ -99,7 +101,7 @@ def validate_train_reply(content: RecordDict, *, expected: Mapping[str, torch.Te
     n = metrics.get(NUM_EXAMPLES)
     if isinstance(n, (int, float)) and not isinstance(n, bool) and n > limits.max_examples:
         raise ReplyError(f"{NUM_EXAMPLES}={n!r}: absurdly large (limit {limits.max_examples})")
-    reply = _validate_content(content, expected=expected, expected_for=expected_for)
+    reply = _validate_content(content, expected=expected, expected_for=expected_for, delta_format=delta_format)
     if reply.delta is not None and limits.max_update is not None:
         bound = limits.max_update(reply)
         worst = max(float(t.abs().max()) for t in reply.delta.values() if t.numel())
@@ -113,14 +115,15 @@ def validate_train_reply(content: RecordDict, *, expected: Mapping[str, torch.Te
         try:
             ledgers.accept(site=reply.site, data=reply.ledger, public_key=reply.public_key,
                            server_round=server_round,
-                           delta_sha256=None if reply.delta is None else delta_hash(reply.delta))
+                           delta_sha256=reply.sent_sha256)
         except LedgerError as e:
             raise ReplyError(f"ledger: {e}") from None
     return reply
 
 
 def _validate_content(content: RecordDict, *, expected: Mapping[str, torch.Tensor],
-                      expected_for: Callable[[int], Mapping[str, torch.Tensor]] | None = None) -> Reply:
+                      expected_for: Callable[[int], Mapping[str, torch.Tensor]] | None = None,
+                      delta_format: str = "float32") -> Reply:
     if METRICS not in content.metric_records:
         raise ReplyError(f"reply has no MetricRecord {METRICS!r}")
     metrics: dict[str, Any] = dict(content.metric_records[METRICS])
@@ -140,9 +143,13 @@ def _validate_content(content: RecordDict, *, expected: Mapping[str, torch.Tenso
     if not isinstance(site, (int, float)) or site < 0:
         raise ReplyError(f"site={site!r}: must be a non-negative site id")
     try:
-        delta = from_arrays(content.array_records[ARRAYS])
+        sent = from_arrays(content.array_records[ARRAYS])
     except Exception as e:  # undecodable arrays are a malformed reply, not a server crash
         raise ReplyError(f"{ARRAYS}: cannot decode ({e})") from None
+    try:
+        delta = compression.decode(sent, delta_format)
+    except compression.CompressionError as e:
+        raise ReplyError(f"{ARRAYS}: delta-format={delta_format!r}: {e}") from None
     if expected_for is not None:  # mixed ranks: the reply's declared rank fixes its shapes
         rank = metrics.get("lora-rank")
         if not isinstance(rank, (int, float)) or isinstance(rank, bool) or not float(rank).is_integer():
@@ -158,7 +165,8 @@ def _validate_content(content: RecordDict, *, expected: Mapping[str, torch.Tenso
                                              if expected_for is not None else "")) from None
     values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     values.update({"site": float(int(site)), NUM_EXAMPLES: float(int(n))})
-    return Reply(status=status, delta=delta, metrics=values, reason=reason, ledger=ledger, public_key=pub)
+    return Reply(status=status, delta=delta, metrics=values, reason=reason, ledger=ledger, public_key=pub,
+                 sent_sha256=delta_hash(sent))
 
 
 def metric_record(values: Mapping[str, float | int]) -> MetricRecord:

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedpeft import adapters, factory, models, site
+from fedpeft import adapters, compression, factory, models, site
 from fedpeft.aggregation import create_merge
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import global_test_examples
 from fedpeft.merging import merge_replies
+from fedpeft.privacy.vault import site_folder
 from fedpeft.reply import Reply
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,10 @@ def run_federation(cfg: RunConfig, *, on_round: Callable[[RoundResult], None] | 
         t0 = time.perf_counter()
         replies, per_site = [], {}
         for s in range(n):
-            delta, metrics, privacy[s] = site.site_train(cfg, site=s, num_sites=n, server_round=rnd,
+            folder = site_folder(None, out_dir=cfg.federation.out_dir, site=s, deployed=False)
+            delta, metrics, privacy[s] = site.site_train(cfg, site=s, num_sites=n, server_round=rnd, state_dir=folder,
                                                          global_state=glob, privacy_json=privacy.get(s))
-            replies.append(Reply("trained", delta, metrics))
+            replies.append(Reply("trained", compression.decode(delta, cfg.federation.delta_format), metrics))
             per_site[s] = metrics
         bytes_down = n * adapters.state_bytes(glob)
         tm = time.perf_counter()  # the strategy's merge, on the same replies in the same order

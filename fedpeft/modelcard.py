@@ -37,6 +37,9 @@ def model_card(*, model: str, method: str, rank: int, labels: list[str], rounds:
              f"- **Privacy:** {guarantee}", "",
              AUDIT_MARK, "", audit or "Not audited yet: run `fedpeft audit RUN_DIR` (with `--keys`) before releasing.",
              "", "## Load", ""] + (_LOAD_CLASSIFIER if task == "classification" else _load_lm(model))
+    if method in ("bottleneck", "loreft"):  # hand-written modules: the base needs them before peft loads
+        lines += ["For plain peft, first put the method's modules into the base: "
+                  "`fedpeft.export.with_inserted_modules(base, \"adapter\")` (see fedpeft's docs/methods.md).", ""]
     return "\n".join(lines)
 
 

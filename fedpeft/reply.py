@@ -16,6 +16,7 @@ class Reply:
     reason: str = ""
     ledger: bytes | None = None  # the site's signed privacy ledger, whole
     public_key: str | None = None
+    sent_sha256: str | None = None  # the server's hash of the tensors as sent (before delta-format decoding)
 
     @property
     def site(self) -> int:

@@ -13,12 +13,13 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from fedpeft import adapters, models, prefix, ranks, training
+from fedpeft import adapters, compression, models, prefix, ranks, training
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import SiteData, make_site
 from fedpeft.factory import dataset, evaluate, global_adapter_config, worker_model
@@ -27,7 +28,7 @@ from fedpeft.policy import SitePolicy
 from fedpeft.privacy.accountant import BudgetExceeded, PrivacyState
 from fedpeft.privacy.audit.canaries import TrainingCanaries
 from fedpeft.privacy.ledger import delta_hash
-from fedpeft.privacy.vault import SiteVault
+from fedpeft.privacy.vault import SiteVault, site_folder
 from fedpeft.reply import Reply
 from fedpeft.tasks import task_of
 
@@ -126,10 +127,11 @@ def site_train(
     cfg: RunConfig, *, site: int, num_sites: int, server_round: int,
     global_state: Mapping[str, torch.Tensor], privacy_json: str | None, data_path: str | None = None,
     rank: int | None = None, before_step: Callable[[int], None] | None = None,
-    canaries: TrainingCanaries | None = None,
+    canaries: TrainingCanaries | None = None, state_dir: Path | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], str | None]:
     """Train from the global adapter (with a rank rule: from this site's projection of it, at its
-    rank); return (delta = local - start, metrics, new privacy JSON)."""
+    rank); return (delta = local - start as ``delta-format`` sends it, metrics, new privacy JSON).
+    ``state_dir``: the site's folder (its error-feedback residual lives there)."""
     work = site_work(cfg, site=site, num_sites=num_sites, data_path=data_path)
     device = models.select_device()
     ds = work.train
@@ -163,6 +165,9 @@ def site_train(
         canaries.score(delta)
     if site in attackers(cfg):  # fault injection: a poisoned site (simulations only)
         delta = attacked(cfg, site, server_round, delta)
+    # quantised after the noise (post-processing); the ledger signs these bytes, the ones sent
+    delta = compression.site_encode(delta, fmt=cfg.federation.delta_format, feedback=cfg.federation.error_feedback,
+                                    folder=state_dir, server_round=server_round)
     local_acc = float("nan")
     # the locally trained adapter on this site's own held-out notes (a generative task's answers cost a
     # generation per prompt: its sites score the global adapter only, in the evaluate round)
@@ -173,7 +178,7 @@ def site_train(
         "site": float(site), "num-examples": float(len(ds)), "train-loss": res.loss, "steps": float(res.steps),
         "pass-seconds": res.pass_seconds,
         "local-accuracy": local_acc,
-        "epsilon": res.epsilon, "bytes-up": float(adapters.state_bytes(delta)),
+        "epsilon": res.epsilon, "bytes-up": float(compression.wire_bytes(delta)),
         "noise-multiplier": state.noise_multiplier if state else 0.0,
         "bfloat16": float(models.resolve_precision(cfg.model.precision, device) == "bfloat16"),
         "lora-rank": float(rank if rank is not None else cfg.adapter.rank),
@@ -205,8 +210,11 @@ def site_round(
     if not deployed and is_late(cfg, site, server_round):  # fault injection: answer late
         time.sleep(cfg.federation.fault_late_seconds)
     if not cfg.privacy.enabled or vault is None:
+        folder = vault.folder if vault is not None else site_folder(None, out_dir=cfg.federation.out_dir, site=site,
+                                                                     deployed=deployed)
         delta, metrics, _ = site_train(cfg, site=site, num_sites=num_sites, server_round=server_round,
-                                       global_state=global_state, privacy_json=None, data_path=data_path, rank=rank)
+                                       global_state=global_state, privacy_json=None, data_path=data_path, rank=rank,
+                                       state_dir=folder)
         if vault is None:
             return Reply("trained", delta, metrics)
         with vault.exclusive():  # a deployed site whose own file turned DP off: its ledger says so
@@ -262,7 +270,8 @@ def _private_round(
     try:
         delta, metrics, new_json = site_train(cfg, site=site, num_sites=num_sites, server_round=server_round,
                                               global_state=global_state, privacy_json=prev, data_path=data_path,
-                                              rank=rank, before_step=before_step, canaries=canaries)
+                                              rank=rank, before_step=before_step, canaries=canaries,
+                                              state_dir=vault.folder)
         if injected:  # a one-step round: fail after it, before the reply leaves
             fault("after its DP steps")
     except BudgetExceeded as e:

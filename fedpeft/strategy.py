@@ -79,6 +79,7 @@ class MergePolicy:
     update_bound: Callable[[Reply], float] | None = None  # DP runs: largest honest |update| (update_bounds)
     round_retries: int = 0  # re-ask sites without a good reply this many times before skipping a round
     retry_timeout: float | None = None
+    delta_format: str = "float32"  # how sites send deltas (fedpeft.compression); decoded at validation
 
     def __post_init__(self) -> None:
         # rank rules merge whole adapters by rank (``merging.merge_replies``), not same-shaped deltas
@@ -100,7 +101,7 @@ class MergePolicy:
                    ledgers=ServerCopies(Path(fed.out_dir) / "ledger") if p.enabled else None, client_dp=client_dp,
                    limits=ReplyLimits(max_bytes=int(fed.max_reply_mib * 2**20), max_examples=fed.max_num_examples),
                    update_bound=update_bound(cfg), round_retries=fed.round_retries,
-                   retry_timeout=fed.round_timeout or None)
+                   retry_timeout=fed.round_timeout or None, delta_format=fed.delta_format)
 
 
 class DeltaMerge(FedAvg):
@@ -169,7 +170,7 @@ class DeltaMerge(FedAvg):
                 try:
                     reply = validate_train_reply(msg.content, expected=self._global, ledgers=self.policy.ledgers,
                                                  server_round=server_round, expected_for=self._expected_for(),
-                                                 limits=limits)
+                                                 limits=limits, delta_format=self.policy.delta_format)
                 except ReplyError as e:
                     site = dict(msg.content.metric_records.get(METRICS, {})).get("site") if msg.content else None
                     reject(node, int(site) if isinstance(site, (int, float)) else None, str(e))
@@ -225,7 +226,7 @@ class DeltaMerge(FedAvg):
                 rlog.dropped_by_module = info.dropped_by_module
         for r in valid:
             rlog.train[r.site] = r.metrics
-            rlog.merged[r.site] = delta_hash(r.delta or {})
+            rlog.merged[r.site] = r.sent_sha256 or delta_hash(r.delta or {})  # what the site signed
         total = sum(r.num_examples for r in valid)
         metrics = MetricRecord({
             "train-loss": sum(r.metrics.get("train-loss", 0.0) * r.num_examples for r in valid) / total,

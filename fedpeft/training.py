@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedpeft.config import PrivacyConfig, TrainConfig
 from fedpeft.methods import after_step, check_grad_samples
+from fedpeft.methods.inserted import INSERTED
 from fedpeft.models import autocast, physical_batch_size
 from fedpeft.prefix import length_batches, start_of, trim
 from fedpeft.privacy.accountant import PrivacyState, new_privacy_state
@@ -91,8 +92,8 @@ def _optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     head: list[torch.nn.Parameter] = []
     adapter: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (head if "modules_to_save" in name else adapter).append(p)
+        if p.requires_grad:  # the head is peft's modules_to_save, less the modules a method inserted
+            (head if "modules_to_save" in name and not any(m in name for m in INSERTED) else adapter).append(p)
     groups = [g for g in ({"params": head, "lr": train.lr},
                           {"params": adapter, "lr": train.lr * train.adapter_lr_scale}) if g["params"]]
     if train.optimizer == "sgd":
@@ -249,7 +250,8 @@ def train_local(
                     # order, not by length): clip this pass's per-sample grads into the running sum and
                     # skip the step; noise is added once, on the batch's last pass.
                     _float32_grad_samples(params)
-                    check_grad_samples(params, n)
+                    if privacy.grad_sample_mode != "ghost":  # ghost clipping keeps norms, not per-example gradients
+                        check_grad_samples(params, n)
                     if j < len(chunks) - 1:
                         optimizer.signal_skip_step(do_skip=True)
                         optimizer.step()

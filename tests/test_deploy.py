@@ -279,10 +279,13 @@ def test_tls_authenticated_federation_runs_and_sites_refuse_weaker_runs_and_untr
         base = ("model='tiny' lora-layers='' num-sites=2 min-train-sites=2 batch-size=16 global-test-size=60 "
                 "target-epsilon=6.0")
         # Execute: a round of the tiny model over TLS (the resume test below runs two)
-        res = coord.run(APP, f"{base} num-server-rounds=1 out-dir='{out}'", timeout=400)
-        # Assert: the global adapter, each site's privacy state and ledger, a passing audit
+        res = coord.run(APP, f"{base} num-server-rounds=1 delta-format='float16' out-dir='{out}'", timeout=400)
+        # Assert: the global adapter, each site's privacy state and ledger, a passing audit; the
+        # deployed sites sent float16 deltas (half the float32 bytes), signed as sent
         assert (out / "adapter" / "adapter_model.safetensors").exists(), res.stdout[-2000:]
         metrics = json.loads((out / "metrics.json").read_text())
+        sent = [m["bytes-up"] for m in metrics["rounds"][-1]["sites"].values()]
+        assert sent and all(b == metrics["adapter_bytes"] / 2 for b in sent), (sent, metrics.get("adapter_bytes"))
         assert metrics["dp_noise"]["source"] == "secret"
         for s in range(2):
             state = tmp_path / f"state-site{s}"

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def gen_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-gen")
-    flat = simulation_config("tiny-gen", ["dp-noise='seeded'"], str(out))
+    # DoRA (a non-LoRA method end to end) sending int8 deltas with error feedback
+    flat = simulation_config("tiny-gen", ["dp-noise='seeded' adapter='dora' delta-format='int8' error-feedback=true"],
+                             str(out))
     return out, flat, simulate(flat)
 
 
@@ -40,6 +42,11 @@ def test_generative_federation_trains_with_dp_records_its_metrics_and_passes_the
         for m in r["sites"].values():
             assert 0 < m["epsilon"] <= cfg.privacy.target_epsilon and 0 <= m["accuracy"] <= 1
     assert rounds[-1]["global"]["loss"] < rounds[0]["global"]["loss"]  # the random model learns something
+    # int8: one byte per value plus one float32 scale per row, about a quarter of float32
+    for m in rounds[-1]["sites"].values():
+        assert 0.25 < m["bytes-up"] / metrics["adapter_bytes"] < 0.35
+    assert all((out / "sites" / f"site-{s}" / f"residual-r{cfg.federation.num_rounds:06d}.safetensors").exists()
+               for s in range(cfg.federation.num_sites))
     # the signed ledgers recompute to the same epsilon (record-level: one example)
     assert main(["audit", str(out), "--empirical", "--canaries", "200"]) == 0
     report = json.loads((out / "audit" / "report.json").read_text())

@@ -203,6 +203,22 @@ def test_export_round_trip_through_plain_peft_gives_the_same_logits(method, tmp_
     assert "fedpeft_dp_handle" not in str(list((tmp_path / "a").iterdir()))
 
 
+@pytest.mark.parametrize("method", CLASSIFIER_METHODS)
+def test_every_exchanged_tensor_is_one_trainable_parameter_for_the_audit_canaries(method):
+    from fedpeft.privacy.audit.canaries import _param_name
+
+    # Prepare
+    model = tiny_classifier(method, CPU)
+    named = dict(model.named_parameters())
+    state = adapters.get_adapter_state(model)
+    # Execute: the canaries' map from an exchanged key to the parameter whose per-example gradients they join
+    found = {k: _param_name(k, named) for k in state}
+    # Assert: one distinct trainable parameter per key, of the key's shape
+    assert len(set(found.values())) == len(state)
+    for k, n in found.items():
+        assert named[n].requires_grad and tuple(named[n].shape) == tuple(state[k].shape), (k, n)
+
+
 def test_exchanged_state_round_trips_and_refuses_a_wrong_shape():
     # Prepare: P-tuning exchanges its encoder (peft's saved state is the encoder's output)
     model = tiny_classifier("p-tuning", CPU)
@@ -278,6 +294,23 @@ def test_loreft_keeps_r_orthonormal_after_steps_and_after_a_merge():
     torch.testing.assert_close(got.T @ got, q @ q.T, rtol=0, atol=1e-12)  # same row space
 
 
+@pytest.mark.parametrize("method", ["bottleneck", "loreft", "lora"])
+def test_adapter_tensors_train_at_the_adapter_rate_and_only_the_head_at_lr(method):
+    from fedpeft import training
+    from fedpeft.config import TrainConfig
+
+    # Prepare: the inserted modules are peft modules_to_save, like the head, but they are adapter tensors
+    model = tiny_classifier(method, CPU)
+    head = {id(p) for n, p in model.named_parameters() if p.requires_grad and ".classifier." in n}
+    # Execute
+    opt = training._optimizer(model, TrainConfig(lr=0.1, adapter_lr_scale=0.01))
+    # Assert: two groups, the head alone at lr, every other trainable tensor at lr x adapter-lr-scale
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert head and all(lrs[i] == 0.1 for i in head)
+    rest = [lr for i, lr in lrs.items() if i not in head]
+    assert rest and all(lr == pytest.approx(0.001, rel=1e-12) for lr in rest)
+
+
 def test_inserted_methods_start_as_the_identity():
     # Prepare
     ids = torch.randint(100, 1000, (2, 7))
@@ -307,3 +340,25 @@ def test_every_method_federates_with_dp_in_process(method):
     assert set(glob) == set(start) and any(not torch.equal(glob[k], start[k]) for k in glob)
     for r in results[1:]:
         assert len(r.sites) == 2 and all(0 < m["epsilon"] <= cfg.privacy.target_epsilon for m in r.sites.values())
+
+
+def test_lora_with_ghost_clipping_still_trains(tiny_dataset, dp_on):
+    from dataclasses import replace
+
+    from fedpeft import training
+    from fedpeft.config import TrainConfig
+
+    # Prepare: ghost clipping keeps per-example norms, not gradients: the per-example check must not apply
+    model = adapters.create_adapter(models.load_base_model(ModelConfig(name="tiny", seed=0), num_labels=7),
+                                    AdapterConfig(layers=""), dp=True, base_name="tiny")
+    train = TrainConfig(lr=1e-2, batch_size=8, local_epochs=1, seed=0)
+    privacy = replace(dp_on, grad_sample_mode="ghost")
+    state = training.plan_privacy(num_examples=len(tiny_dataset), train=train, privacy=privacy, num_rounds=2)
+    before = adapters.get_adapter_state(model)
+    # Execute
+    res = training.train_local(model, tiny_dataset, train=train, privacy=privacy, privacy_state=state, device=CPU,
+                               seed=1, noise_seed=3)
+    # Assert
+    assert res.steps == 6 and 0 < res.epsilon <= privacy.target_epsilon
+    after = adapters.get_adapter_state(model)
+    assert any(not torch.equal(after[k], before[k]) for k in after)

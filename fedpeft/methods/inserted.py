@@ -34,6 +34,7 @@ from fedpeft.config import AdapterConfig
 
 BOTTLENECK = "fedpeft_bottleneck"
 REFT = "fedpeft_reft"
+INSERTED = (BOTTLENECK, REFT)  # trained through modules_to_save, but adapter tensors, not the head
 # The feed-forward output projection (BERT, Llama, GPT-2) and the layer itself, by qualified name
 FFN_OUT = r".*\.(?:layer\.(?P<a>\d+)\.output\.dense|layers\.(?P<b>\d+)\.mlp\.down_proj|h\.(?P<c>\d+)\.mlp\.c_proj)"
 LAYER = r".*\.(?:layer|layers|h)\.(?P<a>\d+)"

@@ -45,6 +45,10 @@ class DPDoraLinearLayer(DoraLinearLayer):
     def forward(self, x: torch.Tensor, *, lora_A: Any, lora_B: Any, scaling: float, base_layer: Any,
                 base_result: torch.Tensor | None = None, adapter_name: str = "default") -> torch.Tensor:
         self.__dict__["_fedpeft_call"] = (lora_A, lora_B, scaling, base_layer)  # not a submodule
+        # W x, which peft already computed (base_result, bias included): the sampler reuses it
+        bias = getattr(base_layer, "bias", None)
+        self.__dict__["_fedpeft_wx"] = (None if base_result is None or not torch.is_grad_enabled() else
+                                        (base_result - bias if bias is not None else base_result).detach())
         return super().forward(x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, base_layer=base_layer,
                                base_result=base_result, adapter_name=adapter_name)
 
@@ -60,7 +64,10 @@ def dora_magnitude_grad_sample(layer: DPDoraLinearLayer, activations: list[torch
         w = transpose(base_layer.weight, layer.fan_in_fan_out).to(m.dtype)
         ba = lora_B.weight.to(m.dtype) @ lora_A.weight.to(m.dtype)
         norm = torch.linalg.norm(w + scaling * ba, dim=1)
-        direction = F.linear(x, w) + scaling * F.linear(F.linear(x, lora_A.weight.to(m.dtype)), lora_B.weight.to(m.dtype))
+        wx = layer.__dict__.get("_fedpeft_wx")
+        if wx is None or tuple(wx.shape[:-1]) != tuple(x.shape[:-1]):
+            wx = F.linear(x, w)
+        direction = wx.to(m.dtype) + scaling * F.linear(F.linear(x, lora_A.weight.to(m.dtype)), lora_B.weight.to(m.dtype))
         gs = torch.einsum("n...o,n...o->no", backprops.to(m.dtype), direction) / norm
     return {m: gs}
 

@@ -74,11 +74,13 @@ def ia3_grad_sample(layer: IA3Linear, activations: list[torch.Tensor],
     with torch.no_grad():
         x, g = activations[0].to(v.dtype), backprops.to(v.dtype)
         w = transpose(base.weight, layer.fan_in_fan_out).to(v.dtype)  # (out, in); GPT-2's Conv1D stores (in, out)
-        if layer.is_feedforward:  # d out / d l_i = x_i (g W)_i
+        if layer.is_feedforward:  # d out / d l_i = x_i (g W)_i (g is Opacus' scaled backprop: not autograd's)
             gs = torch.einsum("n...i,n...i->ni", g @ w, x)
-        else:  # d out / d l_o = base(x)_o
-            b = base.bias.to(v.dtype) if base.bias is not None else None
-            gs = torch.einsum("n...o,n...o->no", g, F.linear(x, w, b))
+        else:  # d out / d l_o = base(x)_o (the base's output from the forward, when it is this batch's)
+            out = base.__dict__.get("_fedpeft_out")
+            if out is None or tuple(out.shape[:-1]) != tuple(x.shape[:-1]):
+                out = F.linear(x, w, base.bias.to(v.dtype) if base.bias is not None else None)
+            gs = torch.einsum("n...o,n...o->no", g, out.to(v.dtype))
     return {v: gs.reshape(len(gs), *v.shape), **_handle_gs(layer, len(gs))}
 
 
@@ -96,8 +98,16 @@ def _drop_handle(module: torch.nn.Module, state: dict, prefix: str, local_metada
     state.pop(prefix + HANDLE, None)  # never saved, never sent: it carries nothing
 
 
+def _keep_output(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    """Forward hook on an IA3 layer's frozen base: its output, kept for the sampler (training only)."""
+    module.__dict__["_fedpeft_out"] = output.detach() if torch.is_grad_enabled() and module.training else None
+
+
 def prepare_vectors(model: PeftModel) -> None:
     for module in model.modules():
+        if isinstance(module, IA3Linear) and not hasattr(module, HANDLE):
+            if not module.is_feedforward:
+                module.get_base_layer().register_forward_hook(_keep_output)
         if isinstance(module, (IA3Linear, BeftLinear)) and not hasattr(module, HANDLE):
             v = _vector(module)
             module.register_parameter(HANDLE, torch.nn.Parameter(torch.zeros(1, dtype=v.dtype, device=v.device)))

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ["lora", "dora", "ia3", "bitfit", "bottleneck", "loreft", "prompt", "p-tuning"]
+METHODS = ["lora", "dora", "ia3", "bitfit", "bottleneck", "loreft", "prompt", "p-tuning", "prefix"]
 
 
 def worker(preset: str, method: str, dp: bool, rounds: int | None) -> dict:
@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--worker", nargs=4, metavar=("PRESET", "METHOD", "DP", "ROUNDS"))
     ap.add_argument("--steps-worker", nargs=2, metavar=("PRESET", "METHOD"))
     ap.add_argument("--rounds", type=int, default=0, help="server rounds (0: the preset's)")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (prefix runs on tiny-gen)")
     ap.add_argument("--out", default="runs/bench-peft-methods")
     args = ap.parse_args()
     if args.steps_worker:
@@ -147,7 +147,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [("hospitals", m) for m in args.methods.split(",")] + [("tiny-gen", "prefix")]
+    jobs = [("tiny-gen" if m == "prefix" else "hospitals", m) for m in args.methods.split(",")]
     rows = []
     for preset, method in jobs:
         dp, nodp = arm(preset, method, True, args.rounds or None), arm(preset, method, False, args.rounds or None)
@@ -174,7 +174,7 @@ def main() -> None:
         print(f"| {r['method']} | {r['preset']} | {r['trainable']:,} | {r['share_pct']:.3f} | {r['bytes_up']:,} "
               f"| {acc} | {r['dp_step_ratio']:.3f} | {r['dp_round_ratio']:.3f} | {r['peak_rss_gib_dp']:.2f} |")
     dp_ok = [r for r in rows if r["epsilon"] > 0]
-    hosp = [r for r in rows if r["preset"] == "hospitals"]
+    hosp = [r for r in rows if r["preset"] == "hospitals"] or rows
     print(f"methods_under_dp={len(dp_ok)} worst_dp_step_ratio={max(r['dp_step_ratio'] for r in rows):.3f} "
           f"best_dp_acc={max(r['acc_dp'] for r in hosp):.4f}")
 

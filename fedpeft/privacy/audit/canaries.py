@@ -140,10 +140,18 @@ class TrainingCanaries:
 
 
 def _param_name(state_key: str, named: dict[str, torch.nn.Parameter]) -> str:
-    """peft's parameter name for an adapter-state key (the adapter name sits before ``.weight``)."""
-    cand = state_key.replace(".weight", ".default.weight")
-    if cand in named:
-        return cand
+    """peft's parameter name for an adapter-state key: the same name without the adapter name
+    (``.default``) and ``modules_to_save``, as peft's state dict writes it (DoRA's magnitude also
+    without ``.weight``), among the trainable parameters."""
     if state_key in named:
         return state_key
-    raise KeyError(f"{state_key}: no such adapter parameter")
+    matches = [n for n, p in named.items() if p.requires_grad and _state_key_of(n) == _state_key_of(state_key)]
+    if len(matches) != 1:
+        raise KeyError(f"{state_key}: no such adapter parameter" if not matches else
+                       f"{state_key}: ambiguous ({matches[:3]})")
+    return matches[0]
+
+
+def _state_key_of(name: str) -> str:
+    key = name.replace(".default", "").replace(".modules_to_save", "")
+    return key[: -len(".weight")] if key.endswith("lora_magnitude_vector.weight") else key

@@ -1,0 +1,86 @@
+"""`fedpeft simulate --ray-address` on a real two-node Ray cluster on the loopback interface (a
+head and one worker node, each with one CPU, started here and stopped after): the same seeded
+results as a local run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+RUN = ["--preset", "smoke", "--run-config", "dp-noise='seeded' num-server-rounds=1 notes-per-site=120 "
+       "test-per-site=10 global-test-size=60 local-epochs=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ray(*args: str, env: dict[str, str]) -> str:
+    ray = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    out = subprocess.run([ray, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"ray {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout
+
+
+def _stop(temp_dir: str) -> None:
+    """Only this cluster's processes (their command lines name its temp dir): `ray stop` would also
+    stop the Ray of a simulation that another test worker is running."""
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if temp_dir in cmd and int(pid_dir.name) != os.getpid():
+            try:
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def test_a_simulation_on_a_two_node_ray_cluster_gives_the_local_results(tmp_path):
+    # Prepare: a head and a worker node on 127.0.0.1 (short temp dir: Ray's socket paths are limited)
+    temp_dir = tempfile.mkdtemp(prefix="fp-ray-", dir="/tmp")
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "FLWR_TELEMETRY_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    address = f"127.0.0.1:{port}"
+    cli = [sys.executable, "-m", "fedpeft.cli", "simulate", *RUN]
+    try:
+        _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
+             "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats", env=env)
+        _ray("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+             "--disable-usage-stats", env=env)
+        probe = (f"import ray; ray.init(address={address!r}, log_to_driver=False); "
+                 "print(sum(n['Alive'] for n in ray.nodes()), int(ray.cluster_resources()['CPU']))")
+        alive = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        # two live nodes of one CPU each: Flower's actor pool (client-cpus=1) puts one site on each
+        assert alive.stdout.split()[-2:] == ["2", "2"], alive.stdout + alive.stderr
+        # Execute: the same seeded run on the cluster and locally
+        subprocess.run([*cli, "--ray-address", address, "--out", str(tmp_path / "cluster")], env=env, check=True,
+                       timeout=400, capture_output=True)
+    finally:
+        _stop(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    subprocess.run([*cli, "--out", str(tmp_path / "local")], env=env, check=True, timeout=400, capture_output=True)
+    # Assert: same adapter and metrics; every site trained on the cluster
+    cluster = json.loads((tmp_path / "cluster" / "metrics.json").read_text())
+    local = json.loads((tmp_path / "local" / "metrics.json").read_text())
+    assert sorted(cluster["rounds"][-1]["merged"], key=int) == ["0", "1", "2"]
+    assert cluster["rounds"][-1]["global"] == local["rounds"][-1]["global"]
+    assert (tmp_path / "cluster" / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "local" / "adapter" / "adapter_model.safetensors").read_bytes()
