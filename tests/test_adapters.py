@@ -87,7 +87,8 @@ def test_every_method_of_the_menu_trains_under_dp_and_the_refusal_names_the_reas
     from fedpeft import methods
 
     # Assert: the whole menu is DP-capable (tests/test_peft_menu.py checks each against a brute-force loop)
-    assert methods.METHODS.names() == sorted(["lora", "dora", "ia3", "bitfit", "prompt", "p-tuning", "prefix"])
+    assert methods.METHODS.names() == sorted(["lora", "dora", "ia3", "bitfit", "prompt", "p-tuning", "prefix",
+                                              "bottleneck", "loreft"])
     assert all(methods.adapter_method(m).dp_capable for m in methods.METHODS.names())
     # ... and a method registered as not capable is refused before any model is touched, with its reason
     methods.METHODS.add("lora", replace(methods.adapter_method("lora"), dp_capable=False, dp_reason="a test reason"))

@@ -58,7 +58,7 @@ def _reply(delta, *, site=0, n=10, node=1, error: str | None = None) -> _Reply:
         ({"a.lora_A.weight": torch.zeros(2, 3)}, "missing adapter keys"),
         ({**GLOBAL, "bert.pooler.dense.weight": torch.zeros(2, 2)}, "names a frozen base weight"),
         ({**GLOBAL, "b.lora_A.weight": torch.zeros(2, 3)}, "unexpected adapter keys"),
-        ({"a.lora_A.weight": torch.zeros(2, 3, dtype=torch.float64), "head.bias": torch.zeros(2)}, "dtype torch.float64 != expected torch.float32"),
+        ({"a.lora_A.weight": torch.zeros(2, 3, dtype=torch.float64), "head.bias": torch.zeros(2)}, "dtype torch.float64"),
         ({"a.lora_A.weight": torch.zeros(3, 3), "head.bias": torch.zeros(2)}, r"shape \(3, 3\)"),
         ({"a.lora_A.weight": torch.full((2, 3), float("inf")), "head.bias": torch.zeros(2)}, "NaN or Inf"),
     ],

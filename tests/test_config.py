@@ -113,7 +113,7 @@ def test_repeated_run_config_flags_all_apply(monkeypatch, tmp_path):
     # Prepare: capture the config `simulate` would run instead of running it
     seen: list[dict] = []
 
-    def fake_simulate(flat, overwrite=False):
+    def fake_simulate(flat, overwrite=False, ray_address=None):
         seen.append(flat)
         return {"rounds": [{"global": {"accuracy": 0.5}}], "wall_s": 0.0}
 

@@ -284,7 +284,7 @@ def test_tls_authenticated_federation_runs_and_sites_refuse_weaker_runs_and_untr
         # deployed sites sent float16 deltas (half the float32 bytes), signed as sent
         assert (out / "adapter" / "adapter_model.safetensors").exists(), res.stdout[-2000:]
         metrics = json.loads((out / "metrics.json").read_text())
-        sent = [m["bytes-up"] for m in metrics["rounds"][-1]["sites"].values()]
+        sent = [m["bytes_up"] for m in metrics["rounds"][-1]["sites"].values()]
         assert sent and all(b == metrics["adapter_bytes"] / 2 for b in sent), (sent, metrics.get("adapter_bytes"))
         assert metrics["dp_noise"]["source"] == "secret"
         for s in range(2):

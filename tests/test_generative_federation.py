@@ -44,7 +44,7 @@ def test_generative_federation_trains_with_dp_records_its_metrics_and_passes_the
     assert rounds[-1]["global"]["loss"] < rounds[0]["global"]["loss"]  # the random model learns something
     # int8: one byte per value plus one float32 scale per row, about a quarter of float32
     for m in rounds[-1]["sites"].values():
-        assert 0.25 < m["bytes-up"] / metrics["adapter_bytes"] < 0.35
+        assert 0.25 < m["bytes_up"] / metrics["adapter_bytes"] < 0.35
     assert all((out / "sites" / f"site-{s}" / f"residual-r{cfg.federation.num_rounds:06d}.safetensors").exists()
                for s in range(cfg.federation.num_sites))
     # the signed ledgers recompute to the same epsilon (record-level: one example)

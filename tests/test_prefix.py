@@ -80,7 +80,9 @@ def test_prefix_start_only_when_everything_below_is_frozen():
     mean = ModelConfig(name="tiny")
     assert prefix.prefix_start(mean, AdapterConfig(layers="4,5")) == 4
     assert prefix.prefix_start(mean, AdapterConfig(layers="")) == 0  # all layers adapted
-    assert prefix.prefix_start(mean, AdapterConfig(method="bitfit", layers="4,5")) == 0  # biases everywhere
+    # BitFit and IA3 adapt only lora-layers (a peft target regex): the layers below are frozen
+    assert prefix.prefix_start(mean, AdapterConfig(method="bitfit", layers="4,5")) == 4
+    assert prefix.prefix_start(mean, AdapterConfig(method="prompt", layers="4,5")) == 0  # virtual tokens at layer 0
     assert prefix.prefix_start(ModelConfig(name="tiny", pooling="cls", head_init="random"),
                                AdapterConfig(layers="1")) == 0
 
