@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +82,11 @@ def test_a_simulation_on_a_two_node_ray_cluster_gives_the_local_results(tmp_path
     cluster = json.loads((tmp_path / "cluster" / "metrics.json").read_text())
     local = json.loads((tmp_path / "local" / "metrics.json").read_text())
     assert sorted(cluster["rounds"][-1]["merged"], key=int) == ["0", "1", "2"]
-    assert cluster["rounds"][-1]["global"] == local["rounds"][-1]["global"]
-    assert (tmp_path / "cluster" / "adapter" / "adapter_model.safetensors").read_bytes() == \
-        (tmp_path / "local" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert cluster["rounds"][-1]["global"] == pytest.approx(local["rounds"][-1]["global"], rel=1e-4)
+    from safetensors.torch import load_file
+
+    mine = load_file(str(tmp_path / "cluster" / "adapter" / "adapter_model.safetensors"))
+    ref = load_file(str(tmp_path / "local" / "adapter" / "adapter_model.safetensors"))
+    assert set(mine) == set(ref)
+    for k in ref:  # bit for bit in every run so far; float32 rounding is the contract (see the resume test)
+        torch.testing.assert_close(mine[k], ref[k], rtol=1e-6, atol=1e-6 * float(ref[k].abs().max()))

@@ -73,12 +73,15 @@ def ia3_grad_sample(layer: IA3Linear, activations: list[torch.Tensor],
     base = layer.get_base_layer()
     with torch.no_grad():
         x, g = activations[0].to(v.dtype), backprops.to(v.dtype)
-        w = transpose(base.weight, layer.fan_in_fan_out).to(v.dtype)  # (out, in); GPT-2's Conv1D stores (in, out)
-        if layer.is_feedforward:  # d out / d l_i = x_i (g W)_i (g is Opacus' scaled backprop: not autograd's)
-            gs = torch.einsum("n...i,n...i->ni", g @ w, x)
+        if layer.is_feedforward:  # d out / d l_i = x_i (g W)_i
+            # g W in the backprop's own dtype (bfloat16 under autocast), as Opacus' Linear sampler
+            # works; the product with x and the sum over positions in the vector's dtype
+            gw = backprops @ transpose(base.weight, layer.fan_in_fan_out).to(backprops.dtype)
+            gs = torch.einsum("n...i,n...i->ni", gw.to(v.dtype), x)
         else:  # d out / d l_o = base(x)_o (the base's output from the forward, when it is this batch's)
             out = base.__dict__.get("_fedpeft_out")
             if out is None or tuple(out.shape[:-1]) != tuple(x.shape[:-1]):
+                w = transpose(base.weight, layer.fan_in_fan_out).to(v.dtype)  # (out, in); GPT-2's Conv1D: (in, out)
                 out = F.linear(x, w, base.bias.to(v.dtype) if base.bias is not None else None)
             gs = torch.einsum("n...o,n...o->no", g, out.to(v.dtype))
     return {v: gs.reshape(len(gs), *v.shape), **_handle_gs(layer, len(gs))}
