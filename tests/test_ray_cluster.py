@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -36,21 +37,34 @@ def _ray(*args: str, env: dict[str, str]) -> str:
     return out.stdout
 
 
-def _stop(temp_dir: str) -> None:
-    """Only this cluster's processes (their command lines name its temp dir): `ray stop` would also
-    stop the Ray of a simulation that another test worker is running."""
+def _cluster_pids(temp_dir: str) -> list[int]:
+    """This cluster's processes: their command line names its temp dir, or (Ray's agents rename
+    themselves) they hold a log file open in it."""
+    pids = []
     for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
+        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
             continue
         try:
             cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            mine = temp_dir in cmd or any(os.readlink(fd).startswith(temp_dir) for fd in (pid_dir / "fd").iterdir())
         except OSError:
             continue
-        if temp_dir in cmd and int(pid_dir.name) != os.getpid():
+        if mine:
+            pids.append(int(pid_dir.name))
+    return pids
+
+
+def _stop(temp_dir: str) -> None:
+    """Only this cluster's processes: `ray stop` would also stop the Ray of a simulation that another
+    test worker is running. Waits until they are gone."""
+    deadline = time.monotonic() + 30
+    while (pids := _cluster_pids(temp_dir)) and time.monotonic() < deadline:
+        for pid in pids:
             try:
-                os.kill(int(pid_dir.name), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+        time.sleep(0.5)
 
 
 def test_a_simulation_on_a_two_node_ray_cluster_gives_the_local_results(tmp_path):
@@ -76,7 +90,8 @@ def test_a_simulation_on_a_two_node_ray_cluster_gives_the_local_results(tmp_path
                        timeout=400, capture_output=True)
     finally:
         _stop(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not _cluster_pids(temp_dir), "the cluster's processes outlived the test"
+    shutil.rmtree(temp_dir, ignore_errors=True)
     subprocess.run([*cli, "--out", str(tmp_path / "local")], env=env, check=True, timeout=400, capture_output=True)
     # Assert: same adapter and metrics; every site trained on the cluster
     cluster = json.loads((tmp_path / "cluster" / "metrics.json").read_text())
