@@ -14,13 +14,14 @@ from fedpeft.models import load_base_model
 
 def with_inserted_modules(base: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """A hand-written method's modules (bottleneck, LoReFT: ``fedpeft.methods.inserted``) put into the
-    base, where the saved adapter expects them; other methods are peft's own and need nothing."""
-    from fedpeft.methods.inserted import insert_modules
+    base, where the saved adapter expects them; the method's registry entry says (peft's own methods
+    insert nothing)."""
+    from fedpeft.methods import adapter_method
 
     meta = read_metadata(path)
-    if meta.get("adapter") in ("bottleneck", "loreft"):
-        insert_modules(base, AdapterConfig(method=str(meta["adapter"]), rank=int(meta["lora-rank"]),
-                                           layers=str(meta.get("lora-layers", ""))))
+    method = str(meta.get("adapter", "lora"))
+    adapter_method(method).insert(base, AdapterConfig(method=method, rank=int(meta.get("lora-rank", 8)),
+                                                      layers=str(meta.get("lora-layers", ""))))
     return base
 
 

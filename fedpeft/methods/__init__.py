@@ -48,7 +48,6 @@ class AdapterMethod:
     prepare: Callable[[PeftModel], None] = field(default=_no_prepare)
     # modules a hand-written method puts into the base model before peft wraps it (fedpeft.methods.inserted)
     insert: Callable[[torch.nn.Module, AdapterConfig], list[str]] = field(default=_no_insert)
-    prompt_learning: bool = False  # virtual tokens enter at layer 0 (prompt, P-tuning, prefix)
 
 
 METHODS: Registry[AdapterMethod] = Registry("PEFT method", "adapter")

@@ -67,8 +67,7 @@ def _prefix(cfg: AdapterConfig, task_type: str, targets: list[str] | None) -> Pe
 from fedpeft.methods import register_adapter_method  # noqa: E402
 
 for _name, _build in (("prompt", _prompt), ("p-tuning", _p_tuning)):
-    register_adapter_method(_name, _build, prepare=prepare_prompts,
-                            prompt_learning=True)
+    register_adapter_method(_name, _build, prepare=prepare_prompts)
 register_adapter_method(
-    "prefix", _prefix, prepare=prepare_prompts, prompt_learning=True,
+    "prefix", _prefix, prepare=prepare_prompts,
 )
