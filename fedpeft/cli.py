@@ -119,8 +119,10 @@ def simulate(flat: dict[str, Any], *, overwrite: bool = False, ray_address: str 
 
     from clients.client_app import app as client_app
     from fedpeft.prefix import CACHE_DIR_ENV, WORKERS_ENV
+    from fedpeft.privacy.accountant import SIGMA_CACHE_ENV
     from fedpeft.runconfig import from_run_config
     from fedpeft.runtime import quiet_libraries
+    from fedpeft.simengine import fast_message_pump
     from server.server_app import app as server_app
 
     quiet_libraries()
@@ -137,18 +139,20 @@ def simulate(flat: dict[str, Any], *, overwrite: bool = False, ray_address: str 
     # One frozen-prefix cache folder for every Ray worker of this run (fedpeft.prefix), removed after;
     # each worker sizes its in-memory caches to its share of the machine.
     cache_dir = tempfile.mkdtemp(prefix="fedpeft-prefix-")
-    saved = {k: os.environ.get(k) for k in (CACHE_DIR_ENV, WORKERS_ENV)}
+    saved = {k: os.environ.get(k) for k in (CACHE_DIR_ENV, WORKERS_ENV, SIGMA_CACHE_ENV)}
     os.environ[CACHE_DIR_ENV] = cache_dir
+    os.environ[SIGMA_CACHE_ENV] = cache_dir  # sigma calibrations shared by the workers (fedpeft.privacy.accountant)
     os.environ[WORKERS_ENV] = str(workers)
     failure: list[BaseException] = []
 
     def engine() -> None:
         try:
-            _run_simulation(
-                num_supernodes=cfg.federation.num_sites, client_app=client_app, server_app=server_app,
-                backend_config=backend, server_app_context=context,
-                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            )
+            with fast_message_pump():  # Flower's pump sweeps every node every 0.1 s (fedpeft.simengine)
+                _run_simulation(
+                    num_supernodes=cfg.federation.num_sites, client_app=client_app, server_app=server_app,
+                    backend_config=backend, server_app_context=context,
+                    exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                )
         except BaseException as e:  # handed to the waiting thread
             failure.append(e)
 

@@ -323,6 +323,9 @@ class FederationConfig:
     num_rounds: int = field(default=5, metadata=_help("server rounds", "num-server-rounds"))
     fraction_train: float = field(default=1.0, metadata=_help("fraction of sites sampled per round", "fraction-train"))
     fraction_evaluate: float = field(default=1.0, metadata=_help("fraction of sites for federated eval", "fraction-evaluate"))
+    sites_per_round: int = field(default=0, metadata=_help(
+        "sites sampled per round for training and for federated evaluation, whatever num-sites is "
+        "(cross-device runs: 20 of 100,000); 0: fraction-train and fraction-evaluate decide", "sites-per-round"))
     min_train_sites: int = field(default=2, metadata=_help("fewest valid replies that make a round", "min-train-sites"))
     strategy: str = field(default="fedavg", metadata=_help("Flower strategy: fedavg, fedprox, fedadam, fedyogi, fedadagrad", "strategy"))
     merge: str = field(default="fedavg", metadata=_help(
@@ -395,6 +398,11 @@ class FederationConfig:
             raise bad("fraction-evaluate", self.fraction_evaluate, "must be in [0, 1]")
         if self.min_train_sites < 1:
             raise bad("min-train-sites", self.min_train_sites, "must be >= 1")
+        if not 0 <= self.sites_per_round <= self.num_sites:
+            raise bad("sites-per-round", self.sites_per_round, f"must be in [0, num-sites={self.num_sites}]")
+        if 0 < self.sites_per_round < self.min_train_sites:
+            raise bad("sites-per-round", self.sites_per_round,
+                      f"must be >= min-train-sites={self.min_train_sites} (or 0), else no round can merge")
         if self.strategy not in ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"):
             raise bad("strategy", self.strategy, "must be fedavg, fedprox, fedadam, fedyogi or fedadagrad")
         if self.robust not in ("none", "median", "trimmed_mean", "norm_bound"):

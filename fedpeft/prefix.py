@@ -9,9 +9,11 @@ accuracy grows with the notes per site.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 CACHE_BUDGET_BYTES = 1 << 30  # per process; a 3,600-note site at 48 tokens x 384 dims in bfloat16 takes ~130 MB
 CACHE_DIR_ENV = "FEDPEFT_PREFIX_CACHE"
 CACHE_BYTES_ENV = "FEDPEFT_CACHE_BYTES"
+DISK_BYTES_ENV = "FEDPEFT_PREFIX_DISK_BYTES"
 WORKERS_ENV = "FEDPEFT_WORKERS"
 
 
@@ -143,6 +146,37 @@ def memory_budget(fraction: float = 0.4) -> int:
     return int(total * fraction / workers)
 
 
+def disk_budget(folder: Path) -> int:
+    """Bytes the shared prefix folder may hold: $FEDPEFT_PREFIX_DISK_BYTES, else a quarter of the
+    disk's free space, at most 4 GiB (100,000 sites' prefixes would not fit on most disks)."""
+    if os.environ.get(DISK_BYTES_ENV):
+        return int(float(os.environ[DISK_BYTES_ENV]))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = 4 << 30
+    return min(4 << 30, free // 4)
+
+
+def trim_folder(folder: Path, budget: int, *, pattern: str = "*.safetensors") -> int:
+    """Delete the least recently used files (by mtime; a hit touches its file) until the folder's
+    ``pattern`` files fit in ``budget`` bytes; return the bytes kept."""
+    files = []
+    for p in folder.glob(pattern):
+        try:
+            st = p.stat()
+        except OSError:
+            continue  # another worker removed it
+        files.append((st.st_mtime_ns, st.st_size, p))
+    total = sum(size for _, size, _ in files)
+    for _, size, p in sorted(files, key=lambda f: f[0]):
+        if total <= budget:
+            break
+        p.unlink(missing_ok=True)
+        total -= size
+    return total
+
+
 class BytesLRU:
     """A least-recently-used map bounded by the bytes of its values (thread-safe)."""
 
@@ -187,7 +221,8 @@ class PrefixCache:
 
     With ``$FEDPEFT_PREFIX_CACHE`` set to a folder, entries are also kept there as safetensors
     (atomic writes), so processes that share the folder share the work: ``fedpeft simulate``
-    points its Ray workers at one temporary folder and deletes it afterwards. The files hold
+    points its Ray workers at one temporary folder and deletes it afterwards. The folder is
+    bounded too (``disk_budget``; least recently used files go first). The files hold
     activations of the site's own notes: keep such a folder on the site, like the notes.
     """
 
@@ -218,6 +253,8 @@ class PrefixCache:
             else:
                 self._lru.put(key, ds, _nbytes(ds))
                 self.hits += 1
+                with contextlib.suppress(OSError):  # recently used: the disk bound evicts it last
+                    os.utime(path)
                 return ds
         self.misses += 1
         return None
@@ -233,6 +270,7 @@ class PrefixCache:
             data = save(tensors,
                         metadata={"start_layer": str(ds.start_layer), "ffn_start": str(int(ds.ffn_start))})
             atomic_write_bytes(path, data)
+            trim_folder(path.parent, disk_budget(path.parent))
 
     def clear(self) -> None:
         self._lru.clear()

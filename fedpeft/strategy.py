@@ -303,6 +303,11 @@ def make_strategy(cfg: RunConfig) -> DeltaMerge:
         min_train_nodes=min(fed.min_train_sites, fed.num_sites), min_evaluate_nodes=1 if fed.fraction_evaluate else 0,
         min_available_nodes=min(fed.num_sites, max(fed.min_train_sites, 1)),
     )
+    if fed.sites_per_round:  # a fixed count: Flower samples max(int(n * fraction), min nodes)
+        k = fed.sites_per_round
+        common.update(fraction_train=k / fed.num_sites, min_train_nodes=k,
+                      fraction_evaluate=k / fed.num_sites if fed.fraction_evaluate else 0.0,
+                      min_evaluate_nodes=k if fed.fraction_evaluate else 0, min_available_nodes=max(k, 1))
     if base is FedProx:
         common["proximal_mu"] = cfg.train.proximal_mu
     if base in (FedAdam, FedYogi, FedAdagrad):

@@ -36,14 +36,26 @@ class SiteData:
     test_targets: list[str] = field(default_factory=list)
 
 
+@functools.lru_cache(maxsize=8)
 def site_sizes(*, num_sites: int, mean: int, sigma: float, seed: int) -> np.ndarray:
-    """Quantity skew: log-normal sizes rescaled to the requested mean (at least MIN_SITE_NOTES)."""
+    """Quantity skew: log-normal sizes rescaled to the requested mean (at least MIN_SITE_NOTES).
+    Read-only and memoised: every site of a 100,000-site run asks for its own entry."""
     if sigma == 0:
-        return np.full(num_sites, max(mean, MIN_SITE_NOTES))
-    rng = np.random.default_rng([seed, 7919])
-    raw = rng.lognormal(0.0, sigma, size=num_sites)
-    return np.maximum(np.round(raw / raw.mean() * mean), MIN_SITE_NOTES).astype(int)
+        out = np.full(num_sites, max(mean, MIN_SITE_NOTES))
+    else:
+        rng = np.random.default_rng([seed, 7919])
+        raw = rng.lognormal(0.0, sigma, size=num_sites)
+        out = np.maximum(np.round(raw / raw.mean() * mean), MIN_SITE_NOTES).astype(int)
+    out.setflags(write=False)
+    return out
 
+
+@functools.lru_cache(maxsize=8)
+def _largest_first(num_sites: int, mean: int, sigma: float, seed: int) -> np.ndarray:
+    """Site ids by size, largest first, ties by id (a stable sort of -size), memoised."""
+    order = np.argsort(-site_sizes(num_sites=num_sites, mean=mean, sigma=sigma, seed=seed), kind="stable")
+    order.setflags(write=False)
+    return order
 
 
 def simulated_site(partition_id: int, num_sites: int, cfg: DataConfig, *, seed: int) -> int:
@@ -56,8 +68,7 @@ def simulated_site(partition_id: int, num_sites: int, cfg: DataConfig, *, seed: 
     """
     if cfg.source not in ("notes", "referrals") or cfg.quantity_skew == 0 or not 0 <= partition_id < num_sites:
         return partition_id
-    sizes = site_sizes(num_sites=num_sites, mean=cfg.notes_per_site, sigma=cfg.quantity_skew, seed=seed)
-    return sorted(range(num_sites), key=lambda s: (-int(sizes[s]), s))[partition_id]
+    return int(_largest_first(num_sites, cfg.notes_per_site, cfg.quantity_skew, seed)[partition_id])
 
 
 def make_site(site: int, num_sites: int, cfg: DataConfig, *, seed: int, data_path: str | None = None,
