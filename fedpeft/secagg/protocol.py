@@ -1,0 +1,252 @@
+"""Secure aggregation (Bonawitz et al., CCS 2017) as pure functions over immutable messages.
+
+Stages of one round, n sites, threshold t:
+1. ``advertise``: each site makes two fresh X25519 keys (masks; share encryption) and signs their
+   public halves, with the round, using its ledger's Ed25519 key.
+2. ``verify_adverts`` + ``make_shares``: each site checks every advert against its *roster* of the
+   federation's ledger keys (the trust root: the coordinator relays the adverts but cannot forge or
+   swap them), then Shamir-shares its self-mask seed and its mask key t-of-n, each share encrypted
+   to its peer (AES-GCM under an X25519 agreement) so the coordinator only routes ciphertexts.
+3. ``mask``: each site adds to its fixed-point update its self mask and the pairwise masks it shares
+   with every peer that took part in stage 2 (+ towards higher ids, - towards lower ones).
+4. ``reveal`` + ``unmask``: for each peer, a survivor reveals either its share of the self-mask seed
+   (the peer sent a masked vector) or of the mask key (it dropped), never both. With t shares the
+   coordinator removes the survivors' self masks and the dropped sites' pairwise masks; the
+   pairwise masks between survivors cancel. It learns the sum and nothing else.
+
+Shamir sharing is Flower's (``flwr.common.secure_aggregation.crypto.shamir``, pycryptodome's
+GF(2^128) scheme); everything else is ``cryptography``. Written here because Flower's SecAgg+
+runs only on its legacy API, relays public keys unsigned and seeds masks with 32 bits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+
+from fedpeft.privacy.ledger import LedgerError, canonical, load_public_pem
+from fedpeft.secagg import ring
+
+RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+
+
+class SecAggError(RuntimeError):
+    """A secure-aggregation check failed; the message names the site and what failed."""
+
+
+def _raw_pub(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(*RAW)
+
+
+def _raw_priv(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
+
+
+def _kdf(secret: bytes, info: str) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info.encode()).derive(secret)
+
+
+@dataclass(frozen=True)
+class KeyAdvert:
+    """Stage 1: a site's two public keys for one round, signed with its ledger key."""
+
+    site: int
+    server_round: int
+    mask_pub: bytes
+    share_pub: bytes
+    signature: bytes = b""
+
+    def body(self) -> bytes:
+        return canonical({"kind": "secagg-keys", "site": self.site, "round": self.server_round,
+                          "mask_pub": self.mask_pub.hex(), "share_pub": self.share_pub.hex()})
+
+    def to_json(self) -> str:
+        return json.dumps({"site": self.site, "round": self.server_round, "mask_pub": self.mask_pub.hex(),
+                           "share_pub": self.share_pub.hex(), "sig": self.signature.hex()}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> KeyAdvert:
+        try:
+            d = json.loads(text)
+            return cls(int(d["site"]), int(d["round"]), bytes.fromhex(d["mask_pub"]), bytes.fromhex(d["share_pub"]),
+                       bytes.fromhex(d["sig"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise SecAggError(f"key advert: malformed ({e})") from None
+
+
+@dataclass(frozen=True)
+class SiteSecrets:
+    """A site's secrets for one round: they never leave it (kept in its own folder between stages)."""
+
+    site: int
+    server_round: int
+    mask_key: X25519PrivateKey
+    share_key: X25519PrivateKey
+    self_seed: bytes
+
+    @classmethod
+    def generate(cls, site: int, server_round: int) -> SiteSecrets:
+        return cls(site, server_round, X25519PrivateKey.generate(), X25519PrivateKey.generate(), os.urandom(32))
+
+    def to_json(self) -> str:
+        return json.dumps({"site": self.site, "round": self.server_round, "mask": _raw_priv(self.mask_key).hex(),
+                           "share": _raw_priv(self.share_key).hex(), "seed": self.self_seed.hex()})
+
+    @classmethod
+    def from_json(cls, text: str) -> SiteSecrets:
+        d = json.loads(text)
+        return cls(int(d["site"]), int(d["round"]), X25519PrivateKey.from_private_bytes(bytes.fromhex(d["mask"])),
+                   X25519PrivateKey.from_private_bytes(bytes.fromhex(d["share"])), bytes.fromhex(d["seed"]))
+
+
+def advertise(secrets: SiteSecrets, signer: Ed25519PrivateKey) -> KeyAdvert:
+    """Stage 1: the signed advert of this round's public keys."""
+    ad = KeyAdvert(secrets.site, secrets.server_round, _raw_pub(secrets.mask_key), _raw_pub(secrets.share_key))
+    return KeyAdvert(ad.site, ad.server_round, ad.mask_pub, ad.share_pub, signer.sign(ad.body()))
+
+
+def verify_adverts(adverts: Sequence[KeyAdvert], *, roster: Mapping[int, str], server_round: int
+                   ) -> dict[int, KeyAdvert]:
+    """Stage 2, first: every advert is for this round, from a site on the roster, signed by that
+    site's ledger key, once. A coordinator that swapped a key fails here, named."""
+    out: dict[int, KeyAdvert] = {}
+    for ad in adverts:
+        if ad.site in out:
+            raise SecAggError(f"site {ad.site}: two key adverts in round {server_round}")
+        if ad.server_round != server_round:
+            raise SecAggError(f"site {ad.site}: key advert for round {ad.server_round}, this is round {server_round}")
+        pem = roster.get(ad.site)
+        if pem is None:
+            raise SecAggError(f"site {ad.site}: not on the roster of ledger keys; its advert is refused")
+        try:
+            load_public_pem(pem).verify(ad.signature, ad.body())
+        except (InvalidSignature, LedgerError) as e:
+            raise SecAggError(f"site {ad.site}: key advert signature does not verify against its roster key "
+                              f"({type(e).__name__}): the coordinator may have swapped its keys") from None
+        out[ad.site] = ad
+    return out
+
+
+def threshold_for(n: int, fraction: float, minimum: int) -> int:
+    """Shares needed to unmask: ceil(fraction * n), at least ``minimum`` and 2, at most n."""
+    return min(n, max(2, minimum, math.ceil(fraction * n - 1e-9)))
+
+
+def _share_key(secrets: SiteSecrets, peer: KeyAdvert) -> bytes:
+    shared = secrets.share_key.exchange(X25519PublicKey.from_public_bytes(peer.share_pub))
+    return _kdf(shared, f"fedpeft-secagg-share|{secrets.server_round}")
+
+
+def _aad(server_round: int, src: int, dst: int) -> bytes:
+    return f"fedpeft-secagg|{server_round}|{src}->{dst}".encode()
+
+
+def make_shares(secrets: SiteSecrets, adverts: Mapping[int, KeyAdvert], *, threshold: int) -> dict[int, bytes]:
+    """Stage 2: Shamir shares (t of n) of this site's self-mask seed and mask key, one ciphertext
+    per participant (itself included), for the coordinator to route."""
+    peers = sorted(adverts)
+    if secrets.site not in adverts:
+        raise SecAggError(f"site {secrets.site}: its own advert is missing from the round's key list")
+    if not 2 <= threshold <= len(peers):
+        raise SecAggError(f"secagg threshold={threshold}: must be in [2, {len(peers)} participants]")
+    b_shares = create_shares(secrets.self_seed, threshold, len(peers))
+    s_shares = create_shares(_raw_priv(secrets.mask_key), threshold, len(peers))
+    out = {}
+    for j, b, s in zip(peers, b_shares, s_shares):
+        plain = canonical({"b": b.hex(), "s": s.hex()})
+        nonce = os.urandom(12)
+        key = _share_key(secrets, adverts[j])
+        out[j] = nonce + AESGCM(key).encrypt(nonce, plain, _aad(secrets.server_round, secrets.site, j))
+    return out
+
+
+def _pair_seed(own: X25519PrivateKey, peer_pub: bytes, server_round: int, a: int, b: int) -> bytes:
+    shared = own.exchange(X25519PublicKey.from_public_bytes(peer_pub))
+    return _kdf(shared, f"fedpeft-secagg-mask|{server_round}|{min(a, b)}|{max(a, b)}")
+
+
+def mask(secrets: SiteSecrets, x: np.ndarray, adverts: Mapping[int, KeyAdvert], participants: Sequence[int]
+         ) -> np.ndarray:
+    """Stage 3: ``x`` (ring elements) + self mask + pairwise masks with every other participant of
+    stage 2 (the ones that received this site's shares)."""
+    i = secrets.site
+    y = ring.add(x, ring.prg(secrets.self_seed, x.size))
+    for j in sorted(set(participants) - {i}):
+        m = ring.prg(_pair_seed(secrets.mask_key, adverts[j].mask_pub, secrets.server_round, i, j), x.size)
+        y = ring.add(y, m) if i < j else ring.sub(y, m)
+    return y
+
+
+def reveal(secrets: SiteSecrets, adverts: Mapping[int, KeyAdvert], received: Mapping[int, bytes], *,
+           survivors: Sequence[int], dropped: Sequence[int], threshold: int) -> dict[int, tuple[str, bytes]]:
+    """Stage 4: for each survivor its self-seed share ('b'), for each dropped site its mask-key
+    share ('s'). Refuses a request that could unmask one site: a site on both lists, or fewer
+    survivors than the threshold."""
+    alive, gone = set(survivors), set(dropped)
+    if alive & gone:
+        raise SecAggError(f"site {secrets.site}: sites {sorted(alive & gone)} are listed as both survived and "
+                          "dropped; revealing both shares would unmask them")
+    if len(alive) < threshold:
+        raise SecAggError(f"site {secrets.site}: {len(alive)} survivors is below the threshold of {threshold}; "
+                          "no shares are revealed")
+    out: dict[int, tuple[str, bytes]] = {}
+    for j in sorted(alive | gone):
+        ct = received.get(j)
+        if ct is None or j not in adverts:
+            continue  # this peer's shares never reached us: others reveal theirs
+        try:
+            plain = AESGCM(_share_key(secrets, adverts[j])).decrypt(ct[:12], ct[12:],
+                                                                   _aad(secrets.server_round, j, secrets.site))
+        except InvalidTag:
+            raise SecAggError(f"site {secrets.site}: the share from site {j} does not decrypt (altered, or not "
+                              "for this site and round)") from None
+        d = json.loads(plain)
+        out[j] = ("b", bytes.fromhex(d["b"])) if j in alive else ("s", bytes.fromhex(d["s"]))
+    return out
+
+
+def unmask(masked: Mapping[int, np.ndarray], adverts: Mapping[int, KeyAdvert],
+           reveals: Mapping[int, Mapping[int, tuple[str, bytes]]], *, participants: Sequence[int], threshold: int,
+           server_round: int) -> np.ndarray:
+    """The coordinator's stage 4: the sum of the survivors' vectors (ring elements), masks removed.
+    ``masked``: survivor -> its masked vector; ``reveals``: revealing site -> its ``reveal``."""
+    alive = sorted(masked)
+    dropped = sorted(set(participants) - set(alive))
+    if len(alive) < threshold or len(reveals) < threshold:
+        raise SecAggError(f"round {server_round}: {len(alive)} masked vectors and {len(reveals)} reveals; the "
+                          f"threshold is {threshold}: the round cannot be unmasked (it is skipped, not merged)")
+    total = np.zeros_like(next(iter(masked.values())))
+    for i in alive:
+        total = ring.add(total, masked[i])
+
+    def secret_of(j: int, kind: str) -> bytes:
+        shares = [r[j][1] for r in reveals.values() if j in r and r[j][0] == kind]
+        if len(shares) < threshold:
+            raise SecAggError(f"round {server_round}: {len(shares)} shares of site {j}'s "
+                              f"{'self-mask seed' if kind == 'b' else 'mask key'}; {threshold} are needed")
+        try:
+            return combine_shares(shares[:threshold])
+        except ValueError:
+            raise SecAggError(f"round {server_round}: site {j}'s shares do not combine") from None
+
+    for j in alive:
+        total = ring.sub(total, ring.prg(secret_of(j, "b"), total.size))
+    for j in dropped:
+        key = X25519PrivateKey.from_private_bytes(secret_of(j, "s"))
+        for k in alive:  # k added +m towards higher ids, -m towards lower ones
+            m = ring.prg(_pair_seed(key, adverts[k].mask_pub, server_round, j, k), total.size)
+            total = ring.sub(total, m) if k < j else ring.add(total, m)
+    return total

@@ -1,0 +1,202 @@
+"""Secure aggregation's core: the ring against hand-computed values, the secure sum against the
+plaintext merges (fedavg, and frozen_a with mixed ranks), sites dropping at every stage, a swapped
+key caught by the peers, and no unmasking below the threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+
+from fedpeft.aggregation.fedavg import fedavg
+from fedpeft.aggregation.hetero import frozen_a
+from fedpeft.privacy.ledger import new_key, public_pem
+from fedpeft.secagg import protocol as sa
+from fedpeft.secagg import ring
+from fedpeft.secagg.layout import Layout, LayoutError
+
+ROUND = 3
+
+
+def _federation(n: int) -> tuple[dict[int, object], dict[int, str]]:
+    keys = {i: new_key() for i in range(n)}
+    return keys, {i: public_pem(k) for i, k in keys.items()}
+
+
+def _secure_round(vectors: dict[int, np.ndarray], *, fraction: float = 0.67, no_advert: set[int] = frozenset(),
+                  no_masked: set[int] = frozenset(), no_reveal: set[int] = frozenset(), tamper=None
+                  ) -> tuple[np.ndarray, int]:
+    """The four stages as a coordinator and its sites run them, in one process; returns (decoded sum, t)."""
+    keys, roster = _federation(max(vectors) + 1)
+    secrets = {i: sa.SiteSecrets.generate(i, ROUND) for i in vectors}
+    # stage 1: adverts (sites in no_advert drop before sending theirs)
+    adverts = [sa.advertise(secrets[i], keys[i]) for i in vectors if i not in no_advert]
+    if tamper is not None:
+        adverts = tamper(adverts)
+    # stage 2: every site checks the relayed adverts against its roster, then shares
+    verified = {i: sa.verify_adverts(adverts, roster=roster, server_round=ROUND) for i in vectors if i not in no_advert}
+    participants = sorted(next(iter(verified.values())))
+    t = sa.threshold_for(len(participants), fraction, 2)
+    shares = {i: sa.make_shares(secrets[i], verified[i], threshold=t) for i in participants}
+    inbox = {j: {i: shares[i][j] for i in participants} for j in participants}  # the coordinator routes
+    # stage 3: masked vectors (sites in no_masked drop after sharing)
+    masked = {i: sa.mask(secrets[i], ring.encode(vectors[i]), verified[i], participants)
+              for i in participants if i not in no_masked}
+    survivors = sorted(masked)
+    dropped = sorted(set(participants) - set(survivors))
+    # stage 4: reveals (sites in no_reveal drop after sending their vector)
+    reveals = {i: sa.reveal(secrets[i], verified[i], inbox[i], survivors=survivors, dropped=dropped, threshold=t)
+               for i in survivors if i not in no_reveal}
+    total = sa.unmask(masked, verified[participants[0]], reveals, participants=participants, threshold=t,
+                      server_round=ROUND)
+    return ring.decode(total), t
+
+
+def test_ring_encodes_hand_computed_fixed_point_and_refuses_overflow():
+    # Prepare: 1.5 * 2^32 = 6442450944; -2^-32 is the ring's -1, i.e. 2^64 - 1
+    x = np.array([1.5, -(2.0**-32), 0.0])
+    # Execute
+    y = ring.encode(x)
+    # Assert
+    assert y.tolist() == [6442450944, 2**64 - 1, 0]
+    np.testing.assert_array_equal(ring.decode(ring.add(y, y)), 2 * x)
+    with pytest.raises(ring.RingError, match="2.147e"):
+        ring.encode(np.array([2.0**31]))
+    with pytest.raises(ring.RingError, match="NaN"):
+        ring.encode(np.array([np.nan]))
+    with pytest.raises(ring.RingError, match="1000 sites"):
+        ring.check_headroom(max_abs=3e6, sites=1000)
+
+
+def test_prg_is_chacha20_of_the_full_seed():
+    # Prepare: two seeds that differ in their last byte only (Flower's 32-bit fold would often collide)
+    a, b = bytes(32), bytes(31) + b"\x01"
+    # Execute
+    ma, mb = ring.prg(a, 1000), ring.prg(b, 1000)
+    # Assert: RFC 7539's ChaCha20 block for the zero key and nonce starts 76 b8 e0 ad a0 f1 3d 90
+    assert ma[0] == int.from_bytes(bytes.fromhex("76b8e0ada0f13d90"), "little")
+    assert (ma != mb).mean() > 0.99 and np.array_equal(ma, ring.prg(a, 1000))
+
+
+def test_secure_sum_equals_plaintext_fedavg_within_the_ring_step():
+    # Prepare: 6 sites, LoRA-sized deltas (~1e-4), weights = example counts
+    g = torch.Generator().manual_seed(0)
+    deltas = [{"l.lora_A.weight": 1e-4 * torch.randn(8, 64, generator=g),
+               "l.lora_B.weight": 1e-4 * torch.randn(64, 8, generator=g)} for _ in range(6)]
+    weights = [120.0, 40.0, 300.0, 55.0, 90.0, 16.0]
+    layout = Layout.of(deltas[0])
+    vectors = {i: layout.pack(d, w) for i, (d, w) in enumerate(zip(deltas, weights))}
+    # Execute
+    total, _ = _secure_round(vectors)
+    merged, weight = layout.unpack_mean(total)
+    # Assert: the same merge as plaintext fedavg; error below 6 sites x half a ring step / total weight
+    plain = fedavg([{k: v.double() for k, v in d.items()} for d in deltas], weights)  # float64 oracle
+    assert weight == sum(weights)
+    bound = 6 * 0.5 * 2.0**-32 / sum(weights)
+    for k in plain:
+        err = (merged[k] - plain[k].double()).abs().max().item()
+        assert err <= bound + 1e-18, (k, err, bound)
+        rel = ((merged[k] - plain[k].double()).norm() / plain[k].double().norm()).item()
+        assert rel < 1e-6
+
+
+def test_secure_sum_equals_frozen_a_with_mixed_ranks():
+    # Prepare: ranks 2, 4, 8 nested in a shared A of rank 8; s_k = alpha / r_k
+    g = torch.Generator().manual_seed(1)
+    shared_a = torch.randn(8, 32, generator=g)
+    ranks, weights, alpha = [2, 4, 8], [50.0, 70.0, 20.0], 16.0
+    Bs = [1e-3 * torch.randn(32, r, generator=g) for r in ranks]
+    scalings = [alpha / r for r in ranks]
+    layout = Layout((("m.lora_B.weight", (32, 8)),))
+    vectors = {i: layout.pack({"m.lora_B.weight": s * b}, w, pad_dim={"m.lora_B.weight": 1})
+               for i, (b, s, w) in enumerate(zip(Bs, scalings, weights))}
+    # Execute
+    total, _ = _secure_round(vectors)
+    merged, _ = layout.unpack_mean(total)
+    # Assert: hetero.frozen_a's B (an exact weighted sum of the padded, scaled B_k)
+    plain = frozen_a([shared_a[:r] for r in ranks], Bs, scalings, weights, max_rank=8, shared_A=shared_a)
+    torch.testing.assert_close(merged["m.lora_B.weight"], plain.B, rtol=0, atol=3 * 2.0**-32)
+    with pytest.raises(LayoutError, match="does not fit"):
+        layout.pack({"m.lora_B.weight": torch.zeros(32, 9)}, 1.0, pad_dim={"m.lora_B.weight": 1})
+
+
+@pytest.mark.parametrize("stage", ["advert", "masked", "reveal"])
+def test_dropouts_above_the_threshold_still_give_the_survivors_sum(stage):
+    # Prepare: 6 sites, threshold ceil(0.6 * n) (4 of 6); sites 1 and 4 drop at the given stage
+    rng = np.random.default_rng(2)
+    vectors = {i: rng.normal(size=50) * 1e-2 for i in range(6)}
+    drop = {1, 4}
+    kw = {"advert": {"no_advert": drop}, "masked": {"no_masked": drop}, "reveal": {"no_reveal": drop}}[stage]
+    # Execute
+    total, t = _secure_round(vectors, fraction=0.6, **kw)
+    # Assert: a site that drops before its vector is out of the sum; one that drops after is in it
+    counted = [i for i in vectors if stage == "reveal" or i not in drop]
+    np.testing.assert_allclose(total, sum(vectors[i] for i in counted), rtol=0, atol=6 * 2.0**-32)
+
+
+@pytest.mark.parametrize("stage", ["masked", "reveal"])
+def test_below_the_threshold_the_round_is_refused_not_merged(stage):
+    # Prepare: 5 sites, threshold 4 (fraction 0.8); two drop
+    vectors = {i: np.full(10, float(i)) for i in range(5)}
+    kw = {"no_masked": {0, 3}} if stage == "masked" else {"no_reveal": {0, 3}}
+    # Execute / Assert: survivors refuse to reveal below the threshold, or too few reveals arrive
+    with pytest.raises(sa.SecAggError, match="threshold"):
+        _secure_round(vectors, fraction=0.8, **kw)
+
+
+def test_a_coordinator_that_swaps_a_key_is_caught_by_the_peers():
+    # Prepare: the coordinator replaces site 2's mask key with one of its own
+    mine = sa.SiteSecrets.generate(2, ROUND)
+
+    def swap(adverts):
+        return [sa.KeyAdvert(a.site, a.server_round, sa._raw_pub(mine.mask_key), a.share_pub, a.signature)
+                if a.site == 2 else a for a in adverts]
+
+    # Execute / Assert: every peer's check names site 2
+    with pytest.raises(sa.SecAggError, match="site 2: key advert signature does not verify"):
+        _secure_round({i: np.zeros(4) for i in range(4)}, tamper=swap)
+    # a site off the roster, and a replayed advert of another round, are refused too
+    keys, roster = _federation(3)
+    s = sa.SiteSecrets.generate(7, ROUND)
+    with pytest.raises(sa.SecAggError, match="site 7: not on the roster"):
+        sa.verify_adverts([sa.advertise(s, new_key())], roster=roster, server_round=ROUND)
+    old = sa.advertise(sa.SiteSecrets.generate(0, ROUND - 1), keys[0])
+    with pytest.raises(sa.SecAggError, match="round 2, this is round 3"):
+        sa.verify_adverts([old], roster=roster, server_round=ROUND)
+
+
+def test_fewer_shares_than_the_threshold_do_not_unmask_a_site():
+    # Prepare: 5 sites, threshold 4; the coordinator collects site 0's self-seed shares from 3 peers
+    keys, roster = _federation(5)
+    secrets = {i: sa.SiteSecrets.generate(i, ROUND) for i in range(5)}
+    adverts = sa.verify_adverts([sa.advertise(secrets[i], keys[i]) for i in range(5)], roster=roster,
+                                server_round=ROUND)
+    shares = {i: sa.make_shares(secrets[i], adverts, threshold=4) for i in range(5)}
+    got = [sa.reveal(secrets[j], adverts, {0: shares[0][j]}, survivors=range(5), dropped=[], threshold=4)[0][1]
+           for j in (1, 2, 3)]
+    # Execute: three shares combined, and four
+    try:
+        three = combine_shares(got)
+    except ValueError:
+        three = None
+    four = sa.reveal(secrets[4], adverts, {0: shares[0][4]}, survivors=range(5), dropped=[], threshold=4)[0][1]
+    # Assert: three shares give nothing (wrong or invalid); four give the seed
+    assert three != secrets[0].self_seed
+    assert combine_shares([*got, four]) == secrets[0].self_seed
+    # and a site asked to reveal both shares of one peer refuses
+    with pytest.raises(sa.SecAggError, match=r"both survived and dropped"):
+        sa.reveal(secrets[1], adverts, {}, survivors=[0, 1, 2, 3], dropped=[0], threshold=4)
+
+
+def test_an_altered_share_is_refused_naming_its_sender():
+    # Prepare
+    keys, roster = _federation(3)
+    secrets = {i: sa.SiteSecrets.generate(i, ROUND) for i in range(3)}
+    adverts = sa.verify_adverts([sa.advertise(secrets[i], keys[i]) for i in range(3)], roster=roster,
+                                server_round=ROUND)
+    ct = sa.make_shares(secrets[2], adverts, threshold=2)[0]
+    bad = ct[:-1] + bytes([ct[-1] ^ 1])
+    # Execute / Assert
+    with pytest.raises(sa.SecAggError, match="share from site 2 does not decrypt"):
+        sa.reveal(secrets[0], adverts, {2: bad}, survivors=[0, 1, 2], dropped=[], threshold=2)
