@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, RecordDict
+import json
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.config import RunConfig
@@ -11,6 +14,8 @@ from fedpeft.federation import ARRAYS, CONFIG, METRICS, STATUS, from_arrays, met
 from fedpeft.privacy.vault import SiteVault, site_folder
 from fedpeft.runconfig import from_run_config
 from fedpeft.runtime import quiet_libraries, set_threads
+from fedpeft.secagg import site as secagg_site
+from fedpeft.secagg.server import SECAGG
 from fedpeft.site import apply_node_config, settle_ledger, site_evaluate, site_round
 
 app = ClientApp()
@@ -55,11 +60,18 @@ def train(msg: Message, context: Context) -> Message:
     # Execute: privacy state and ledger live in the site's folder, so epsilon accumulates across
     # rounds and SuperNode restarts
     config = msg.content.config_records[CONFIG]
+    seal = None
+    if "secagg-participants" in config:  # secure aggregation: the delta leaves masked (fedpeft.secagg)
+        vault = _vault(context, cfg, site, deployed)
+        participants = json.loads(str(config["secagg-participants"]))
+        rnd = int(config["server-round"])  # type: ignore[arg-type]
+        seal = lambda delta, w: secagg_site.seal(vault, rnd, delta, w, participants)  # noqa: E731
     reply = site_round(cfg, site=site, num_sites=num, server_round=int(config["server-round"]),  # type: ignore[arg-type]
                        global_state=from_arrays(msg.content.array_records[ARRAYS]),
-                       vault=_vault(context, cfg, site, deployed) if cfg.privacy.enabled or deployed else None,
+                       vault=(_vault(context, cfg, site, deployed)
+                              if cfg.privacy.enabled or deployed or seal is not None else None),
                        data_path=path, deployed=deployed, rank=_node_rank(context),
-                       attempt=int(config.get("attempt", 0)))  # type: ignore[arg-type]
+                       attempt=int(config.get("attempt", 0)), seal=seal)  # type: ignore[arg-type]
     content = RecordDict({METRICS: metric_record(reply.metrics), STATUS: status_record(reply)})
     if reply.delta is not None:
         content[ARRAYS] = to_arrays(reply.delta)
@@ -78,3 +90,49 @@ def evaluate(msg: Message, context: Context) -> Message:
         if reply is not None:
             content[STATUS] = status_record(reply)
     return Message(content, reply_to=msg)
+
+
+def _secagg(msg: Message, context: Context) -> tuple[RunConfig, SiteVault, int, dict]:
+    cfg, site, _, _ = _setup(msg, context)
+    deployed = "partition-id" not in context.node_config
+    rec = dict(msg.content.config_records[SECAGG])
+    return cfg, _vault(context, cfg, site, deployed), int(rec["server-round"]), rec  # type: ignore[arg-type]
+
+
+def _roster(context: Context, cfg: RunConfig, sites: list[int]) -> dict[int, str]:
+    """The peers' ledger keys: a deployed site's roster file (node config secagg-roster); in a
+    simulation, each virtual site's own ledger (all parties on one machine: a stand-in)."""
+    path = context.node_config.get("secagg-roster")
+    if path:
+        return secagg_site.load_roster(str(path))
+    return secagg_site.simulation_roster(Path(cfg.federation.out_dir) / "sites", sites)
+
+
+@app.query("secagg_keys")
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """Stage 1: this round's signed key advert."""
+    _, vault, rnd, _ = _secagg(msg, context)
+    with vault.exclusive():
+        advert = secagg_site.advertise_keys(vault, rnd)
+    return Message(RecordDict({SECAGG: ConfigRecord({"advert": advert})}), reply_to=msg)
+
+
+@app.query("secagg_shares")
+def secagg_shares(msg: Message, context: Context) -> Message:
+    """Stage 2: check the relayed adverts against the roster; encrypted shares for each peer."""
+    cfg, vault, rnd, rec = _secagg(msg, context)
+    adverts = json.loads(str(rec["adverts"]))
+    roster = _roster(context, cfg, [int(json.loads(a)["site"]) for a in adverts])
+    with vault.exclusive():
+        shares = secagg_site.share_keys(vault, rnd, adverts, roster, int(rec["threshold"]))
+    return Message(RecordDict({SECAGG: ConfigRecord({"shares": json.dumps(shares)})}), reply_to=msg)
+
+
+@app.query("secagg_reveal")
+def secagg_reveal(msg: Message, context: Context) -> Message:
+    """Stage 4: shares of the survivors' seeds and of the dropped sites' keys, never both."""
+    _, vault, rnd, rec = _secagg(msg, context)
+    with vault.exclusive():
+        got = secagg_site.reveal_shares(vault, rnd, {int(k): v for k, v in json.loads(str(rec["inbox"])).items()},
+                                        json.loads(str(rec["survivors"])), json.loads(str(rec["dropped"])))
+    return Message(RecordDict({SECAGG: ConfigRecord({"reveal": json.dumps(got)})}), reply_to=msg)

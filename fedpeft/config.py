@@ -377,6 +377,12 @@ class FederationConfig:
     delta_format: str = field(default="float32", metadata=_help(
         "how a site sends its delta: 'float32', 'float16' or 'int8' (one float32 scale per row); quantised "
         "after the DP noise, so epsilon is unchanged (fedpeft.compression)", "delta-format"))
+    secure_aggregation: bool = field(default=False, metadata=_help(
+        "secure aggregation: sites mask their updates so the coordinator learns only their weighted sum "
+        "(fedpeft.secagg; docs/secagg.md)", "secure-aggregation"))
+    secagg_threshold: float = field(default=0.6, metadata=_help(
+        "secure aggregation: fraction of a round's sites whose shares unmask the sum (at least "
+        "min-train-sites and 2); fewer survivors and the round is skipped", "secagg-threshold"))
     error_feedback: bool = field(default=False, metadata=_help(
         "a site keeps what delta-format cut off and adds it to its next delta (saved with its state)",
         "error-feedback"))
@@ -386,6 +392,9 @@ class FederationConfig:
             raise bad("client-cpus", self.client_cpus, "must be > 0")
         if self.client_gpus < 0 and self.client_gpus != -1.0:
             raise bad("client-gpus", self.client_gpus, "must be >= 0, or -1 for an equal share of this machine's GPU")
+        if not 0.5 <= self.secagg_threshold <= 1.0:
+            raise bad("secagg-threshold", self.secagg_threshold,
+                      "must be in [0.5, 1]: below half, two disjoint groups of sites could each unmask")
         if self.delta_format not in ("float32", "float16", "int8"):
             raise bad("delta-format", self.delta_format, "must be float32, float16 or int8")
         if self.num_sites < 1:
@@ -498,6 +507,24 @@ class RunConfig:
         if self.privacy.enabled and self.privacy.grad_sample_mode == "ghost" and self.adapter.method != "lora":
             raise ConfigError(f"grad-sample-mode='ghost' with adapter={self.adapter.method!r}: fedpeft's samplers "
                               "for that method give per-example gradients, not ghost norms; use 'hooks'")
+        if self.federation.secure_aggregation:
+            self._check_secure_aggregation()
+
+    def _check_secure_aggregation(self) -> None:
+        """The coordinator sees one sum: whatever needs the individual updates is refused, saying why."""
+        fed, p = self.federation, self.privacy
+        why = "secure-aggregation=true: the coordinator sees only the sum of the sites' updates, so "
+        if fed.merge != "fedavg":
+            raise ConfigError(why + f"merge={fed.merge!r} cannot run: robust and rank merges need each update "
+                              "(a mixed-rank frozen_a sum is built in fedpeft.secagg but not wired yet); use merge='fedavg'")
+        if p.client_dp:
+            raise ConfigError(why + "client-dp=true (server-side clipping of each update) cannot run; distributed "
+                              "DP is not built yet")
+        if fed.delta_format != "float32" or fed.error_feedback:
+            raise ConfigError(why + f"delta-format={fed.delta_format!r}/error-feedback: masked vectors are 64-bit "
+                              "ring elements, not compressible deltas; use delta-format='float32'")
+        if fed.strategy != "fedavg":
+            raise ConfigError(why + f"strategy={fed.strategy!r} is not wired yet; use strategy='fedavg'")
 
     @property
     def rank_rule(self) -> str | None:

@@ -63,7 +63,7 @@ def from_run_config(flat: Mapping[str, Any], *, strict: bool = True) -> RunConfi
     kwargs: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     preset = "hospitals"
     for key, value in flat.items():
-        if key in ("server-round", "attempt"):  # Flower's round number; fedpeft's retry count
+        if key in ("server-round", "attempt", "secagg-participants"):  # per-message keys, not settings
             continue
         if key not in keys:
             if strict:

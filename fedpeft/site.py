@@ -128,10 +128,13 @@ def site_train(
     global_state: Mapping[str, torch.Tensor], privacy_json: str | None, data_path: str | None = None,
     rank: int | None = None, before_step: Callable[[int], None] | None = None,
     canaries: TrainingCanaries | None = None, state_dir: Path | None = None,
+    seal: Callable[[dict[str, torch.Tensor], float], dict[str, torch.Tensor]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], str | None]:
     """Train from the global adapter (with a rank rule: from this site's projection of it, at its
     rank); return (delta = local - start as ``delta-format`` sends it, metrics, new privacy JSON).
-    ``state_dir``: the site's folder (its error-feedback residual lives there)."""
+    ``state_dir``: the site's folder (its error-feedback residual lives there). ``seal``: secure
+    aggregation (``fedpeft.secagg.site.seal``): the delta, weighted by the example count, leaves
+    masked, and the metrics that would describe it (examples, loss, local accuracy) stay here."""
     work = site_work(cfg, site=site, num_sites=num_sites, data_path=data_path)
     device = models.select_device()
     ds = work.train
@@ -168,10 +171,12 @@ def site_train(
     # quantised after the noise (post-processing); the ledger signs these bytes, the ones sent
     delta = compression.site_encode(delta, fmt=cfg.federation.delta_format, feedback=cfg.federation.error_feedback,
                                     folder=state_dir, server_round=server_round)
+    if seal is not None:
+        delta = seal(delta, float(len(ds)))
     local_acc = float("nan")
     # the locally trained adapter on this site's own held-out notes (a generative task's answers cost a
     # generation per prompt: its sites score the global adapter only, in the evaluate round)
-    if work.test is not None and cfg.model.task == "classification":
+    if work.test is not None and cfg.model.task == "classification" and seal is None:
         local_acc = training.evaluate(model, work.test, device=device, num_labels=len(cfg.data.label_list),
                                       precision=cfg.model.precision).accuracy
     metrics = {
@@ -184,6 +189,9 @@ def site_train(
         "lora-rank": float(rank if rank is not None else cfg.adapter.rank),
         "server-round": float(server_round), "dp": float(cfg.privacy.enabled),
     }
+    if seal is not None:  # the coordinator learns the sum only; these would describe this site's update
+        for k in ("num-examples", "train-loss", "local-accuracy", "pass-seconds"):
+            metrics.pop(k)
     return delta, metrics, (res.privacy_state.to_json() if res.privacy_state else None)
 
 
@@ -201,7 +209,7 @@ NO_DP_REASON = "trained WITHOUT differential privacy: this site's own policy (dp
 def site_round(
     cfg: RunConfig, *, site: int, num_sites: int, server_round: int, global_state: Mapping[str, torch.Tensor],
     vault: SiteVault | None, data_path: str | None = None, deployed: bool = False, rank: int | None = None,
-    attempt: int = 0,
+    attempt: int = 0, seal: Callable[[dict[str, torch.Tensor], float], dict[str, torch.Tensor]] | None = None,
 ) -> Reply:
     """One train request: check the budget, train, save the privacy state, sign the ledger entry.
 
@@ -223,12 +231,13 @@ def site_round(
     with vault.exclusive():
         return _private_round(cfg, site=site, num_sites=num_sites, server_round=server_round,
                               global_state=global_state, vault=vault, data_path=data_path, deployed=deployed,
-                              rank=rank, attempt=attempt)
+                              rank=rank, attempt=attempt, seal=seal)
 
 
 def _private_round(
     cfg: RunConfig, *, site: int, num_sites: int, server_round: int, global_state: Mapping[str, torch.Tensor],
     vault: SiteVault, data_path: str | None, deployed: bool, rank: int | None, attempt: int,
+    seal: Callable[[dict[str, torch.Tensor], float], dict[str, torch.Tensor]] | None = None,
 ) -> Reply:
     """``site_round`` under DP, holding the site's vault."""
     gsha = delta_hash(global_state)
@@ -271,7 +280,7 @@ def _private_round(
         delta, metrics, new_json = site_train(cfg, site=site, num_sites=num_sites, server_round=server_round,
                                               global_state=global_state, privacy_json=prev, data_path=data_path,
                                               rank=rank, before_step=before_step, canaries=canaries,
-                                              state_dir=vault.folder)
+                                              state_dir=vault.folder, seal=seal)
         if injected:  # a one-step round: fail after it, before the reply leaves
             fault("after its DP steps")
     except BudgetExceeded as e:

@@ -80,6 +80,8 @@ class MergePolicy:
     round_retries: int = 0  # re-ask sites without a good reply this many times before skipping a round
     retry_timeout: float | None = None
     delta_format: str = "float32"  # how sites send deltas (fedpeft.compression); decoded at validation
+    secure_fraction: float | None = None  # secure aggregation on: the threshold's fraction (fedpeft.secagg)
+    out_dir: str | None = None  # where secure rounds keep the masked vectors (evidence for the audit)
 
     def __post_init__(self) -> None:
         # rank rules merge whole adapters by rank (``merging.merge_replies``), not same-shaped deltas
@@ -101,7 +103,8 @@ class MergePolicy:
                    ledgers=ServerCopies(Path(fed.out_dir) / "ledger") if p.enabled else None, client_dp=client_dp,
                    limits=ReplyLimits(max_bytes=int(fed.max_reply_mib * 2**20), max_examples=fed.max_num_examples),
                    update_bound=update_bound(cfg), round_retries=fed.round_retries,
-                   retry_timeout=fed.round_timeout or None, delta_format=fed.delta_format)
+                   retry_timeout=fed.round_timeout or None, delta_format=fed.delta_format,
+                   secure_fraction=fed.secagg_threshold if fed.secure_aggregation else None, out_dir=fed.out_dir)
 
 
 class DeltaMerge(FedAvg):
@@ -131,8 +134,20 @@ class DeltaMerge(FedAvg):
         self._log(server_round).sent = len(messages)
         self._log(server_round).sent_nodes = [m.metadata.dst_node_id for m in messages]
         self._grid = grid
+        if self.policy.secure_fraction is not None:
+            messages = self._secure.configure(self, server_round, messages, grid)
+            self._log(server_round).sent = len(messages)
+            self._log(server_round).sent_nodes = [m.metadata.dst_node_id for m in messages]
         self._sent = {m.metadata.dst_node_id: m for m in messages}
         return messages
+
+    @property
+    def _secure(self) -> Any:
+        from fedpeft.secagg.strategy import SecureRounds  # only secure runs load the protocol
+
+        if getattr(self, "_secure_rounds", None) is None:
+            self._secure_rounds = SecureRounds()
+        return self._secure_rounds
 
     def _resend(self, node: int, attempt: int) -> Message:
         """The round's train request again, marked with its attempt (the site knows it is a retry)."""
@@ -148,6 +163,8 @@ class DeltaMerge(FedAvg):
         server_round += self.round_offset
         replies = list(replies)
         rlog = self._log(server_round)
+        if self.policy.secure_fraction is not None:
+            return self._secure.aggregate(self, server_round, replies, rlog)
         valid = []
         seen: set[int] = set()
         limits = dataclasses.replace(self.policy.limits, server_round=server_round, max_update=self.policy.update_bound)

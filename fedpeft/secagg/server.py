@@ -1,0 +1,141 @@
+"""The coordinator's side of secure aggregation on Flower's Message API: stages 1-2 before the
+train messages go out, stage 4 after the masked replies come back. It relays keys and encrypted
+shares, and learns only the sum (``protocol`` says why). Sites that drop at any stage are left
+out of the next; below the threshold the round is skipped, never merged.
+
+Written against ``Grid.send_and_receive`` because Flower's ``SecAggPlusWorkflow`` needs its legacy
+``LegacyContext`` and cannot run under a Message-API strategy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedpeft.secagg import protocol as sa
+from fedpeft.secagg import ring
+from fedpeft.secagg.layout import Layout
+from fedpeft.secagg.site import MASKED
+
+log = logging.getLogger(__name__)
+
+SECAGG = "secagg"  # the ConfigRecord each stage's messages and replies carry
+
+
+@dataclass
+class SecureRound:
+    """One round's relayed state: which node plays which site, the adverts, the share inboxes."""
+
+    server_round: int
+    threshold: int = 0
+    node_of: dict[int, int] = field(default_factory=dict)  # site -> node
+    adverts: dict[int, str] = field(default_factory=dict)  # site -> its advert (JSON), as relayed
+    inbox: dict[int, dict[int, str]] = field(default_factory=dict)  # receiver -> sender -> ciphertext
+    dropped: dict[str, list[int]] = field(default_factory=dict)  # stage -> sites (or nodes) gone there
+    run_config: ConfigRecord = field(default_factory=ConfigRecord)  # what every stage's message carries
+
+    @property
+    def participants(self) -> list[int]:
+        return sorted(self.inbox)
+
+
+def _ask(grid: Grid, nodes: Iterable[int], action: str, run_config: ConfigRecord, payload: Mapping[int, Mapping],
+         timeout: float | None) -> dict[int, dict]:
+    """Send ``query.<action>`` to ``nodes`` (each its own payload); node -> its reply's SECAGG record."""
+    msgs = [Message(RecordDict({"config": run_config, SECAGG: ConfigRecord(dict(payload[n]))}),
+                    dst_node_id=n, message_type=f"query.{action}") for n in nodes]
+    out: dict[int, dict] = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error() or SECAGG not in reply.content.config_records:
+            reason = reply.error.reason if reply.has_error() else "no secagg record"
+            log.warning("secagg %s: node %d dropped (%s)", action, node, reason)
+            continue
+        out[node] = dict(reply.content.config_records[SECAGG])
+    return out
+
+
+def setup(grid: Grid, nodes: list[int], *, server_round: int, run_config: ConfigRecord, fraction: float,
+          min_sites: int, timeout: float | None = None) -> SecureRound:
+    """Stages 1-2: collect signed adverts, relay them, collect the encrypted shares."""
+    rnd = SecureRound(server_round, run_config=run_config)
+    base = {"server-round": server_round}
+    got = _ask(grid, nodes, "secagg_keys", run_config, {n: base for n in nodes}, timeout)
+    for node, rec in got.items():
+        try:
+            ad = sa.KeyAdvert.from_json(str(rec["advert"]))
+        except (KeyError, sa.SecAggError) as e:
+            log.warning("secagg keys: node %d sent a malformed advert (%s)", node, e)
+            continue
+        if ad.site in rnd.node_of:
+            log.warning("secagg keys: site %d advertised twice; node %d ignored", ad.site, node)
+            continue
+        rnd.node_of[ad.site], rnd.adverts[ad.site] = node, str(rec["advert"])
+    rnd.dropped["keys"] = sorted(set(nodes) - set(rnd.node_of.values()))
+    rnd.threshold = sa.threshold_for(len(rnd.adverts), fraction, min_sites)
+    if len(rnd.adverts) < rnd.threshold:
+        return rnd
+    relay = {**base, "adverts": json.dumps(sorted(rnd.adverts.values())), "threshold": rnd.threshold}
+    got = _ask(grid, list(rnd.node_of.values()), "secagg_shares", run_config,
+               {n: relay for n in rnd.node_of.values()}, timeout)
+    site_of = {n: s for s, n in rnd.node_of.items()}
+    for node, rec in got.items():
+        try:
+            shares = {int(j): str(c) for j, c in json.loads(str(rec["shares"])).items()}
+        except (KeyError, ValueError) as e:
+            log.warning("secagg shares: node %d sent malformed shares (%s)", node, e)
+            continue
+        i = site_of[node]
+        for j, ct in shares.items():
+            rnd.inbox.setdefault(j, {})[i] = ct
+        rnd.inbox.setdefault(i, {})
+    senders = {i for box in rnd.inbox.values() for i in box}
+    rnd.inbox = {j: {i: c for i, c in box.items() if i in senders} for j, box in rnd.inbox.items() if j in senders}
+    rnd.dropped["shares"] = sorted(set(rnd.adverts) - senders)
+    return rnd
+
+
+def masked_vector(arrays: Mapping[str, torch.Tensor], layout: Layout) -> np.ndarray:
+    """A secure reply's one tensor, checked: int64 ring elements of the layout's size."""
+    if set(arrays) != {MASKED}:
+        raise ValueError(f"arrays: a secure reply carries only {MASKED!r}, got {sorted(arrays)[:3]}")
+    t = arrays[MASKED]
+    if t.dtype != torch.int64 or t.dim() != 1 or t.numel() != layout.size:
+        raise ValueError(f"{MASKED}: int64 vector of {layout.size} expected, got {t.dtype} {tuple(t.shape)}")
+    return t.numpy().view(np.uint64)
+
+
+def unmask_round(grid: Grid, rnd: SecureRound, masked: Mapping[int, np.ndarray], *,
+                 timeout: float | None = None) -> np.ndarray:
+    """Stage 4: ask the survivors for their shares, unmask, return the decoded sum (float64).
+    Raises ``SecAggError`` when fewer than the threshold survive or reveal."""
+    survivors = sorted(masked)
+    dropped = sorted(set(rnd.participants) - set(survivors))
+    rnd.dropped["masked"] = dropped
+    if len(survivors) < rnd.threshold:
+        raise sa.SecAggError(f"round {rnd.server_round}: {len(survivors)} masked vectors, below the threshold of "
+                             f"{rnd.threshold}: the round is skipped")
+    payload = {rnd.node_of[s]: {"server-round": rnd.server_round, "survivors": json.dumps(survivors),
+                                "dropped": json.dumps(dropped), "inbox": json.dumps(rnd.inbox.get(s, {}))}
+               for s in survivors}
+    got = _ask(grid, list(payload), "secagg_reveal", rnd.run_config, payload, timeout)
+    site_of = {n: s for s, n in rnd.node_of.items()}
+    reveals: dict[int, dict[int, tuple[str, bytes]]] = {}
+    for node, rec in got.items():
+        try:
+            raw = json.loads(str(rec["reveal"]))
+            reveals[site_of[node]] = {int(j): (v[0], bytes.fromhex(v[2:])) for j, v in raw.items()}
+        except (KeyError, ValueError, TypeError) as e:
+            log.warning("secagg reveal: node %d sent malformed shares (%s)", node, e)
+    rnd.dropped["reveal"] = sorted(set(survivors) - set(reveals))
+    adverts = {s: sa.KeyAdvert.from_json(a) for s, a in rnd.adverts.items()}
+    total = sa.unmask(masked, adverts, reveals, participants=rnd.participants, threshold=rnd.threshold,
+                      server_round=rnd.server_round)
+    return ring.decode(total)

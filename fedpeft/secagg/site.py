@@ -1,0 +1,117 @@
+"""A site's side of secure aggregation, free of Flower types: each stage reads and writes the
+round's secrets in the site's own folder (0600, temp file then rename) and signs with its ledger key.
+
+The roster (the trust root for the peers' key adverts) is a file the federation hands every site
+out of band: JSON ``{"<site id>": "<Ed25519 public key PEM>"}``, named by the node config's
+``secagg-roster``. A simulation plays every party on one machine, so there it reads each peer's
+key from that peer's own ledger (``sites/site-K/ledger.jsonl``), a stand-in for the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedpeft.io import atomic_write_bytes
+from fedpeft.privacy.vault import LEDGER_FILE, SiteVault
+from fedpeft.secagg import protocol as sa
+from fedpeft.secagg import ring
+from fedpeft.secagg.layout import Layout
+
+MASKED = "secagg-masked"  # the one tensor a secure reply carries: ring elements as int64
+
+
+def _secrets_file(vault: SiteVault, server_round: int) -> Path:
+    return vault.folder / f"secagg-r{server_round:06d}.json"
+
+
+def _save(vault: SiteVault, server_round: int, state: dict) -> None:
+    path = _secrets_file(vault, server_round)
+    atomic_write_bytes(path, json.dumps(state).encode())
+    os.chmod(path, 0o600)
+
+
+def _load(vault: SiteVault, server_round: int) -> dict:
+    try:
+        return dict(json.loads(_secrets_file(vault, server_round).read_text()))
+    except (OSError, ValueError) as e:
+        raise sa.SecAggError(f"site {vault.site}: no secure-aggregation keys for round {server_round} ({e}); "
+                             "it cannot take part in this stage") from None
+
+
+def load_roster(path: str | Path) -> dict[int, str]:
+    """A deployment's roster file: ``{"site id": "PEM"}``."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        return {int(k): str(v) for k, v in raw.items()}
+    except (OSError, ValueError, AttributeError) as e:
+        raise sa.SecAggError(f"secagg-roster={str(path)!r}: cannot read the roster ({e})") from None
+
+
+def simulation_roster(sites_dir: Path, sites: Sequence[int]) -> dict[int, str]:
+    """A simulation's roster: each site's key from the open entry of its own ledger (SIMULATION ONLY)."""
+    out = {}
+    for s in sites:
+        try:
+            first = (sites_dir / f"site-{s}" / LEDGER_FILE).read_bytes().split(b"\n", 1)[0]
+            out[s] = str(json.loads(first)["public_key"])
+        except (OSError, ValueError, KeyError):
+            continue  # no ledger: not on the roster, its advert is refused
+    return out
+
+
+def advertise_keys(vault: SiteVault, server_round: int) -> str:
+    """Stage 1: fresh keys for this round, kept in the site's folder; the signed advert as JSON."""
+    secrets = sa.SiteSecrets.generate(vault.site, server_round)
+    _save(vault, server_round, {"secrets": secrets.to_json()})
+    return sa.advertise(secrets, vault.ledger.key).to_json()
+
+
+def share_keys(vault: SiteVault, server_round: int, adverts_json: Sequence[str], roster: Mapping[int, str],
+               threshold: int) -> dict[int, str]:
+    """Stage 2: check every relayed advert against the roster, keep them, and return this site's
+    encrypted shares for each participant (hex)."""
+    state = _load(vault, server_round)
+    secrets = sa.SiteSecrets.from_json(state["secrets"])
+    adverts = sa.verify_adverts([sa.KeyAdvert.from_json(a) for a in adverts_json], roster=roster,
+                                server_round=server_round)
+    shares = sa.make_shares(secrets, adverts, threshold=threshold)
+    _save(vault, server_round, {**state, "adverts": [a.to_json() for a in adverts.values()], "threshold": threshold})
+    return {j: ct.hex() for j, ct in shares.items()}
+
+
+def _round_state(vault: SiteVault, server_round: int) -> tuple[sa.SiteSecrets, dict[int, sa.KeyAdvert], int]:
+    state = _load(vault, server_round)
+    if "adverts" not in state:
+        raise sa.SecAggError(f"site {vault.site}: round {server_round}'s keys were never shared (stage 2 missed)")
+    adverts = {a.site: a for a in (sa.KeyAdvert.from_json(x) for x in state["adverts"])}
+    return sa.SiteSecrets.from_json(state["secrets"]), adverts, int(state["threshold"])
+
+
+def seal(vault: SiteVault, server_round: int, delta: Mapping[str, torch.Tensor], weight: float,
+         participants: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Stage 3: ``[w * delta, w]`` in the ring, masked; the only tensor the reply carries."""
+    secrets, adverts, threshold = _round_state(vault, server_round)
+    unknown = sorted(set(participants) - set(adverts))
+    if unknown or vault.site not in participants or len(set(participants)) < threshold:
+        raise sa.SecAggError(f"site {vault.site}: participants {sorted(participants)} are not a threshold "
+                             f"({threshold}) of the sites whose keys it verified (unknown: {unknown})")
+    x = ring.encode(Layout.of(delta).pack(delta, weight))
+    y = sa.mask(secrets, x, adverts, participants)
+    return {MASKED: torch.from_numpy(y.view(np.int64).copy())}
+
+
+def reveal_shares(vault: SiteVault, server_round: int, inbox: Mapping[int, str], survivors: Sequence[int],
+                  dropped: Sequence[int]) -> dict[int, str]:
+    """Stage 4: this site's shares for the survivors' seeds and the dropped sites' keys, as
+    ``{site: "b:<hex>" | "s:<hex>"}``; the round's secrets are deleted after."""
+    secrets, adverts, threshold = _round_state(vault, server_round)
+    got = sa.reveal(secrets, adverts, {j: bytes.fromhex(c) for j, c in inbox.items()}, survivors=survivors,
+                    dropped=dropped, threshold=threshold)
+    _secrets_file(vault, server_round).unlink(missing_ok=True)  # one-round keys: nothing to keep
+    return {j: f"{kind}:{share.hex()}" for j, (kind, share) in got.items()}

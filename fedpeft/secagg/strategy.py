@@ -1,0 +1,143 @@
+"""``DeltaMerge`` under secure aggregation: what its configure_train and aggregate_train do when
+``secure-aggregation=true``. Reply validation keeps what a masked vector still allows (its size and
+type, the site's round, the signed ledger entry binding the masked bytes); norm and magnitude
+bounds cannot be checked on a masked vector: the report says so."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from safetensors.torch import save
+
+from fedpeft.federation import ARRAYS, CONFIG, METRICS, STATUS, from_arrays, to_arrays
+from fedpeft.io import atomic_write_bytes, atomic_write_json
+from fedpeft.merging import add_delta
+from fedpeft.privacy.ledger import LedgerError, delta_hash
+from fedpeft.secagg import protocol as sa
+from fedpeft.secagg import server as secserver
+from fedpeft.secagg.layout import Layout
+
+log = logging.getLogger(__name__)
+
+NOT_CHECKED = ("per-coordinate update bound", "norm of each update", "robust merges")
+
+
+class SecureRounds:
+    """Per-round secure state held by the strategy between configure_train and aggregate_train."""
+
+    def __init__(self) -> None:
+        self.rounds: dict[int, secserver.SecureRound] = {}
+
+    def configure(self, strat: Any, server_round: int, messages: list[Message], grid: Grid) -> list[Message]:
+        """Stages 1-2 with the sampled nodes; train messages for the sites that shared their keys."""
+        if not messages:
+            return messages
+        run_config = messages[0].content.config_records[CONFIG]
+        rnd = secserver.setup(grid, [m.metadata.dst_node_id for m in messages], server_round=server_round,
+                              run_config=run_config, fraction=strat.policy.secure_fraction,
+                              min_sites=strat.policy.min_valid_replies, timeout=strat.policy.retry_timeout)
+        self.rounds[server_round] = rnd
+        if len(rnd.participants) < rnd.threshold:
+            log.warning("round %d: %d sites shared secure-aggregation keys, below the threshold of %d; round "
+                        "skipped", server_round, len(rnd.participants), rnd.threshold)
+            return []
+        out = []
+        for site in rnd.participants:
+            m = next(x for x in messages if x.metadata.dst_node_id == rnd.node_of[site])
+            content = RecordDict({k: v for k, v in m.content.items()})
+            content[CONFIG] = ConfigRecord({**dict(m.content.config_records[CONFIG]),
+                                            "secagg-participants": json.dumps(rnd.participants)})
+            out.append(Message(content=content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type))
+        return out
+
+    def aggregate(self, strat: Any, server_round: int, replies: list[Message], rlog: Any
+                  ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate the masked replies, unmask their sum (stage 4), return global + mean delta."""
+        rnd = self.rounds.get(server_round)
+        glob = strat._global
+        if rnd is None or glob is None or not rnd.participants:
+            rlog.skipped = True
+            return None, None
+        layout = Layout.of(glob)
+        masked, hashes, metrics = {}, {}, {}
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            try:
+                if not msg.has_content():
+                    raise ValueError(str(msg.error.reason) if msg.has_error() else "an empty reply")
+                site, vec, sha, m = self._check(strat, rnd, msg, layout, server_round)
+            except ValueError as e:
+                rlog.rejected.append(f"node {node}: {e}")
+                rlog.failures.append({"node": node, "site": None, "round": server_round, "reason": str(e)})
+                log.warning("round %d: rejected secure reply from node %d: %s", server_round, node, e)
+                continue
+            if vec is None:
+                rlog.declined[site] = str(m.pop("reason", ""))
+                continue
+            masked[site], hashes[site], metrics[site] = vec, sha, m
+        try:
+            total = secserver.unmask_round(strat._grid, rnd, masked, timeout=strat.policy.retry_timeout)
+        except sa.SecAggError as e:
+            log.warning("round %d: %s", server_round, e)
+            rlog.failures.append({"node": None, "site": None, "round": server_round, "reason": str(e)})
+            rlog.skipped = True
+            return None, None
+        mean, weight = layout.unpack_mean(total)
+        self._keep_evidence(strat, rnd, masked, hashes)
+        for s in masked:
+            rlog.train[s] = metrics[s]
+            rlog.merged[s] = hashes[s]
+        new_global = add_delta(glob, {k: v.to(glob[k].dtype) for k, v in mean.items()})
+        return to_arrays(new_global), MetricRecord({"num-examples": weight, "sites": len(masked)})
+
+    @staticmethod
+    def _check(strat: Any, rnd: secserver.SecureRound, msg: Message, layout: Layout, server_round: int
+               ) -> tuple[int, Any, str, dict]:
+        if msg.has_error():
+            raise ValueError(str(msg.error.reason))
+        m = dict(msg.content.metric_records.get(METRICS, {}))
+        site = m.get("site")
+        if not isinstance(site, (int, float)) or int(site) not in rnd.node_of or \
+                rnd.node_of[int(site)] != msg.metadata.src_node_id:
+            raise ValueError(f"site={site!r}: not the site this node advertised keys for")
+        site = int(site)
+        if float(m.get("server-round", server_round)) != server_round:  # type: ignore[arg-type]
+            raise ValueError(f"server-round={m.get('server-round')}: a stale reply (this is round {server_round})")
+        status = dict(msg.content.config_records.get(STATUS, {}))
+        if status.get("status") == "declined":
+            return site, None, "", {"reason": status.get("reason", "")}
+        if ARRAYS not in msg.content.array_records:
+            raise ValueError("reply has no masked vector")
+        sent = from_arrays(msg.content.array_records[ARRAYS])
+        vec = secserver.masked_vector(sent, layout)
+        sha = delta_hash(sent)
+        ledgers = strat.policy.ledgers
+        if ledgers is not None:
+            if "ledger" not in status:
+                raise ValueError(f"ledger: site {site} sent no signed ledger; a DP release must carry one")
+            try:
+                ledgers.accept(site=site, data=str(status["ledger"]).encode(), public_key=str(status.get("public-key")),
+                               server_round=server_round, delta_sha256=sha)
+            except LedgerError as e:
+                raise ValueError(f"ledger: {e}") from None
+        return site, vec, sha, {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
+
+    @staticmethod
+    def _keep_evidence(strat: Any, rnd: secserver.SecureRound, masked: dict, hashes: dict) -> None:
+        """The masked vectors (each reveals nothing alone) and the round's relayed keys, for the audit."""
+        if not strat.policy.out_dir:
+            return
+        folder = Path(strat.policy.out_dir) / "secagg" / f"round-{rnd.server_round:06d}"
+        for s, vec in masked.items():
+            atomic_write_bytes(folder / f"site-{s}.safetensors",
+                               save({"masked": torch.from_numpy(vec.view("int64").copy())}))
+        atomic_write_json(folder / "round.json", {
+            "round": rnd.server_round, "threshold": rnd.threshold, "participants": rnd.participants,
+            "survivors": sorted(masked), "dropped": rnd.dropped, "adverts": rnd.adverts, "sha256": hashes,
+            "not_checked": list(NOT_CHECKED)})
