@@ -218,19 +218,12 @@ def reveal(secrets: SiteSecrets, adverts: Mapping[int, KeyAdvert], received: Map
     return out
 
 
-def unmask(masked: Mapping[int, np.ndarray], adverts: Mapping[int, KeyAdvert],
-           reveals: Mapping[int, Mapping[int, tuple[str, bytes]]], *, participants: Sequence[int], threshold: int,
-           server_round: int) -> np.ndarray:
-    """The coordinator's stage 4: the sum of the survivors' vectors (ring elements), masks removed.
-    ``masked``: survivor -> its masked vector; ``reveals``: revealing site -> its ``reveal``."""
-    alive = sorted(masked)
-    dropped = sorted(set(participants) - set(alive))
-    if len(alive) < threshold or len(reveals) < threshold:
-        raise SecAggError(f"round {server_round}: {len(alive)} masked vectors and {len(reveals)} reveals; the "
-                          f"threshold is {threshold}: the round cannot be unmasked (it is skipped, not merged)")
-    total = np.zeros_like(next(iter(masked.values())))
-    for i in alive:
-        total = ring.add(total, masked[i])
+def reconstruct(reveals: Mapping[int, Mapping[int, tuple[str, bytes]]], *, survivors: Sequence[int],
+                dropped: Sequence[int], threshold: int, server_round: int) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    """From t reveals: the survivors' self-mask seeds and the dropped sites' mask keys (raw)."""
+    if len(reveals) < threshold:
+        raise SecAggError(f"round {server_round}: {len(reveals)} reveals; the threshold is {threshold}: the round "
+                          "cannot be unmasked (it is skipped, not merged)")
 
     def secret_of(j: int, kind: str) -> bytes:
         shares = [r[j][1] for r in reveals.values() if j in r and r[j][0] == kind]
@@ -242,11 +235,39 @@ def unmask(masked: Mapping[int, np.ndarray], adverts: Mapping[int, KeyAdvert],
         except ValueError:
             raise SecAggError(f"round {server_round}: site {j}'s shares do not combine") from None
 
+    return {j: secret_of(j, "b") for j in survivors}, {j: secret_of(j, "s") for j in dropped}
+
+
+def unmask_with(masked: Mapping[int, np.ndarray], adverts: Mapping[int, KeyAdvert], seeds: Mapping[int, bytes],
+                keys: Mapping[int, bytes], *, server_round: int) -> np.ndarray:
+    """The sum of ``masked`` with the survivors' self masks (``seeds``) and the dropped sites' pairwise
+    masks (their mask ``keys``, each checked against its signed advert) removed."""
+    alive = sorted(masked)
+    total = np.zeros_like(masked[alive[0]])
+    for i in alive:
+        total = ring.add(total, masked[i])
     for j in alive:
-        total = ring.sub(total, ring.prg(secret_of(j, "b"), total.size))
-    for j in dropped:
-        key = X25519PrivateKey.from_private_bytes(secret_of(j, "s"))
+        total = ring.sub(total, ring.prg(seeds[j], total.size))
+    for j, raw in sorted(keys.items()):
+        key = X25519PrivateKey.from_private_bytes(raw)
+        if _raw_pub(key) != adverts[j].mask_pub:
+            raise SecAggError(f"round {server_round}: the reconstructed mask key of site {j} does not match its "
+                              "signed advert")
         for k in alive:  # k added +m towards higher ids, -m towards lower ones
             m = ring.prg(_pair_seed(key, adverts[k].mask_pub, server_round, j, k), total.size)
             total = ring.sub(total, m) if k < j else ring.add(total, m)
     return total
+
+
+def unmask(masked: Mapping[int, np.ndarray], adverts: Mapping[int, KeyAdvert],
+           reveals: Mapping[int, Mapping[int, tuple[str, bytes]]], *, participants: Sequence[int], threshold: int,
+           server_round: int) -> np.ndarray:
+    """The coordinator's stage 4: the sum of the survivors' vectors (ring elements), masks removed.
+    ``masked``: survivor -> its masked vector; ``reveals``: revealing site -> its ``reveal``."""
+    alive = sorted(masked)
+    if len(alive) < threshold:
+        raise SecAggError(f"round {server_round}: {len(alive)} masked vectors; the threshold is {threshold}: the "
+                          "round cannot be unmasked (it is skipped, not merged)")
+    seeds, keys = reconstruct(reveals, survivors=alive, dropped=sorted(set(participants) - set(alive)),
+                              threshold=threshold, server_round=server_round)
+    return unmask_with(masked, adverts, seeds, keys, server_round=server_round)

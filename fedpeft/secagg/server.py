@@ -113,8 +113,9 @@ def masked_vector(arrays: Mapping[str, torch.Tensor], layout: Layout) -> np.ndar
 
 
 def unmask_round(grid: Grid, rnd: SecureRound, masked: Mapping[int, np.ndarray], *,
-                 timeout: float | None = None) -> np.ndarray:
-    """Stage 4: ask the survivors for their shares, unmask, return the decoded sum (float64).
+                 timeout: float | None = None) -> tuple[np.ndarray, dict[int, bytes], dict[int, bytes]]:
+    """Stage 4: ask the survivors for their shares, unmask; return the decoded sum (float64) and the
+    reconstruction (survivors' self-mask seeds, dropped sites' mask keys) the audit replays.
     Raises ``SecAggError`` when fewer than the threshold survive or reveal."""
     survivors = sorted(masked)
     dropped = sorted(set(rnd.participants) - set(survivors))
@@ -136,6 +137,7 @@ def unmask_round(grid: Grid, rnd: SecureRound, masked: Mapping[int, np.ndarray],
             log.warning("secagg reveal: node %d sent malformed shares (%s)", node, e)
     rnd.dropped["reveal"] = sorted(set(survivors) - set(reveals))
     adverts = {s: sa.KeyAdvert.from_json(a) for s, a in rnd.adverts.items()}
-    total = sa.unmask(masked, adverts, reveals, participants=rnd.participants, threshold=rnd.threshold,
-                      server_round=rnd.server_round)
-    return ring.decode(total)
+    seeds, keys = sa.reconstruct(reveals, survivors=survivors, dropped=dropped, threshold=rnd.threshold,
+                                 server_round=rnd.server_round)
+    total = sa.unmask_with(masked, adverts, seeds, keys, server_round=rnd.server_round)
+    return ring.decode(total), seeds, keys

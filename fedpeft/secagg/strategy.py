@@ -82,14 +82,14 @@ class SecureRounds:
                 continue
             masked[site], hashes[site], metrics[site] = vec, sha, m
         try:
-            total = secserver.unmask_round(strat._grid, rnd, masked, timeout=strat.policy.retry_timeout)
+            total, seeds, keys = secserver.unmask_round(strat._grid, rnd, masked, timeout=strat.policy.retry_timeout)
         except sa.SecAggError as e:
             log.warning("round %d: %s", server_round, e)
             rlog.failures.append({"node": None, "site": None, "round": server_round, "reason": str(e)})
             rlog.skipped = True
             return None, None
         mean, weight = layout.unpack_mean(total)
-        self._keep_evidence(strat, rnd, masked, hashes)
+        self._keep_evidence(strat, rnd, masked, hashes, seeds, keys)
         for s in masked:
             rlog.train[s] = metrics[s]
             rlog.merged[s] = hashes[s]
@@ -129,8 +129,11 @@ class SecureRounds:
         return site, vec, sha, {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
 
     @staticmethod
-    def _keep_evidence(strat: Any, rnd: secserver.SecureRound, masked: dict, hashes: dict) -> None:
-        """The masked vectors (each reveals nothing alone) and the round's relayed keys, for the audit."""
+    def _keep_evidence(strat: Any, rnd: secserver.SecureRound, masked: dict, hashes: dict, seeds: dict,
+                       keys: dict) -> None:
+        """For the audit: the masked vectors (each reveals nothing alone), the round's signed adverts and
+        the reconstruction the coordinator learnt anyway (self-mask seeds of the survivors, mask keys
+        of the sites that dropped)."""
         if not strat.policy.out_dir:
             return
         folder = Path(strat.policy.out_dir) / "secagg" / f"round-{rnd.server_round:06d}"
@@ -140,4 +143,5 @@ class SecureRounds:
         atomic_write_json(folder / "round.json", {
             "round": rnd.server_round, "threshold": rnd.threshold, "participants": rnd.participants,
             "survivors": sorted(masked), "dropped": rnd.dropped, "adverts": rnd.adverts, "sha256": hashes,
+            "seeds": {s: b.hex() for s, b in seeds.items()}, "mask_keys": {s: k.hex() for s, k in keys.items()},
             "not_checked": list(NOT_CHECKED)})

@@ -74,6 +74,7 @@ class AuditResult:
     trust_root: str = ""  # whose copies of the sites' public keys the signatures were checked against
     keys_supplied: bool = False  # True: the auditor's own (--keys); False: the coordinator's copies
     provenance: dict[str, Any] = field(default_factory=dict)  # times, versions, config, adapter hash
+    secure_rounds: list[str] = field(default_factory=list)  # secure aggregation: each round verified
 
     @property
     def ok(self) -> bool:
@@ -186,8 +187,9 @@ def _audit_site(res: AuditResult, site: int, path: Path, trusted: str | None) ->
         res.warnings.append(f"site {site}: seeded DP noise — {SEEDED_STATEMENT}")
 
 
-def _covered(res: AuditResult, run: Path) -> None:
-    """Every checkpoint after round 0 must come from deltas each matched by a signed ledger entry."""
+def _covered(res: AuditResult, run: Path) -> dict[tuple[int, int], set[str]]:
+    """Every checkpoint after round 0 must come from deltas each matched by a signed ledger entry;
+    return the signed hashes, (site, round) -> delta SHA-256s."""
     metrics_path = run / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {"rounds": []}
     rows = {int(r["round"]): r for r in metrics.get("rounds", [])}
@@ -219,6 +221,19 @@ def _covered(res: AuditResult, run: Path) -> None:
             if digest not in hashes.get((int(site_s), rnd), set()):
                 res.failures.append(f"checkpoint {ck.name}: site {site_s}'s delta {digest[:12]}… has no signed "
                                     f"ledger entry for round {rnd}")
+    return hashes
+
+
+def _secure_rounds(res: AuditResult, run: Path, keys: Path, signed: dict[tuple[int, int], set[str]]) -> None:
+    """Secure aggregation: the masked vectors, the adverts and the unmasked sum (fedpeft.secagg.audit)."""
+    if not (run / "secagg").is_dir():
+        return
+    from fedpeft.secagg.audit import audit_secure_rounds
+
+    roster = {s: (keys / f"site-{s}.pub").read_text() for s in res.sites if (keys / f"site-{s}.pub").exists()}
+    failures, notes = audit_secure_rounds(run, signed=signed, roster=roster)
+    res.failures += failures
+    res.secure_rounds = notes
 
 
 def _site_of(path: Path) -> int:
@@ -263,7 +278,7 @@ def audit_run(run_dir: str | Path, *, keys_dir: str | Path | None = None,
     server = ledger_dir / "server.jsonl"
     if server.exists():
         _audit_server(res, server, keys / "server.pub")
-    _covered(res, run)
+    _secure_rounds(res, run, keys, _covered(res, run))
     return res
 
 

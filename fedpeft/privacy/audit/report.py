@@ -83,12 +83,25 @@ def _markdown(res: AuditResult) -> str:
                   f"{cl['releases']} server releases, noise multiplier {cl['sigma']}, delta {cl['delta']:g}: "
                   f"claimed epsilon {cl['claimed_epsilon']:.4f}, recomputed {cl['epsilon_recomputed']:.4f} "
                   f"(Opacus RDP, q = 1), budget {cl['max_epsilon'] or 'none'}.", ""]
+    if res.secure_rounds or (Path(res.run_dir) / "secagg").is_dir():
+        lines += ["## Secure aggregation", "", SECURE_TEXT, ""] + [f"- {n}" for n in res.secure_rounds] + [""]
     if res.empirical:
         lines += ["## Empirical audit", "", res.empirical.get("summary", ""), ""]
     if res.ok:
         lines += failures
     lines += ["## Warnings", ""] + ([f"- {w}" for w in res.warnings] or ["- none"]) + [""] + SIGN_OFF
     return "\n".join(lines) + "\n"
+
+
+SECURE_TEXT = (
+    "The sites masked their updates (pairwise and self masks, t-of-n Shamir shares; `docs/secagg.md`). "
+    "The coordinator saw: which sites took part and survived each stage, their signed key adverts and ledgers "
+    "(ε, steps), each masked vector (uniformly random on its own) and the weighted sum of the updates. It did "
+    "not see any site's update, example count, loss or local accuracy. Checks a secure round cannot do: the "
+    "per-coordinate update bound, each update's norm and the robust merges (they need individual updates). "
+    "Checked here, per round: every masked vector is the one its site signed, every key advert verifies "
+    "against the trust root above, and the masked sum unmasked with the recorded reconstruction equals the "
+    "checkpoint's update within the ring's step (2^-32 per site) and float32 rounding.")
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;line-height:1.45;

@@ -1,0 +1,95 @@
+"""Secure aggregation end to end in Flower's Simulation Engine (`smoke`, seeded): the same adapter
+as the plaintext run within the ring's step, no per-site update or count in what the coordinator
+kept, a site dropping after sharing its keys, and an audit that fails on an altered or missing
+masked vector."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from fedpeft.cli import simulate, simulation_config
+from fedpeft.privacy.audit.checks import audit_run
+
+pytestmark = pytest.mark.slow
+
+ADAPTER = "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    secure = tmp_path_factory.mktemp("secure")
+    plain = tmp_path_factory.mktemp("plain")
+    seeded = "dp-noise='seeded'"
+    m_secure = simulate(simulation_config("smoke", [f"{seeded} secure-aggregation=true"], str(secure)))
+    m_plain = simulate(simulation_config("smoke", [seeded], str(plain)))
+    return secure, m_secure, plain, m_plain
+
+
+def test_secure_run_gives_the_plaintext_adapter(runs):
+    # Prepare
+    secure, m_secure, plain, m_plain = runs
+    # Execute
+    a = load_file(str(secure / "adapter" / ADAPTER))
+    b = load_file(str(plain / "adapter" / ADAPTER))
+    # Assert: every tensor within float32 rounding plus the ring's step (relative 1e-6 at most)
+    assert a.keys() == b.keys()
+    for k in a:
+        diff = (a[k].double() - b[k].double()).norm().item()
+        assert diff <= 1e-6 * max(b[k].double().norm().item(), 1e-12), k
+    assert [r["global"]["accuracy"] for r in m_secure["rounds"]] == \
+        pytest.approx([r["global"]["accuracy"] for r in m_plain["rounds"]], abs=0.011)
+
+
+def test_coordinator_keeps_only_masked_vectors_and_no_per_site_counts(runs):
+    # Prepare
+    secure, metrics, _, _ = runs
+    # Execute
+    info = json.loads((secure / "secagg" / "round-000001" / "round.json").read_text())
+    sites = metrics["rounds"][1]["sites"]
+    # Assert: the round's record names every site, its masked vector is a 64-bit ring vector, and the
+    # sites reported no example count, loss or local accuracy of their own
+    assert info["survivors"] == info["participants"] == [0, 1, 2] and info["threshold"] == 2
+    for s in ("0", "1", "2"):
+        assert "epsilon" in sites[s] and not {"num-examples", "train-loss", "local-accuracy"} & set(sites[s])
+    masked = load_file(str(secure / "secagg" / "round-000001" / "site-0.safetensors"))["masked"]
+    assert str(masked.dtype) == "torch.int64" and masked.unique().numel() > 0.99 * masked.numel()
+    assert sorted(info["not_checked"]) == ["norm of each update", "per-coordinate update bound", "robust merges"]
+
+
+def test_audit_verifies_every_secure_round_and_fails_on_tampering(runs, tmp_path):
+    # Prepare: two copies of the honest run, one with a masked vector altered, one with one removed
+    secure, _, _, _ = runs
+    honest = audit_run(secure)
+    altered, missing = tmp_path / "altered", tmp_path / "missing"
+    shutil.copytree(secure, altered)
+    shutil.copytree(secure, missing)
+    path = altered / "secagg" / "round-000002" / "site-1.safetensors"
+    t = load_file(str(path))["masked"]
+    t[5] += 1
+    save_file({"masked": t}, str(path))
+    (missing / "secagg" / "round-000001" / "site-2.safetensors").unlink()
+    # Execute
+    bad, gone = audit_run(altered), audit_run(missing)
+    # Assert
+    assert honest.ok and len(honest.secure_rounds) == 2
+    assert any("secure round 2: site 1's masked vector" in f and "no signed ledger entry" in f for f in bad.failures)
+    assert any("secure round 1: site 2's masked vector is missing" in f for f in gone.failures)
+
+
+def test_a_site_that_drops_after_sharing_keys_is_unmasked_out(tmp_path):
+    # Prepare: a third of the sites crash after their first DP step (after stages 1-2)
+    flat = simulation_config("smoke", ["dp-noise='seeded' secure-aggregation=true fault-crash=0.34 "
+                                       "num-server-rounds=1"], str(tmp_path))
+    # Execute
+    metrics = simulate(flat)
+    info = json.loads((tmp_path / "secagg" / "round-000001" / "round.json").read_text())
+    # Assert: the round merged the survivors; the dropped site's mask key was reconstructed and checked
+    assert not metrics["rounds"][1]["skipped"]
+    assert len(info["survivors"]) == 2 and info["dropped"]["masked"] == sorted(set(info["participants"]) -
+                                                                                set(info["survivors"]))
+    assert list(info["mask_keys"]) == [str(s) for s in info["dropped"]["masked"]]
+    assert audit_run(tmp_path).ok
