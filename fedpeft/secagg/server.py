@@ -40,6 +40,7 @@ class SecureRound:
     inbox: dict[int, dict[int, str]] = field(default_factory=dict)  # receiver -> sender -> ciphertext
     dropped: dict[str, list[int]] = field(default_factory=dict)  # stage -> sites (or nodes) gone there
     run_config: ConfigRecord = field(default_factory=ConfigRecord)  # what every stage's message carries
+    stage_bytes_up: int = 0  # bytes the sites sent in stages 1, 2 and 4 (adverts, shares, reveals)
 
     @property
     def participants(self) -> list[int]:
@@ -47,7 +48,7 @@ class SecureRound:
 
 
 def _ask(grid: Grid, nodes: Iterable[int], action: str, run_config: ConfigRecord, payload: Mapping[int, Mapping],
-         timeout: float | None) -> dict[int, dict]:
+         timeout: float | None, rnd: SecureRound | None = None) -> dict[int, dict]:
     """Send ``query.<action>`` to ``nodes`` (each its own payload); node -> its reply's SECAGG record."""
     msgs = [Message(RecordDict({"config": run_config, SECAGG: ConfigRecord(dict(payload[n]))}),
                     dst_node_id=n, message_type=f"query.{action}") for n in nodes]
@@ -59,6 +60,8 @@ def _ask(grid: Grid, nodes: Iterable[int], action: str, run_config: ConfigRecord
             log.warning("secagg %s: node %d dropped (%s)", action, node, reason)
             continue
         out[node] = dict(reply.content.config_records[SECAGG])
+        if rnd is not None:
+            rnd.stage_bytes_up += sum(len(str(v)) for v in out[node].values())
     return out
 
 
@@ -67,7 +70,7 @@ def setup(grid: Grid, nodes: list[int], *, server_round: int, run_config: Config
     """Stages 1-2: collect signed adverts, relay them, collect the encrypted shares."""
     rnd = SecureRound(server_round, run_config=run_config)
     base = {"server-round": server_round}
-    got = _ask(grid, nodes, "secagg_keys", run_config, {n: base for n in nodes}, timeout)
+    got = _ask(grid, nodes, "secagg_keys", run_config, {n: base for n in nodes}, timeout, rnd)
     for node, rec in got.items():
         try:
             ad = sa.KeyAdvert.from_json(str(rec["advert"]))
@@ -84,7 +87,7 @@ def setup(grid: Grid, nodes: list[int], *, server_round: int, run_config: Config
         return rnd
     relay = {**base, "adverts": json.dumps(sorted(rnd.adverts.values())), "threshold": rnd.threshold}
     got = _ask(grid, list(rnd.node_of.values()), "secagg_shares", run_config,
-               {n: relay for n in rnd.node_of.values()}, timeout)
+               {n: relay for n in rnd.node_of.values()}, timeout, rnd)
     site_of = {n: s for s, n in rnd.node_of.items()}
     for node, rec in got.items():
         try:
@@ -126,7 +129,7 @@ def unmask_round(grid: Grid, rnd: SecureRound, masked: Mapping[int, np.ndarray],
     payload = {rnd.node_of[s]: {"server-round": rnd.server_round, "survivors": json.dumps(survivors),
                                 "dropped": json.dumps(dropped), "inbox": json.dumps(rnd.inbox.get(s, {}))}
                for s in survivors}
-    got = _ask(grid, list(payload), "secagg_reveal", rnd.run_config, payload, timeout)
+    got = _ask(grid, list(payload), "secagg_reveal", rnd.run_config, payload, timeout, rnd)
     site_of = {n: s for s, n in rnd.node_of.items()}
     reveals: dict[int, dict[int, tuple[str, bytes]]] = {}
     for node, rec in got.items():

@@ -144,4 +144,4 @@ class SecureRounds:
             "round": rnd.server_round, "threshold": rnd.threshold, "participants": rnd.participants,
             "survivors": sorted(masked), "dropped": rnd.dropped, "adverts": rnd.adverts, "sha256": hashes,
             "seeds": {s: b.hex() for s, b in seeds.items()}, "mask_keys": {s: k.hex() for s, k in keys.items()},
-            "not_checked": list(NOT_CHECKED)})
+            "stage_bytes_up": rnd.stage_bytes_up, "not_checked": list(NOT_CHECKED)})
