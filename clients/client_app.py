@@ -15,8 +15,9 @@ from fedpeft.privacy.vault import SiteVault, site_folder
 from fedpeft.runconfig import from_run_config
 from fedpeft.runtime import quiet_libraries, set_threads
 from fedpeft.secagg import site as secagg_site
+from fedpeft.secagg.ddp import DdpPlan
 from fedpeft.secagg.server import SECAGG
-from fedpeft.site import apply_node_config, settle_ledger, site_evaluate, site_round
+from fedpeft.site import apply_node_config, round_seed, settle_ledger, site_evaluate, site_round
 
 app = ClientApp()
 
@@ -65,7 +66,12 @@ def train(msg: Message, context: Context) -> Message:
         vault = _vault(context, cfg, site, deployed)
         participants = json.loads(str(config["secagg-participants"]))
         rnd = int(config["server-round"])  # type: ignore[arg-type]
-        seal = lambda delta, w: secagg_site.seal(vault, rnd, delta, w, participants)  # noqa: E731
+        plan = None
+        if cfg.privacy.client_dp:  # distributed DP: this site adds its share of the noise
+            p = cfg.privacy
+            plan = DdpPlan(noise_multiplier=p.client_noise_multiplier, clip=p.client_clip, delta=p.target_delta)
+        seed = round_seed(cfg.train.seed, site, rnd) ^ 0xDD if cfg.privacy.noise == "seeded" else None
+        seal = secagg_site.Sealer(vault, rnd, participants, plan=plan, seed=seed)
     reply = site_round(cfg, site=site, num_sites=num, server_round=int(config["server-round"]),  # type: ignore[arg-type]
                        global_state=from_arrays(msg.content.array_records[ARRAYS]),
                        vault=(_vault(context, cfg, site, deployed)

@@ -511,15 +511,13 @@ class RunConfig:
             self._check_secure_aggregation()
 
     def _check_secure_aggregation(self) -> None:
-        """The coordinator sees one sum: whatever needs the individual updates is refused, saying why."""
-        fed, p = self.federation, self.privacy
+        """The coordinator sees one sum: whatever needs the individual updates is refused, saying why.
+        ``client-dp=true`` here is distributed DP: the sites add the noise (fedpeft.secagg.ddp)."""
+        fed = self.federation
         why = "secure-aggregation=true: the coordinator sees only the sum of the sites' updates, so "
         if fed.merge != "fedavg":
             raise ConfigError(why + f"merge={fed.merge!r} cannot run: robust and rank merges need each update "
                               "(a mixed-rank frozen_a sum is built in fedpeft.secagg but not wired yet); use merge='fedavg'")
-        if p.client_dp:
-            raise ConfigError(why + "client-dp=true (server-side clipping of each update) cannot run; distributed "
-                              "DP is not built yet")
         if fed.delta_format != "float32" or fed.error_feedback:
             raise ConfigError(why + f"delta-format={fed.delta_format!r}/error-feedback: masked vectors are 64-bit "
                               "ring elements, not compressible deltas; use delta-format='float32'")

@@ -226,7 +226,8 @@ def site_round(
         if vault is None:
             return Reply("trained", delta, metrics)
         with vault.exclusive():  # a deployed site whose own file turned DP off: its ledger says so
-            vault.record_release_without_dp(server_round=server_round, delta=delta)
+            vault.record_release_without_dp(server_round=server_round, delta=delta,
+                                            extra=getattr(seal, "ledger_fields", None))
             return Reply("trained", delta, metrics, NO_DP_REASON, vault.ledger_bytes(), vault.public_key())
     with vault.exclusive():
         return _private_round(cfg, site=site, num_sites=num_sites, server_round=server_round,
@@ -294,7 +295,8 @@ def _private_round(
     after = dataclasses.replace(PrivacyState.from_json(new_json), round=server_round)
     vault.save_privacy(after.to_json())  # the steps are spent: state first, then the signed record of them
     vault.record_release(server_round=server_round, before=PrivacyState.from_json(prev) if prev else None,
-                         after=after, delta=delta, noise=cfg.privacy.noise, deployed=deployed)
+                         after=after, delta=delta, noise=cfg.privacy.noise, deployed=deployed,
+                         extra=getattr(seal, "ledger_fields", None))
     vault.save_release(server_round=server_round, global_sha256=gsha, delta=delta, metrics=metrics)
     vault.end_round()
     if canaries is not None:

@@ -82,6 +82,7 @@ class MergePolicy:
     delta_format: str = "float32"  # how sites send deltas (fedpeft.compression); decoded at validation
     secure_fraction: float | None = None  # secure aggregation on: the threshold's fraction (fedpeft.secagg)
     out_dir: str | None = None  # where secure rounds keep the masked vectors (evidence for the audit)
+    ddp: Any = None  # secure aggregation with client-dp: the distributed-DP plan (fedpeft.secagg.ddp.DdpPlan)
 
     def __post_init__(self) -> None:
         # rank rules merge whole adapters by rank (``merging.merge_replies``), not same-shaped deltas
@@ -91,7 +92,9 @@ class MergePolicy:
     def from_config(cls, cfg: RunConfig) -> MergePolicy:
         fed, p = cfg.federation, cfg.privacy
         client_dp = None
-        if p.client_dp:
+        if p.client_dp and fed.secure_aggregation:  # distributed: the sites add the noise (fedpeft.secagg.ddp)
+            pass
+        elif p.client_dp:
             if fed.merge != "fedavg":
                 raise ValueError(f"merge={fed.merge!r}: client-dp=true needs merge='fedavg' (an unweighted sum of "
                                  "clipped deltas); heterogeneous-rank rules are not covered yet")
@@ -104,7 +107,18 @@ class MergePolicy:
                    limits=ReplyLimits(max_bytes=int(fed.max_reply_mib * 2**20), max_examples=fed.max_num_examples),
                    update_bound=update_bound(cfg), round_retries=fed.round_retries,
                    retry_timeout=fed.round_timeout or None, delta_format=fed.delta_format,
-                   secure_fraction=fed.secagg_threshold if fed.secure_aggregation else None, out_dir=fed.out_dir)
+                   secure_fraction=fed.secagg_threshold if fed.secure_aggregation else None, out_dir=fed.out_dir,
+                   ddp=_ddp_plan(cfg))
+
+
+def _ddp_plan(cfg: RunConfig) -> Any:
+    p = cfg.privacy
+    if not (p.client_dp and cfg.federation.secure_aggregation):
+        return None
+    from fedpeft.secagg.ddp import DdpPlan
+
+    return DdpPlan(noise_multiplier=p.client_noise_multiplier, clip=p.client_clip, delta=p.target_delta,
+                   max_epsilon=p.client_max_epsilon)
 
 
 class DeltaMerge(FedAvg):

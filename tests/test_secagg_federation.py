@@ -93,3 +93,31 @@ def test_a_site_that_drops_after_sharing_keys_is_unmasked_out(tmp_path):
                                                                                 set(info["survivors"]))
     assert list(info["mask_keys"]) == [str(s) for s in info["dropped"]["masked"]]
     assert audit_run(tmp_path).ok
+
+
+def test_distributed_dp_run_is_signed_by_the_sites_and_recomputed_by_the_audit(tmp_path):
+    # Prepare: secure aggregation with client-dp: the sites add Skellam shares (seeded: a simulation)
+    flat = simulation_config("smoke", ["dp-noise='seeded' secure-aggregation=true client-dp=true "
+                                       "client-dp-noise-multiplier=0.8 client-dp-clip=0.5 num-server-rounds=2"],
+                             str(tmp_path / "run"))
+    run = tmp_path / "run"
+    # Execute
+    metrics = simulate(flat)
+    honest = audit_run(run)
+    info = json.loads((run / "secagg" / "round-000001" / "round.json").read_text())
+    entry = [json.loads(x) for x in (run / "ledger" / "site-0.jsonl").read_text().splitlines()][1]
+    weak = tmp_path / "weak"
+    shutil.copytree(run, weak)
+    rec = json.loads((weak / "secagg" / "round-000002" / "round.json").read_text())
+    rec["ddp"]["total_variance"] *= 2  # the coordinator claims more noise than the sites signed
+    (weak / "secagg" / "round-000002" / "round.json").write_text(json.dumps(rec))
+    # Assert: each site's signed entry declares its share, (t - 1) shares make the planned variance,
+    # and the audit recomputes the run's client-level epsilon from those signatures
+    share = entry["ddp"]
+    assert share["mechanism"] == "skellam" and share["threshold"] == info["threshold"] == 2
+    assert share["local_variance"] * (share["threshold"] - 1) == pytest.approx(info["ddp"]["total_variance"], rel=1e-12)
+    assert info["ddp"]["total_variance"] == pytest.approx((0.8 * 0.5 * info["ddp"]["scale"]) ** 2, rel=1e-12)
+    eps = [r["client_epsilon"] for r in metrics["rounds"][1:]]
+    assert 0 < eps[0] < eps[1]
+    assert honest.ok and any(f"client-level epsilon {eps[1]:.4f}" in n for n in honest.secure_rounds)
+    assert any("below the planned" in f for f in audit_run(weak).failures)

@@ -150,8 +150,10 @@ class SiteVault:
         atomic_write_bytes(self.folder / "canaries.json", canaries.to_json().encode())
 
     def record_release(self, *, server_round: int, before: PrivacyState | None, after: PrivacyState,
-                       delta: Mapping[str, torch.Tensor], noise: str, deployed: bool) -> bytes:
-        """One ``dp-sgd`` entry for the steps this round took (the history's new tail)."""
+                       delta: Mapping[str, torch.Tensor], noise: str, deployed: bool,
+                       extra: Mapping[str, object] | None = None) -> bytes:
+        """One ``dp-sgd`` entry for the steps this round took (the history's new tail); ``extra``:
+        more signed fields (a distributed-DP share: ``ddp``)."""
         done = before.steps_taken if before is not None else 0
         steps = after.steps_taken - done
         return self.ledger.append("dp-sgd", {
@@ -161,7 +163,7 @@ class SiteVault:
             "epsilon_after": after.epsilon(), "target_epsilon": after.target_epsilon,
             "planned_steps": after.planned_steps, "steps_total": after.steps_taken,
             "adjacency": "add/remove one record of this site",
-            "delta_sha256": delta_hash(delta),
+            "delta_sha256": delta_hash(delta), **dict(extra or {}),
         })
 
     def reconcile(self, *, noise: str, deployed: bool) -> bytes | None:
@@ -184,11 +186,12 @@ class SiteVault:
             "adjacency": "add/remove one record of this site", "delta_sha256": None, "recovered": True,
         })
 
-    def record_release_without_dp(self, *, server_round: int, delta: Mapping[str, torch.Tensor]) -> bytes:
+    def record_release_without_dp(self, *, server_round: int, delta: Mapping[str, torch.Tensor],
+                                  extra: Mapping[str, object] | None = None) -> bytes:
         """A release this site made with DP off by its own policy: signed, so no audit mistakes it."""
         return self.ledger.append("no-dp", {
             "round": server_round, "deployed": True, "delta_sha256": delta_hash(delta),
-            "adjacency": "none: no differential privacy (the site's own policy, dp = false)",
+            "adjacency": "none: no differential privacy (the site's own policy, dp = false)", **dict(extra or {}),
         })
 
     def record_decline(self, *, server_round: int, state: PrivacyState, reason: str) -> bytes:

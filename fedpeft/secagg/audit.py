@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from fedpeft.privacy.ledger import delta_hash
+from fedpeft.privacy.ledger import LedgerError, delta_hash, verify_file
+from fedpeft.secagg import ddp, ring
 from fedpeft.secagg import protocol as sa
-from fedpeft.secagg import ring
 from fedpeft.secagg.layout import Layout, LayoutError
 from fedpeft.secagg.site import MASKED
 
@@ -27,6 +27,9 @@ def audit_secure_rounds(run: Path, *, signed: Mapping[tuple[int, int], set[str]]
     -> the delta hashes its ledger signed; ``roster``: site -> the public key the audit trusts."""
     failures: list[str] = []
     notes: list[str] = []
+    shares = _ddp_shares(run, roster)
+    releases: list[float] = []
+    plan: dict | None = None
     for folder in sorted((run / "secagg").glob("round-*")) if (run / "secagg").is_dir() else []:
         rnd = int(folder.name.split("-")[1])
         try:
@@ -35,11 +38,64 @@ def audit_secure_rounds(run: Path, *, signed: Mapping[tuple[int, int], set[str]]
             failures.append(f"secure round {rnd}: round.json unreadable ({e})")
             continue
         found = _one_round(run, folder, rnd, info, signed, roster)
+        if info.get("ddp"):
+            plan = info["ddp"]
+            found += _ddp_round(rnd, info, shares, releases)
         failures += found
         if not found:
             notes.append(f"secure round {rnd}: {len(info['survivors'])} masked vectors of {len(info['participants'])} "
                          f"participants (threshold {info['threshold']}) verified and unmasked to the checkpoint")
+    if plan is not None and releases:
+        eps = ddp.epsilon(releases=releases, clip=plan["clip"], scale=plan["scale"], dim=plan["dim"],
+                          delta=plan["delta"])
+        claimed = _claimed_client_epsilon(run)
+        if claimed is None or abs(claimed - eps) > 0.01 * eps:
+            failures.append(f"distributed DP: the sites' signed shares give client-level epsilon {eps:.4f} over "
+                            f"{len(releases)} releases; the run claims {claimed}")
+        else:
+            notes.append(f"distributed DP (Skellam, one whole site): {len(releases)} releases, noise variance in "
+                         f"the sum >= {min(releases):.4g} from the sites' signed shares; client-level epsilon "
+                         f"{eps:.4f} at delta {plan['delta']:g} recomputed (claimed {claimed:.4f})")
     return failures, notes
+
+
+def _ddp_shares(run: Path, roster: Mapping[int, str]) -> dict[tuple[int, int], dict]:
+    """(site, round) -> the distributed-DP share its signed ledger entry declares."""
+    out = {}
+    for site, pem in roster.items():
+        try:
+            entries = verify_file(run / "ledger" / f"site-{site}.jsonl", site=site, trusted_pem=pem).entries
+        except (LedgerError, OSError):
+            continue  # reported by the ledger checks
+        for e in entries:
+            if isinstance(e.get("ddp"), dict):
+                out[(site, int(e["round"]))] = e["ddp"]
+    return out
+
+
+def _ddp_round(rnd: int, info: dict, shares: Mapping[tuple[int, int], dict], releases: list[float]) -> list[str]:
+    """The noise in this round's sum, from the survivors' signed shares: (t - 1) x the smallest."""
+    t = int(info["threshold"])
+    got = [shares.get((s, rnd)) for s in info["survivors"]]
+    if any(g is None for g in got):
+        missing = [s for s, g in zip(info["survivors"], got) if g is None]
+        return [f"secure round {rnd}: sites {missing} signed no distributed-DP share"]
+    local = min(float(g["local_variance"]) for g in got if g is not None)
+    total = (t - 1) * local
+    if total < 0.999 * float(info["ddp"]["total_variance"]):
+        return [f"secure round {rnd}: the sites' signed shares carry noise variance {total:.4g} in the sum, below "
+                f"the planned {info['ddp']['total_variance']:.4g}"]
+    releases.append(total)
+    return []
+
+
+def _claimed_client_epsilon(run: Path) -> float | None:
+    try:
+        rounds = json.loads((run / "metrics.json").read_text())["rounds"]
+    except (OSError, ValueError, KeyError):
+        return None
+    vals = [r.get("client_epsilon") for r in rounds if r.get("client_epsilon") is not None]
+    return float(vals[-1]) if vals else None
 
 
 def _one_round(run: Path, folder: Path, rnd: int, info: dict, signed: Mapping[tuple[int, int], set[str]],
@@ -76,7 +132,12 @@ def _one_round(run: Path, folder: Path, rnd: int, info: dict, signed: Mapping[tu
     try:
         total = sa.unmask_with(masked, adverts, {int(k): bytes.fromhex(v) for k, v in info["seeds"].items()},
                                {int(k): bytes.fromhex(v) for k, v in info["mask_keys"].items()}, server_round=rnd)
-        mean, weight = layout.unpack_mean(ring.decode(total))
+        if info.get("ddp"):  # integers: the rounded, noised updates over the scale, then over the sites
+            vals = total.view(np.int64).astype(np.float64)
+            vals[:-1] /= float(info["ddp"]["scale"])
+        else:
+            vals = ring.decode(total)
+        mean, weight = layout.unpack_mean(vals)
     except (sa.SecAggError, LayoutError, KeyError, ValueError) as e:
         return [f"secure round {rnd}: the masked sum does not unmask ({e})"]
     for k, m in mean.items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from opacus.accountants.analysis.rdp import get_privacy_spent
@@ -107,3 +108,33 @@ def encode_private(x: np.ndarray, *, clip: float, scale: float, local_variance: 
         if np.linalg.norm(r) <= bound:
             return r.astype(np.int64) + skellam(v.size, local_variance, rng)
     raise DdpError(f"rounding: no draw within the bound {bound:.4g} in {max_draws} tries")
+
+
+def scale_for(*, clip: float, dim: int) -> float:
+    """The fixed-point scale every site of a round uses: a power of two with s * C >= 16 sqrt(d), so
+    rounding adds ~0.1 % to the L2 sensitivity (``rounded_l2``). Public: it depends on C and d only."""
+    return float(2 ** math.ceil(math.log2(16 * math.sqrt(dim) / clip)))
+
+
+@dataclass(frozen=True)
+class DdpPlan:
+    """Distributed client-level DP for a run: the noise in the sum has std ``noise_multiplier * clip``
+    (as central client-dp's), shared among the t - 1 sites that must survive besides any one."""
+
+    noise_multiplier: float
+    clip: float
+    delta: float
+    max_epsilon: float = 0.0  # 0: no limit
+
+    def total_variance(self, dim: int) -> float:
+        """Per-coordinate variance of the noise in the sum, in integer units."""
+        return (self.noise_multiplier * self.clip * scale_for(clip=self.clip, dim=dim)) ** 2
+
+    def local_variance(self, dim: int, threshold: int) -> float:
+        if threshold < 2:
+            raise DdpError(f"threshold={threshold}: distributed DP needs at least 2 surviving sites")
+        return self.total_variance(dim) / (threshold - 1)
+
+    def epsilon(self, releases: int, dim: int) -> float:
+        return epsilon(releases=[self.total_variance(dim)] * releases, clip=self.clip,
+                       scale=scale_for(clip=self.clip, dim=dim), dim=dim, delta=self.delta)

@@ -20,7 +20,6 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft.secagg import protocol as sa
-from fedpeft.secagg import ring
 from fedpeft.secagg.layout import Layout
 from fedpeft.secagg.site import MASKED
 
@@ -117,7 +116,7 @@ def masked_vector(arrays: Mapping[str, torch.Tensor], layout: Layout) -> np.ndar
 
 def unmask_round(grid: Grid, rnd: SecureRound, masked: Mapping[int, np.ndarray], *,
                  timeout: float | None = None) -> tuple[np.ndarray, dict[int, bytes], dict[int, bytes]]:
-    """Stage 4: ask the survivors for their shares, unmask; return the decoded sum (float64) and the
+    """Stage 4: ask the survivors for their shares, unmask; return the sum (ring elements) and the
     reconstruction (survivors' self-mask seeds, dropped sites' mask keys) the audit replays.
     Raises ``SecAggError`` when fewer than the threshold survive or reveal."""
     survivors = sorted(masked)
@@ -143,4 +142,4 @@ def unmask_round(grid: Grid, rnd: SecureRound, masked: Mapping[int, np.ndarray],
     seeds, keys = sa.reconstruct(reveals, survivors=survivors, dropped=dropped, threshold=rnd.threshold,
                                  server_round=rnd.server_round)
     total = sa.unmask_with(masked, adverts, seeds, keys, server_round=rnd.server_round)
-    return ring.decode(total), seeds, keys
+    return total, seeds, keys

@@ -19,8 +19,8 @@ import torch
 
 from fedpeft.io import atomic_write_bytes
 from fedpeft.privacy.vault import LEDGER_FILE, SiteVault
+from fedpeft.secagg import ddp, ring
 from fedpeft.secagg import protocol as sa
-from fedpeft.secagg import ring
 from fedpeft.secagg.layout import Layout
 
 MASKED = "secagg-masked"  # the one tensor a secure reply carries: ring elements as int64
@@ -93,17 +93,43 @@ def _round_state(vault: SiteVault, server_round: int) -> tuple[sa.SiteSecrets, d
     return sa.SiteSecrets.from_json(state["secrets"]), adverts, int(state["threshold"])
 
 
-def seal(vault: SiteVault, server_round: int, delta: Mapping[str, torch.Tensor], weight: float,
-         participants: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Stage 3: ``[w * delta, w]`` in the ring, masked; the only tensor the reply carries."""
-    secrets, adverts, threshold = _round_state(vault, server_round)
-    unknown = sorted(set(participants) - set(adverts))
-    if unknown or vault.site not in participants or len(set(participants)) < threshold:
-        raise sa.SecAggError(f"site {vault.site}: participants {sorted(participants)} are not a threshold "
-                             f"({threshold}) of the sites whose keys it verified (unknown: {unknown})")
-    x = ring.encode(Layout.of(delta).pack(delta, weight))
-    y = sa.mask(secrets, x, adverts, participants)
-    return {MASKED: torch.from_numpy(y.view(np.int64).copy())}
+class Sealer:
+    """Stage 3 for one round: ``[w * delta, w]`` in the ring, masked; the only tensor the reply
+    carries. With a distributed-DP ``plan``: ``[x, 1]`` instead, x the clipped, scaled, rounded
+    update plus this site's Skellam share (``ddp.encode_private``), unweighted (client-level DP
+    bounds one site's whole update); ``ledger_fields`` then holds what the site's ledger entry signs.
+    Noise comes from this machine's entropy unless ``seed`` (seeded simulations) is given."""
+
+    def __init__(self, vault: SiteVault, server_round: int, participants: Sequence[int], *,
+                 plan: ddp.DdpPlan | None = None, seed: int | None = None) -> None:
+        self.vault, self.server_round, self.participants = vault, server_round, list(participants)
+        self.plan, self.seed = plan, seed
+        self.ledger_fields: dict[str, object] = {}
+
+    def __call__(self, delta: Mapping[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:
+        vault = self.vault
+        secrets, adverts, threshold = _round_state(vault, self.server_round)
+        unknown = sorted(set(self.participants) - set(adverts))
+        if unknown or vault.site not in self.participants or len(set(self.participants)) < threshold:
+            raise sa.SecAggError(f"site {vault.site}: participants {sorted(self.participants)} are not a threshold "
+                                 f"({threshold}) of the sites whose keys it verified (unknown: {unknown})")
+        layout = Layout.of(delta)
+        if self.plan is None:
+            x = ring.encode(layout.pack(delta, weight))
+        else:
+            v = layout.pack(delta, 1.0)
+            dim = v.size - 1
+            scale = ddp.scale_for(clip=self.plan.clip, dim=dim)
+            local = self.plan.local_variance(dim, threshold)
+            rng = np.random.default_rng(self.seed if self.seed is not None else int.from_bytes(os.urandom(16), "little"))
+            xi = ddp.encode_private(v[:-1], clip=self.plan.clip, scale=scale, local_variance=local, rng=rng)
+            x = np.concatenate([xi, np.ones(1, dtype=np.int64)]).view(np.uint64)
+            self.ledger_fields = {"ddp": {
+                "mechanism": "skellam", "clip": self.plan.clip, "scale": scale, "dim": dim, "local_variance": local,
+                "threshold": threshold, "delta": self.plan.delta, "noise": "seeded" if self.seed is not None else "secret",
+                "adjacency": "add/remove one whole site (client-level), any t - 1 other sites surviving"}}
+        y = sa.mask(secrets, x, adverts, self.participants)
+        return {MASKED: torch.from_numpy(y.view(np.int64).copy())}
 
 
 def reveal_shares(vault: SiteVault, server_round: int, inbox: Mapping[int, str], survivors: Sequence[int],

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -19,6 +20,7 @@ from fedpeft.federation import ARRAYS, CONFIG, METRICS, STATUS, from_arrays, to_
 from fedpeft.io import atomic_write_bytes, atomic_write_json
 from fedpeft.merging import add_delta
 from fedpeft.privacy.ledger import LedgerError, delta_hash
+from fedpeft.secagg import ddp, ring
 from fedpeft.secagg import protocol as sa
 from fedpeft.secagg import server as secserver
 from fedpeft.secagg.layout import Layout
@@ -43,6 +45,12 @@ class SecureRounds:
                               run_config=run_config, fraction=strat.policy.secure_fraction,
                               min_sites=strat.policy.min_valid_replies, timeout=strat.policy.retry_timeout)
         self.rounds[server_round] = rnd
+        plan = strat.policy.ddp
+        if plan is not None and plan.max_epsilon and \
+                plan.epsilon(len(ddp_releases(strat.policy.out_dir)) + 1, Layout.of(strat._global).size - 1) > plan.max_epsilon:
+            log.warning("round %d: another distributed-DP release would exceed client-dp-max-epsilon=%g; round "
+                        "skipped", server_round, plan.max_epsilon)
+            return []
         if len(rnd.participants) < rnd.threshold:
             log.warning("round %d: %d sites shared secure-aggregation keys, below the threshold of %d; round "
                         "skipped", server_round, len(rnd.participants), rnd.threshold)
@@ -88,8 +96,16 @@ class SecureRounds:
             rlog.failures.append({"node": None, "site": None, "round": server_round, "reason": str(e)})
             rlog.skipped = True
             return None, None
-        mean, weight = layout.unpack_mean(total)
+        plan = strat.policy.ddp
+        if plan is None:
+            mean, weight = layout.unpack_mean(ring.decode(total))
+        else:  # integers: the summed rounded updates over s, then over the number of sites
+            vals = total.view(np.int64).astype(np.float64)
+            vals[:-1] /= ddp.scale_for(clip=plan.clip, dim=layout.size - 1)
+            mean, weight = layout.unpack_mean(vals)
         self._keep_evidence(strat, rnd, masked, hashes, seeds, keys)
+        if plan is not None:
+            rlog.client_epsilon = plan.epsilon(len(ddp_releases(strat.policy.out_dir)), layout.size - 1)
         for s in masked:
             rlog.train[s] = metrics[s]
             rlog.merged[s] = hashes[s]
@@ -144,4 +160,25 @@ class SecureRounds:
             "round": rnd.server_round, "threshold": rnd.threshold, "participants": rnd.participants,
             "survivors": sorted(masked), "dropped": rnd.dropped, "adverts": rnd.adverts, "sha256": hashes,
             "seeds": {s: b.hex() for s, b in seeds.items()}, "mask_keys": {s: k.hex() for s, k in keys.items()},
-            "stage_bytes_up": rnd.stage_bytes_up, "not_checked": list(NOT_CHECKED)})
+            "stage_bytes_up": rnd.stage_bytes_up, "not_checked": list(NOT_CHECKED),
+            "ddp": None if strat.policy.ddp is None else _ddp_record(strat.policy.ddp, next(iter(masked.values())).size,
+                                                                      rnd.threshold)})
+
+
+def _ddp_record(plan: ddp.DdpPlan, size: int, threshold: int) -> dict[str, object]:
+    dim = size - 1
+    return {"mechanism": "skellam", "noise_multiplier": plan.noise_multiplier, "clip": plan.clip, "dim": dim,
+            "scale": ddp.scale_for(clip=plan.clip, dim=dim), "total_variance": plan.total_variance(dim),
+            "threshold": threshold, "delta": plan.delta}
+
+
+def ddp_releases(out_dir: str | None) -> list[dict]:
+    """The distributed-DP releases a run made so far, from its kept rounds (so a resumed run counts them)."""
+    if not out_dir:
+        return []
+    out = []
+    for f in sorted((Path(out_dir) / "secagg").glob("round-*/round.json")):
+        rec = json.loads(f.read_text()).get("ddp")
+        if rec:
+            out.append(rec)
+    return out
