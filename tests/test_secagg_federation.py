@@ -25,22 +25,23 @@ def runs(tmp_path_factory):
     plain = tmp_path_factory.mktemp("plain")
     seeded = "dp-noise='seeded'"
     m_secure = simulate(simulation_config("smoke", [f"{seeded} secure-aggregation=true"], str(secure)))
-    m_plain = simulate(simulation_config("smoke", [seeded], str(plain)))
+    # one round, planned as two: the same sigma as the secure run (DP calibrates for the planned rounds)
+    m_plain = simulate(simulation_config("smoke", [f"{seeded} num-server-rounds=1 dp-planned-rounds=2"], str(plain)))
     return secure, m_secure, plain, m_plain
 
 
 def test_secure_run_gives_the_plaintext_adapter(runs):
     # Prepare
     secure, m_secure, plain, m_plain = runs
-    # Execute
-    a = load_file(str(secure / "adapter" / ADAPTER))
-    b = load_file(str(plain / "adapter" / ADAPTER))
+    # Execute: round 1's adapters (the plaintext reference runs one round)
+    a = load_file(str(secure / "checkpoints" / "round-001" / ADAPTER))
+    b = load_file(str(plain / "checkpoints" / "round-001" / ADAPTER))
     # Assert: every tensor within float32 rounding plus the ring's step (relative 1e-6 at most)
     assert a.keys() == b.keys()
     for k in a:
         diff = (a[k].double() - b[k].double()).norm().item()
         assert diff <= 1e-6 * max(b[k].double().norm().item(), 1e-12), k
-    assert [r["global"]["accuracy"] for r in m_secure["rounds"]] == \
+    assert [r["global"]["accuracy"] for r in m_secure["rounds"][:2]] == \
         pytest.approx([r["global"]["accuracy"] for r in m_plain["rounds"]], abs=0.011)
 
 
@@ -78,46 +79,3 @@ def test_audit_verifies_every_secure_round_and_fails_on_tampering(runs, tmp_path
     assert honest.ok and len(honest.secure_rounds) == 2
     assert any("secure round 2: site 1's masked vector" in f and "no signed ledger entry" in f for f in bad.failures)
     assert any("secure round 1: site 2's masked vector is missing" in f for f in gone.failures)
-
-
-def test_a_site_that_drops_after_sharing_keys_is_unmasked_out(tmp_path):
-    # Prepare: a third of the sites crash after their first DP step (after stages 1-2)
-    flat = simulation_config("smoke", ["dp-noise='seeded' secure-aggregation=true fault-crash=0.34 "
-                                       "num-server-rounds=1"], str(tmp_path))
-    # Execute
-    metrics = simulate(flat)
-    info = json.loads((tmp_path / "secagg" / "round-000001" / "round.json").read_text())
-    # Assert: the round merged the survivors; the dropped site's mask key was reconstructed and checked
-    assert not metrics["rounds"][1]["skipped"]
-    assert len(info["survivors"]) == 2 and info["dropped"]["masked"] == sorted(set(info["participants"]) -
-                                                                                set(info["survivors"]))
-    assert list(info["mask_keys"]) == [str(s) for s in info["dropped"]["masked"]]
-    assert audit_run(tmp_path).ok
-
-
-def test_distributed_dp_run_is_signed_by_the_sites_and_recomputed_by_the_audit(tmp_path):
-    # Prepare: secure aggregation with client-dp: the sites add Skellam shares (seeded: a simulation)
-    flat = simulation_config("smoke", ["dp-noise='seeded' secure-aggregation=true client-dp=true "
-                                       "client-dp-noise-multiplier=0.8 client-dp-clip=0.5 num-server-rounds=2"],
-                             str(tmp_path / "run"))
-    run = tmp_path / "run"
-    # Execute
-    metrics = simulate(flat)
-    honest = audit_run(run)
-    info = json.loads((run / "secagg" / "round-000001" / "round.json").read_text())
-    entry = [json.loads(x) for x in (run / "ledger" / "site-0.jsonl").read_text().splitlines()][1]
-    weak = tmp_path / "weak"
-    shutil.copytree(run, weak)
-    rec = json.loads((weak / "secagg" / "round-000002" / "round.json").read_text())
-    rec["ddp"]["total_variance"] *= 2  # the coordinator claims more noise than the sites signed
-    (weak / "secagg" / "round-000002" / "round.json").write_text(json.dumps(rec))
-    # Assert: each site's signed entry declares its share, (t - 1) shares make the planned variance,
-    # and the audit recomputes the run's client-level epsilon from those signatures
-    share = entry["ddp"]
-    assert share["mechanism"] == "skellam" and share["threshold"] == info["threshold"] == 2
-    assert share["local_variance"] * (share["threshold"] - 1) == pytest.approx(info["ddp"]["total_variance"], rel=1e-12)
-    assert info["ddp"]["total_variance"] == pytest.approx((0.8 * 0.5 * info["ddp"]["scale"]) ** 2, rel=1e-12)
-    eps = [r["client_epsilon"] for r in metrics["rounds"][1:]]
-    assert 0 < eps[0] < eps[1]
-    assert honest.ok and any(f"client-level epsilon {eps[1]:.4f}" in n for n in honest.secure_rounds)
-    assert any("below the planned" in f for f in audit_run(weak).failures)
