@@ -35,7 +35,7 @@ def _tree_rss() -> int:
     return total
 
 
-def one_size(sites: int, sampled: int, rounds: int, out: str) -> dict[str, float]:
+def one_size(sites: int, sampled: int, rounds: int, out: str, precision: str = "auto") -> dict[str, float]:
     """Run the preset at ``sites`` sites in this process; return its figures."""
     from fedpeft.cli import simulate, simulation_config
     from fedpeft.runtime import quiet_libraries
@@ -51,8 +51,8 @@ def one_size(sites: int, sampled: int, rounds: int, out: str) -> dict[str, float
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    flat = simulation_config("devices", [f"num-sites={sites} num-server-rounds={rounds} sites-per-round={sampled}"],
-                             out)
+    flat = simulation_config("devices", [f"num-sites={sites} num-server-rounds={rounds} sites-per-round={sampled} "
+                                         f"precision='{precision}'"], out)
     t = time.perf_counter()
     metrics = simulate(flat, overwrite=True)  # a benchmark's folder is scratch
     wall = time.perf_counter() - t
@@ -109,16 +109,18 @@ def main() -> None:
     ap.add_argument("--sampled", type=int, default=20, help="sites sampled per round (sites-per-round)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="runs/bench-scale")
+    ap.add_argument("--precision", default="auto", help="auto (bfloat16 where native), float32 or bfloat16")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size, print JSON
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one_size(args.one, args.sampled, args.rounds, f"{args.out}-{args.one}")))
+        print("RESULT " + json.dumps(one_size(args.one, args.sampled, args.rounds, f"{args.out}-{args.one}",
+                                              args.precision)))
         return
     sizes = [int(x) for x in args.sites.split(",")]
     results = []
     for n in sizes:
         proc = subprocess.run([sys.executable, __file__, "--one", str(n), "--sampled", str(args.sampled),
-                               "--rounds", str(args.rounds), "--out", args.out],
+                               "--rounds", str(args.rounds), "--out", args.out, "--precision", args.precision],
                               capture_output=True, text=True, check=False)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
