@@ -9,13 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
 from fedpeft.aggregation.fedavg import fedavg
 from fedpeft.aggregation.hetero import frozen_a
 from fedpeft.privacy.ledger import new_key, public_pem
 from fedpeft.secagg import protocol as sa
-from fedpeft.secagg import ring
+from fedpeft.secagg import ring, shamir
 from fedpeft.secagg.layout import Layout, LayoutError
 
 ROUND = 3
@@ -179,13 +178,13 @@ def test_fewer_shares_than_the_threshold_do_not_unmask_a_site():
            for j in (1, 2, 3)]
     # Execute: three shares combined, and four
     try:
-        three = combine_shares(got)
+        three = shamir.combine(got)
     except ValueError:
         three = None
     four = sa.reveal(secrets[4], adverts, {0: shares[0][4]}, survivors=range(5), dropped=[], threshold=4)[0][1]
     # Assert: three shares give nothing (wrong or invalid); four give the seed
     assert three != secrets[0].self_seed
-    assert combine_shares([*got, four]) == secrets[0].self_seed
+    assert shamir.combine([*got, four]) == secrets[0].self_seed
     # and a site asked to reveal both shares of one peer refuses
     with pytest.raises(sa.SecAggError, match=r"both survived and dropped"):
         sa.reveal(secrets[1], adverts, {}, survivors=[0, 1, 2, 3], dropped=[0], threshold=4)
@@ -269,3 +268,21 @@ def test_private_encoding_is_clipped_unbiased_and_within_the_rounding_bound():
     bound = ddp.rounded_l2(10.0, 400)
     assert (np.linalg.norm(draws, axis=1) <= bound).all()
     np.testing.assert_allclose(draws.mean(axis=0), x / 3.0 * 10.0, atol=5 * 0.5 / math.sqrt(2000))
+
+
+def test_shamir_hand_computed_and_any_threshold_subset_rebuilds():
+    # Prepare: f(x) = 5 + 3x (threshold 2): shares (1, 8), (2, 11), (3, 14)
+    secret = (5).to_bytes(32, "big")
+    shares = shamir.split_with([5, 3], 3)
+    # Execute / Assert: the shares are f(1..3); any two rebuild 5; with random coefficients, any 7 of 12
+    # rebuild a seed and 6 are refused
+    assert [int.from_bytes(s[2:], "big") for s in shares] == [8, 11, 14]
+    assert shamir.combine(shares[1:]) == shamir.combine(shares[::2]) == secret
+    rng = np.random.default_rng(9)
+    seed = bytes(rng.integers(0, 256, 32, dtype=np.uint8))
+    many = shamir.split(seed, 7, 12)
+    for _ in range(5):
+        pick = rng.choice(12, size=7, replace=False)
+        assert shamir.combine([many[i] for i in pick]) == seed
+    with pytest.raises(ValueError, match="do not combine"):
+        shamir.combine(many[:6])

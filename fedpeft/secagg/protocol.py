@@ -14,8 +14,8 @@ Stages of one round, n sites, threshold t:
    coordinator removes the survivors' self masks and the dropped sites' pairwise masks; the
    pairwise masks between survivors cancel. It learns the sum and nothing else.
 
-Shamir sharing is Flower's (``flwr.common.secure_aggregation.crypto.shamir``, pycryptodome's
-GF(2^128) scheme); everything else is ``cryptography``. Written here because Flower's SecAgg+
+Shamir sharing is ``fedpeft.secagg.shamir`` (a prime field; Flower's helper is ~100x slower);
+everything else is ``cryptography``. Written here because Flower's SecAgg+
 runs only on its legacy API, relays public keys unsigned and seeds masks with 32 bits.
 """
 
@@ -34,10 +34,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 
 from fedpeft.privacy.ledger import LedgerError, canonical, load_public_pem
 from fedpeft.secagg import ring
+from fedpeft.secagg.shamir import combine as combine_shares
+from fedpeft.secagg.shamir import split as create_shares
 
 RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
