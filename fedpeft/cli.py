@@ -380,6 +380,15 @@ def _cmd_app_hash(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_roster(args: argparse.Namespace) -> int:
+    from fedpeft.secagg.site import write_roster
+
+    roster = write_roster(args.keys, args.out)
+    print(f"{args.out}: {len(roster)} sites ({', '.join(map(str, sorted(roster)))}); give every site this file "
+          "([secagg] roster in its config)")
+    return 0
+
+
 def configure_logging(*, verbose: bool) -> None:
     """Each event once: fedpeft's lines through its own handler only (not again through a root
     handler Flower or Ray installs), and Flower's strategy banner, run-config dumps and per-round
@@ -460,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
                                          "in each site's [app] trusted)")
     ah.add_argument("app", metavar="APP", nargs="?", default=str(Path(__file__).resolve().parents[1]))
     ah.set_defaults(func=_cmd_app_hash)
+    ro = sub.add_parser("roster", help="the secure-aggregation roster (the sites' ledger keys) from KEYS/site-<id>.pub")
+    ro.add_argument("keys", metavar="KEYS")
+    ro.add_argument("--out", default="roster.json")
+    ro.set_defaults(func=_cmd_roster)
     gen = sub.add_parser("generate", help="answer prompts with a causal-lm adapter (greedy), to try the result")
     gen.add_argument("adapter", metavar="ADAPTER", help="an exported adapter folder, e.g. runs/clinical-gen/adapter")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable); none: one per line on standard input")

@@ -452,3 +452,17 @@ def test_coordinator_killed_mid_run_resumes_after_its_last_round_without_doublin
         for p in sites:
             _kill_group(p)
         coord.stop()
+
+
+def test_a_site_config_names_its_secure_aggregation_roster_in_the_node_config(tmp_path, certs):
+    # Prepare: a valid site file with a [secagg] section (a path relative to the file)
+    cfg = _site_files(tmp_path, 0, 9092, certs)
+    cfg.write_text(cfg.read_text() + '\n[secagg]\nroster = "roster.json"\n')
+    # Execute
+    site = load_site_config(cfg)
+    # Assert: the ClientApp reads it from the node config; a typo in the section is refused
+    assert site.secagg_roster == cfg.parent / "roster.json"
+    assert f'secagg-roster="{cfg.parent / "roster.json"}"' in site.node_config()
+    cfg.write_text(cfg.read_text().replace("roster =", "rooster ="))
+    with pytest.raises(ConfigError, match=r"^secagg.rooster: unknown key"):
+        load_site_config(cfg)

@@ -286,3 +286,24 @@ def test_shamir_hand_computed_and_any_threshold_subset_rebuilds():
         assert shamir.combine([many[i] for i in pick]) == seed
     with pytest.raises(ValueError, match="do not combine"):
         shamir.combine(many[:6])
+
+
+def test_roster_file_from_the_sites_public_keys_verifies_their_adverts(tmp_path):
+    from fedpeft.secagg import site as secagg_site
+
+    # Prepare: two sites' public ledger keys, collected out of band; one stray file
+    keys, _ = _federation(2)
+    (tmp_path / "keys").mkdir()
+    for i, k in keys.items():
+        (tmp_path / "keys" / f"site-{i}.pub").write_text(public_pem(k))
+    (tmp_path / "keys" / "notes.txt").write_text("not a key")
+    # Execute
+    secagg_site.write_roster(tmp_path / "keys", tmp_path / "roster.json")
+    roster = secagg_site.load_roster(tmp_path / "roster.json")
+    ads = [sa.advertise(sa.SiteSecrets.generate(i, ROUND), keys[i]) for i in range(2)]
+    # Assert: both adverts verify against the file; a missing or empty keys folder is refused by name
+    assert sorted(sa.verify_adverts(ads, roster=roster, server_round=ROUND)) == [0, 1]
+    with pytest.raises(sa.SecAggError, match="no site-<id>.pub files"):
+        secagg_site.write_roster(tmp_path / "empty", tmp_path / "r2.json")
+    with pytest.raises(sa.SecAggError, match="cannot read the roster"):
+        secagg_site.load_roster(tmp_path / "missing.json")

@@ -70,6 +70,7 @@ class SiteConfig:
     api_port: int | None = None
     insecure: bool = False
     task: str = "classification"
+    secagg_roster: Path | None = None  # the federation's roster of ledger keys (secure aggregation)
     examples: int = field(default=0, init=False)
 
     def node_config(self) -> str:
@@ -85,6 +86,8 @@ class SiteConfig:
                           "labels": ",".join(self.labels)})
         if self.lora_rank is not None:
             items["lora-rank"] = self.lora_rank
+        if self.secagg_roster is not None:
+            items["secagg-roster"] = str(self.secagg_roster)
         return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in items.items())
 
     def supernode_args(self) -> list[str]:
@@ -106,6 +109,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "data": ("task", "path", "text-column", "label-column", "labels"),
     "privacy": ("dp", "target-epsilon", "target-delta"),
     "app": ("trusted",),
+    "secagg": ("roster",),
 }
 
 
@@ -156,7 +160,8 @@ def load_site_config(path: str | Path, *, insecure: bool = False) -> SiteConfig:
         return (base / p) if not Path(p).is_absolute() else Path(p)
 
     _check_keys(raw)
-    site, coord, data, priv, app = (raw.get(k, {}) for k in ("site", "coordinator", "data", "privacy", "app"))
+    site, coord, data, priv, app, sec = (raw.get(k, {}) for k in ("site", "coordinator", "data", "privacy", "app",
+                                                                  "secagg"))
 
     site_id = _get(site, "site", "id", int)
     if site_id < 0:
@@ -180,6 +185,7 @@ def load_site_config(path: str | Path, *, insecure: bool = False) -> SiteConfig:
         target_delta=_get(priv, "privacy", "target-delta", float, 1e-5),
         lora_rank=_get(site, "site", "lora-rank", int, None), api_port=_get(site, "site", "api-port", int, None),
         insecure=insecure,
+        secagg_roster=rel(_get(sec, "secagg", "roster", str)) if "roster" in sec else None,
     )
     if task == "classification" and (not cfg.labels or not all(isinstance(x, str) and x for x in cfg.labels)):
         raise _bad("data.labels", cfg.labels, "must be a non-empty list of class names")

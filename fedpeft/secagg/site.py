@@ -53,6 +53,31 @@ def load_roster(path: str | Path) -> dict[int, str]:
         raise sa.SecAggError(f"secagg-roster={str(path)!r}: cannot read the roster ({e})") from None
 
 
+def write_roster(keys_dir: str | Path, out: str | Path) -> dict[int, str]:
+    """The roster file from the sites' public ledger keys (``site-<id>.pub``, collected out of band,
+    as for ``fedpeft audit --keys``); every site of the federation gets the same file."""
+    import re
+
+    from fedpeft.io import atomic_write_json
+    from fedpeft.privacy.ledger import LedgerError, load_public_pem
+
+    roster = {}
+    for p in sorted(Path(keys_dir).glob("site-*.pub")):
+        m = re.fullmatch(r"site-(\d+)\.pub", p.name)
+        if not m:
+            continue
+        pem = p.read_text()
+        try:
+            load_public_pem(pem)
+        except (LedgerError, ValueError) as e:
+            raise sa.SecAggError(f"{p}: not an Ed25519 public key ({e})") from None
+        roster[int(m.group(1))] = pem
+    if not roster:
+        raise sa.SecAggError(f"KEYS={str(keys_dir)!r}: no site-<id>.pub files")
+    atomic_write_json(out, {str(k): v for k, v in roster.items()})
+    return roster
+
+
 def simulation_roster(sites_dir: Path, sites: Sequence[int]) -> dict[int, str]:
     """A simulation's roster: each site's key from the open entry of its own ledger (SIMULATION ONLY)."""
     out = {}

@@ -43,7 +43,7 @@ def sh(*args: str, cwd: Path) -> str:
     return res.stdout
 
 
-def write_sites(d: Path, port: int, app_hash: str) -> None:
+def write_sites(d: Path, port: int, app_hash: str, secure: bool = False) -> None:
     for s in range(2):
         texts, ys = generate_notes(n=300, seed=40 + s)
         with (d / f"site{s}.csv").open("w", newline="") as fh:
@@ -55,17 +55,18 @@ def write_sites(d: Path, port: int, app_hash: str) -> None:
             f'[coordinator]\naddress = "127.0.0.1:{port}"\nca-cert = "certs/ca.crt"\nauth-key = "certs/site-{s}/auth"\n\n'
             f'[data]\npath = "site{s}.csv"\ntext-column = "note"\nlabel-column = "diagnosis"\n'
             f'labels = {json.dumps(list(LABELS))}\n\n[privacy]\ntarget-epsilon = 8.0\ntarget-delta = 1e-5\n\n'
-            f'[app]\ntrusted = ["{app_hash}"]\n')
+            f'[app]\ntrusted = ["{app_hash}"]\n' + ('\n[secagg]\nroster = "roster.json"\n' if secure else ""))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--keep", action="store_true", help="keep the working folder")
+    ap.add_argument("--secure", action="store_true", help="with secure aggregation (a roster of the sites' keys)")
     args = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix="fedpeft-deploy-"))
     port = _port()
-    write_sites(d, port, sh("app-hash", str(ROOT), cwd=d).strip())
-    run_cfg = RUN.format(labels=",".join(LABELS), dir=d)
+    write_sites(d, port, sh("app-hash", str(ROOT), cwd=d).strip(), secure=args.secure)
+    run_cfg = RUN.format(labels=",".join(LABELS), dir=d) + (" secure-aggregation=true" if args.secure else "")
     sites: list[subprocess.Popen] = []
     try:
         sh("certs", "--out", "certs", "--san", "127.0.0.1", "--san", "localhost", "--sites", "2", cwd=d)
@@ -75,6 +76,8 @@ def main() -> None:
         for s in range(2):  # the officer collects each site's key (and its fingerprint) out of band
             print(sh("site", f"site{s}.toml", "--fingerprint", cwd=d).strip())
             (d / "site-keys" / f"site-{s}.pub").write_bytes((d / f"state-site{s}" / f"site-{s}.pub").read_bytes())
+        if args.secure:  # the federation's roster, given to every site (the same keys the auditor holds)
+            print(sh("roster", "site-keys", "--out", "roster.json", cwd=d).strip())
         for s in range(2):
             print(f"$ fedpeft site site{s}.toml   # (in the background: one terminal per site)", flush=True)
             sites.append(subprocess.Popen([sys.executable, "-m", "fedpeft.cli", "site", f"site{s}.toml"], cwd=d,
@@ -85,6 +88,9 @@ def main() -> None:
            "--timeout", "900", cwd=d)
         deploy_s = time.perf_counter() - t
         print(sh("audit", f"{d}/run", "--keys", "site-keys", cwd=d).splitlines()[-1])
+        if args.secure:
+            kept = sorted(p.name for p in (d / "run" / "secagg").glob("round-*"))
+            print(f"secure rounds kept: {kept}")
     finally:
         for p in sites:
             try:
