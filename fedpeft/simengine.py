@@ -5,7 +5,8 @@ next message every 0.1 s. Each ask takes the state's lock and checks every messa
 so one sweep costs nodes x in-flight messages (100,000 x 20: seconds per sweep, a round's
 dispatch waits behind it). ``fedpeft simulate`` swaps in ``add_pending_messages_to_queue``,
 which asks only the nodes that have an undelivered message, in the same (partition) order, and
-falls back to Flower's own sweep on a LinkState it does not know.
+falls back to Flower's own sweep on a LinkState it does not know. Being cheap, it sweeps every
+20 ms instead of 0.1 s, so a short message (a secure-aggregation stage) waits less.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def add_pending_messages_to_queue(state: Any, queue: Queue[Any], nodes_mapping: 
     id), asking only nodes that have a message waiting."""
     while not f_stop.is_set():
         nodes = pending_nodes(state)
+        known = nodes is not None
         if nodes is None:
             nodes = list(nodes_mapping)
         else:
@@ -44,7 +46,7 @@ def add_pending_messages_to_queue(state: Any, queue: Queue[Any], nodes_mapping: 
         for node_id in nodes:
             for msg in state.get_message_ins(node_id=node_id, limit=1):
                 queue.put(msg)
-        f_stop.wait(0.1)
+        f_stop.wait(0.02 if known else 0.1)  # a sweep of pending nodes costs microseconds: poll every 20 ms
 
 
 @contextlib.contextmanager

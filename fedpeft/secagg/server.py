@@ -52,7 +52,16 @@ def _ask(grid: Grid, nodes: Iterable[int], action: str, run_config: ConfigRecord
     msgs = [Message(RecordDict({"config": run_config, SECAGG: ConfigRecord(dict(payload[n]))}),
                     dst_node_id=n, message_type=f"query.{action}") for n in nodes]
     out: dict[int, dict] = {}
-    for reply in grid.send_and_receive(msgs, timeout=timeout):
+    # the stages are short messages: poll for their replies every 10 ms, not Flower's 0.1 s (in-memory grid)
+    interval = getattr(grid, "pull_interval", None)
+    if isinstance(interval, float):
+        grid.pull_interval = min(interval, 0.01)  # type: ignore[attr-defined]
+    try:
+        replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    finally:
+        if isinstance(interval, float):
+            grid.pull_interval = interval  # type: ignore[attr-defined]
+    for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error() or SECAGG not in reply.content.config_records:
             reason = reply.error.reason if reply.has_error() else "no secagg record"
