@@ -242,7 +242,9 @@ def _private_round(
 ) -> Reply:
     """``site_round`` under DP, holding the site's vault."""
     gsha = delta_hash(global_state)
-    replay = vault.load_release(server_round=server_round, global_sha256=gsha)
+    # A secure round is never resent: the saved vector carries the masks of keys this retry replaced,
+    # so the site trains again and its ledger records those steps too (honest, at a budget's cost).
+    replay = None if seal is not None else vault.load_release(server_round=server_round, global_sha256=gsha)
     if replay is not None:  # a retried round (a server resumed after a crash): resend, do not retrain
         log.info("site %d round %d: resending the release already made for this global adapter", site, server_round)
         return Reply("trained", replay[0], replay[1], "", vault.ledger_bytes(), vault.public_key())

@@ -136,3 +136,25 @@ def test_attack_and_fault_injection_are_simulation_only_and_do_what_they_say():
     with pytest.raises(PolicyError, match="refused on a deployed site"):
         check_noise_source(cfg, deployed=True)
     check_noise_source(cfg, deployed=False)
+
+
+def test_a_secure_round_asked_again_is_trained_again_never_resent(tmp_path):
+    from fedpeft.privacy.ledger import verify_file
+    from fedpeft.privacy.vault import SiteVault
+    from fedpeft.site import site_round
+
+    # Prepare: the same round and global adapter asked twice (a resumed coordinator), once plaintext
+    # and once with a seal (secure aggregation: its saved vector carries masks of keys since replaced)
+    cfg = from_run_config({**TINY, "dp-noise": "seeded"})
+    glob = initial_adapter_state(cfg)
+    plain, secure = SiteVault(tmp_path / "plain", 0), SiteVault(tmp_path / "secure", 0)
+    seal = lambda delta, w: {k: v * 1.0 for k, v in delta.items()}  # noqa: E731  # stands in for the masking
+    # Execute
+    p1 = site_round(cfg, site=0, num_sites=2, server_round=1, global_state=glob, vault=plain)
+    p2 = site_round(cfg, site=0, num_sites=2, server_round=1, global_state=glob, vault=plain)
+    site_round(cfg, site=0, num_sites=2, server_round=1, global_state=glob, vault=secure, seal=seal)
+    site_round(cfg, site=0, num_sites=2, server_round=1, global_state=glob, vault=secure, seal=seal)
+    # Assert: plaintext resends the same release (one ledger entry); secure trains again and signs it
+    kinds = lambda v: [e["kind"] for e in verify_file(v.ledger.path, site=0, trusted_pem=v.public_key()).entries]  # noqa: E731
+    assert kinds(plain) == ["open", "dp-sgd"] and all(torch.equal(p1.delta[k], p2.delta[k]) for k in p1.delta)
+    assert kinds(secure) == ["open", "dp-sgd", "dp-sgd"]
