@@ -515,9 +515,13 @@ class RunConfig:
         ``client-dp=true`` here is distributed DP: the sites add the noise (fedpeft.secagg.ddp)."""
         fed = self.federation
         why = "secure-aggregation=true: the coordinator sees only the sum of the sites' updates, so "
-        if fed.merge != "fedavg":
-            raise ConfigError(why + f"merge={fed.merge!r} cannot run: robust and rank merges need each update "
-                              "(a mixed-rank frozen_a sum is built in fedpeft.secagg but not wired yet); use merge='fedavg'")
+        if fed.merge not in ("fedavg", "frozen_a") or fed.robust != "none":
+            raise ConfigError(why + f"merge={fed.merge!r} robust={fed.robust!r} cannot run: robust rules, svd and "
+                              "stack need each update; use merge='fedavg' (equal ranks) or 'frozen_a' (mixed ranks: "
+                              "an exact weighted sum)")
+        if fed.merge == "frozen_a" and self.privacy.client_dp:
+            raise ConfigError(why + "client-dp=true with merge='frozen_a' is not built: distributed DP clips each "
+                              "site's update, and frozen_a sums local adapters; use merge='fedavg'")
         if fed.delta_format != "float32" or fed.error_feedback:
             raise ConfigError(why + f"delta-format={fed.delta_format!r}/error-feedback: masked vectors are 64-bit "
                               "ring elements, not compressible deltas; use delta-format='float32'")

@@ -113,6 +113,24 @@ def sent_keys(cfg: RunConfig, state: Mapping[str, torch.Tensor]) -> list[str]:
     return [k for k in state if not (cfg.rank_rule == "frozen_a" and k.endswith(A_SUFFIX))]
 
 
+def frozen_a_part(cfg: RunConfig, local: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor],
+                  rank: int | None) -> Tensors:
+    """A site's summand for ``frozen_a`` under secure aggregation (``merge_states``' weighted sum,
+    taken term by term): s_r * B zero-padded to the global rank, and every dense tensor; A stays
+    shared and frozen, so it is not sent."""
+    assert rank is not None, "frozen_a: a site trains at a declared rank"
+    s = site_scaling(cfg, rank)
+    out: Tensors = {}
+    for k in sent_keys(cfg, dict(local)):
+        v = local[k].detach().double()
+        if k.endswith(B_SUFFIX):
+            full = torch.zeros(global_state[k].shape, dtype=torch.float64)
+            full[:, : v.shape[1]] = s * v
+            v = full
+        out[k] = v
+    return out
+
+
 def folded_update(global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``stack``: per LoRA module, the dense update B_g·A_g a site folds into its frozen base."""
     return {m: global_state[m + B_SUFFIX].double() @ global_state[m + A_SUFFIX].double()

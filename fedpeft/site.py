@@ -172,7 +172,9 @@ def site_train(
     delta = compression.site_encode(delta, fmt=cfg.federation.delta_format, feedback=cfg.federation.error_feedback,
                                     folder=state_dir, server_round=server_round)
     if seal is not None:
-        delta = seal(delta, float(len(ds)))
+        # frozen_a sums local adapters, not deltas: s_r * B at the global rank, and the head as trained
+        delta = seal(ranks.frozen_a_part(cfg, local, global_state, rank) if cfg.rank_rule == "frozen_a" else delta,
+                     float(len(ds)))
     local_acc = float("nan")
     # the locally trained adapter on this site's own held-out notes (a generative task's answers cost a
     # generation per prompt: its sites score the global adapter only, in the evaluate round)

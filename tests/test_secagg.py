@@ -5,6 +5,7 @@ key caught by the peers, and no unmasking below the threshold."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -307,3 +308,18 @@ def test_roster_file_from_the_sites_public_keys_verifies_their_adverts(tmp_path)
         secagg_site.write_roster(tmp_path / "empty", tmp_path / "r2.json")
     with pytest.raises(sa.SecAggError, match="cannot read the roster"):
         secagg_site.load_roster(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"merge": "median"}, "merge='median' robust='none' cannot run"),
+    ({"lora-ranks": "2,4", "merge": "svd"}, "merge='svd'"),
+    ({"lora-ranks": "2,4", "merge": "frozen_a", "client-dp": True}, "client-dp=true with merge='frozen_a'"),
+    ({"delta-format": "int8"}, "delta-format='int8'"),
+    ({"strategy": "fedadam"}, "strategy='fedadam'"),
+    ({"secagg-threshold": 0.4}, "secagg-threshold=0.4"),
+])
+def test_what_needs_individual_updates_is_refused_under_secure_aggregation(extra, needle):
+    from fedpeft.runconfig import ConfigError, from_run_config
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        from_run_config({"secure-aggregation": True, **extra})

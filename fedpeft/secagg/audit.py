@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedpeft.privacy.ledger import LedgerError, delta_hash, verify_file
+from fedpeft.ranks import A_SUFFIX
 from fedpeft.secagg import ddp, ring
 from fedpeft.secagg import protocol as sa
 from fedpeft.secagg.layout import Layout, LayoutError
@@ -128,7 +129,8 @@ def _one_round(run: Path, folder: Path, rnd: int, info: dict, signed: Mapping[tu
         after = load_file(str(run / "checkpoints" / f"round-{rnd:03d}" / CHECKPOINT))
     except OSError as e:
         return [f"secure round {rnd}: checkpoint missing ({e})"]
-    layout = Layout.of(before)
+    frozen = info.get("merge") == "frozen_a"  # the sum is the new adapter (A shared and unchanged)
+    layout = Layout.of({k: v for k, v in before.items() if not (frozen and k.endswith(A_SUFFIX))})
     try:
         total = sa.unmask_with(masked, adverts, {int(k): bytes.fromhex(v) for k, v in info["seeds"].items()},
                                {int(k): bytes.fromhex(v) for k, v in info["mask_keys"].items()}, server_round=rnd)
@@ -141,7 +143,7 @@ def _one_round(run: Path, folder: Path, rnd: int, info: dict, signed: Mapping[tu
     except (sa.SecAggError, LayoutError, KeyError, ValueError) as e:
         return [f"secure round {rnd}: the masked sum does not unmask ({e})"]
     for k, m in mean.items():
-        step = after[k].double() - before[k].double()
+        step = after[k].double() - (0.0 if frozen else before[k].double())
         # float32 checkpoints: one rounding of each; the ring: half a step per site, over the total weight
         tol = 2 * torch.finfo(torch.float32).eps * after[k].double().abs().max().item() + \
             len(masked) * 2.0**-ring.FRAC_BITS / weight

@@ -20,6 +20,7 @@ from fedpeft.federation import ARRAYS, CONFIG, METRICS, STATUS, from_arrays, to_
 from fedpeft.io import atomic_write_bytes, atomic_write_json
 from fedpeft.merging import add_delta
 from fedpeft.privacy.ledger import LedgerError, delta_hash
+from fedpeft.ranks import A_SUFFIX
 from fedpeft.secagg import ddp, ring
 from fedpeft.secagg import protocol as sa
 from fedpeft.secagg import server as secserver
@@ -72,7 +73,8 @@ class SecureRounds:
         if rnd is None or glob is None or not rnd.participants:
             rlog.skipped = True
             return None, None
-        layout = Layout.of(glob)
+        frozen = strat.policy.merge == "frozen_a"  # the sum is the new adapter (A shared), not a delta
+        layout = Layout.of({k: v for k, v in glob.items() if not (frozen and k.endswith(A_SUFFIX))})
         masked, hashes, metrics = {}, {}, {}
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -109,7 +111,12 @@ class SecureRounds:
         for s in masked:
             rlog.train[s] = metrics[s]
             rlog.merged[s] = hashes[s]
-        new_global = add_delta(glob, {k: v.to(glob[k].dtype) for k, v in mean.items()})
+            if frozen:
+                rlog.ranks[s] = int(metrics[s].get("lora-rank", 0))
+        if frozen:
+            new_global = {**glob, **{k: v.to(glob[k].dtype) for k, v in mean.items()}}
+        else:
+            new_global = add_delta(glob, {k: v.to(glob[k].dtype) for k, v in mean.items()})
         return to_arrays(new_global), MetricRecord({"num-examples": weight, "sites": len(masked)})
 
     @staticmethod
@@ -160,7 +167,7 @@ class SecureRounds:
             "round": rnd.server_round, "threshold": rnd.threshold, "participants": rnd.participants,
             "survivors": sorted(masked), "dropped": rnd.dropped, "adverts": rnd.adverts, "sha256": hashes,
             "seeds": {s: b.hex() for s, b in seeds.items()}, "mask_keys": {s: k.hex() for s, k in keys.items()},
-            "stage_bytes_up": rnd.stage_bytes_up, "not_checked": list(NOT_CHECKED),
+            "stage_bytes_up": rnd.stage_bytes_up, "not_checked": list(NOT_CHECKED), "merge": strat.policy.merge,
             "ddp": None if strat.policy.ddp is None else _ddp_record(strat.policy.ddp, next(iter(masked.values())).size,
                                                                       rnd.threshold)})
 
