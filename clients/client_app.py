@@ -130,7 +130,9 @@ def secagg_shares(msg: Message, context: Context) -> Message:
     adverts = json.loads(str(rec["adverts"]))
     roster = _roster(context, cfg, [int(json.loads(a)["site"]) for a in adverts])
     with vault.exclusive():
-        shares = secagg_site.share_keys(vault, rnd, adverts, roster, int(rec["threshold"]))
+        shares = secagg_site.share_keys(vault, rnd, adverts, roster, int(rec["threshold"]),
+                                        fraction=cfg.federation.secagg_threshold,
+                                        min_sites=cfg.federation.min_train_sites)
     return Message(RecordDict({SECAGG: ConfigRecord({"shares": json.dumps(shares)})}), reply_to=msg)
 
 

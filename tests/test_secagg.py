@@ -323,3 +323,17 @@ def test_what_needs_individual_updates_is_refused_under_secure_aggregation(extra
 
     with pytest.raises(ConfigError, match=re.escape(needle)):
         from_run_config({"secure-aggregation": True, **extra})
+
+
+def test_a_site_refuses_a_threshold_below_its_own_floor(tmp_path):
+    from fedpeft.privacy.vault import SiteVault
+    from fedpeft.secagg import site as secagg_site
+
+    # Prepare: 6 sites' adverts; site 0's own floor at fraction 0.6 is ceil(3.6) = 4
+    vaults = {i: SiteVault(tmp_path / f"site-{i}", i) for i in range(6)}
+    ads = [secagg_site.advertise_keys(v, ROUND) for v in vaults.values()]
+    roster = {i: v.public_key() for i, v in vaults.items()}
+    # Execute / Assert: a coordinator asking for 2 is refused; 4 is accepted
+    with pytest.raises(sa.SecAggError, match="threshold=2 for 6 sites is below this site's floor of 4"):
+        secagg_site.share_keys(vaults[0], ROUND, ads, roster, 2, fraction=0.6)
+    assert len(secagg_site.share_keys(vaults[0], ROUND, ads, roster, 4, fraction=0.6)) == 6

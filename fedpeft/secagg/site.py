@@ -98,13 +98,19 @@ def advertise_keys(vault: SiteVault, server_round: int) -> str:
 
 
 def share_keys(vault: SiteVault, server_round: int, adverts_json: Sequence[str], roster: Mapping[int, str],
-               threshold: int) -> dict[int, str]:
+               threshold: int, *, fraction: float = 0.5, min_sites: int = 2) -> dict[int, str]:
     """Stage 2: check every relayed advert against the roster, keep them, and return this site's
-    encrypted shares for each participant (hex)."""
+    encrypted shares for each participant (hex). The coordinator's ``threshold`` is refused below
+    this site's own floor (``threshold_for`` of the adverts, ``fraction``, ``min_sites``): with a
+    lower one, fewer colluding sites could rebuild both of one peer's secrets."""
     state = _load(vault, server_round)
     secrets = sa.SiteSecrets.from_json(state["secrets"])
     adverts = sa.verify_adverts([sa.KeyAdvert.from_json(a) for a in adverts_json], roster=roster,
                                 server_round=server_round)
+    floor = sa.threshold_for(len(adverts), max(0.5, fraction), min_sites)
+    if threshold < floor:
+        raise sa.SecAggError(f"site {vault.site}: threshold={threshold} for {len(adverts)} sites is below this "
+                             f"site's floor of {floor}; it shares no keys")
     shares = sa.make_shares(secrets, adverts, threshold=threshold)
     _save(vault, server_round, {**state, "adverts": [a.to_json() for a in adverts.values()], "threshold": threshold})
     return {j: ct.hex() for j, ct in shares.items()}
