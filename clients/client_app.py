@@ -16,6 +16,7 @@ from fedpeft.runconfig import from_run_config
 from fedpeft.runtime import quiet_libraries, set_threads
 from fedpeft.secagg import site as secagg_site
 from fedpeft.secagg.ddp import DdpPlan
+from fedpeft.secagg.protocol import SecAggError
 from fedpeft.secagg.server import SECAGG
 from fedpeft.site import apply_node_config, round_seed, settle_ledger, site_evaluate, site_round
 
@@ -111,6 +112,10 @@ def _roster(context: Context, cfg: RunConfig, sites: list[int]) -> dict[int, str
     path = context.node_config.get("secagg-roster")
     if path:
         return secagg_site.load_roster(str(path))
+    if "partition-id" not in context.node_config:  # a deployed site has no peers' folders to read
+        raise SecAggError("secure-aggregation=true: this site has no roster of its peers' ledger keys ([secagg] "
+                          "roster in its config; `fedpeft roster KEYS` makes one), so it cannot check their keys "
+                          "and does not take part")
     return secagg_site.simulation_roster(Path(cfg.federation.out_dir) / "sites", sites)
 
 

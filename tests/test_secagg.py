@@ -17,6 +17,7 @@ from fedpeft.privacy.ledger import new_key, public_pem
 from fedpeft.secagg import protocol as sa
 from fedpeft.secagg import ring, shamir
 from fedpeft.secagg.layout import Layout, LayoutError
+from fedpeft.secagg.protocol import SecAggError
 
 ROUND = 3
 
@@ -337,3 +338,19 @@ def test_a_site_refuses_a_threshold_below_its_own_floor(tmp_path):
     with pytest.raises(sa.SecAggError, match="threshold=2 for 6 sites is below this site's floor of 4"):
         secagg_site.share_keys(vaults[0], ROUND, ads, roster, 2, fraction=0.6)
     assert len(secagg_site.share_keys(vaults[0], ROUND, ads, roster, 4, fraction=0.6)) == 6
+
+
+def test_a_deployed_site_without_a_roster_refuses_to_share_keys(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from clients.client_app import _roster
+    from fedpeft.runconfig import from_run_config
+
+    # Prepare: a deployed site (no partition-id) whose config names no roster, and a virtual one
+    cfg = from_run_config({"secure-aggregation": True, "out-dir": str(tmp_path)})
+    deployed = Context(run_id=0, node_id=1, node_config={"site-id": 0}, state=RecordDict(), run_config={})
+    virtual = Context(run_id=0, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    # Execute / Assert: the deployed site names what it lacks; the virtual one reads its peers' ledgers
+    with pytest.raises(SecAggError, match=r"no roster of its peers' ledger keys \(\[secagg\] roster"):
+        _roster(deployed, cfg, [0, 1])
+    assert _roster(virtual, cfg, [0, 1]) == {}  # no ledgers yet under out-dir: nobody on the roster
