@@ -92,6 +92,7 @@ def check_noise_source(cfg: RunConfig, *, deployed: bool) -> None:
         keys = " ".join(f"{k}={values[k]}" for k, on in asked.items() if on)
         raise PolicyError(f"{keys}: fault, attack and canary injection are for simulations; refused on a "
                           "deployed site")
-    if deployed and cfg.privacy.enabled and cfg.privacy.noise == "seeded":
+    site_noise = cfg.privacy.enabled or (cfg.privacy.client_dp and fed.secure_aggregation)  # DP-SGD or a Skellam share
+    if deployed and site_noise and cfg.privacy.noise == "seeded":
         raise PolicyError("dp-noise='seeded': refused on a deployed site (anyone with the run seed, the "
                           "coordinator included, could regenerate and subtract the noise); use dp-noise='secret'")

@@ -214,3 +214,12 @@ def test_simulation_shares_a_gpu_among_the_concurrent_sites(monkeypatch):
     assert workers == 4
     assert with_gpu["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.25}
     assert without["client_resources"]["num_gpus"] == 0.0
+
+
+def test_a_deployed_site_refuses_seeded_distributed_dp_noise_even_with_its_own_dp_off():
+    # Prepare: record-level DP off (a site's own policy may say so), client-level DP by Skellam shares, seeded
+    cfg = from_run_config({**TINY, "dp": False, "client-dp": True, "secure-aggregation": True, "dp-noise": "seeded"})
+    # Execute / Assert: the coordinator knows the run seed, so it could regenerate the site's share
+    with pytest.raises(PolicyError, match="dp-noise=.seeded.: refused on a deployed site"):
+        check_noise_source(cfg, deployed=True)
+    check_noise_source(cfg, deployed=False)
