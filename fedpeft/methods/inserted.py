@@ -31,6 +31,7 @@ from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 
 from fedpeft.config import AdapterConfig
+from fedpeft.methods.persample import per_example_sum
 
 BOTTLENECK = "fedpeft_bottleneck"
 REFT = "fedpeft_reft"
@@ -88,7 +89,7 @@ def loreft_grad_sample(layer: LoReFT, activations: list[torch.Tensor],
         rg = g @ layer.R.T
         delta = h @ layer.W.T + layer.b - h @ layer.R.T
         dw = torch.einsum("n...r,n...d->nrd", rg, h)
-        return {layer.W: dw, layer.b: torch.einsum("n...r->nr", rg),
+        return {layer.W: dw, layer.b: per_example_sum(rg),
                 layer.R: torch.einsum("n...r,n...d->nrd", delta, g) - dw}
 
 

@@ -20,6 +20,7 @@ from peft.tuners.lora.dora import DoraLinearLayer
 from peft.utils.other import transpose
 
 from fedpeft.config import AdapterConfig
+from fedpeft.methods.persample import per_example_dot
 
 
 def _lora(cfg: AdapterConfig, task_type: str, targets: list[str] | None, *, dora: bool = False) -> PeftConfig:
@@ -68,7 +69,7 @@ def dora_magnitude_grad_sample(layer: DPDoraLinearLayer, activations: list[torch
         if wx is None or tuple(wx.shape[:-1]) != tuple(x.shape[:-1]):
             wx = F.linear(x, w)
         direction = wx.to(m.dtype) + scaling * F.linear(F.linear(x, lora_A.weight.to(m.dtype)), lora_B.weight.to(m.dtype))
-        gs = torch.einsum("n...o,n...o->no", backprops.to(m.dtype), direction) / norm
+        gs = per_example_dot(backprops, direction, m.dtype) / norm
     return {m: gs}
 
 

@@ -19,6 +19,7 @@ from peft.tuners.ia3.layer import Linear as IA3Linear
 from peft.utils.other import transpose
 
 from fedpeft.config import AdapterConfig
+from fedpeft.methods.persample import per_example_dot, per_example_sum
 
 HANDLE = "fedpeft_dp_handle"
 # peft's per-architecture IA3 choice (keys, values, the feed-forward output), BERT and Llama/GPT-2 names
@@ -72,18 +73,22 @@ def ia3_grad_sample(layer: IA3Linear, activations: list[torch.Tensor],
     v = _vector(layer)
     base = layer.get_base_layer()
     with torch.no_grad():
-        x, g = activations[0].to(v.dtype), backprops.to(v.dtype)
+        x, g = activations[0], backprops  # cast inside per_example_dot's product, not copied first
         if layer.is_feedforward:  # d out / d l_i = x_i (g W)_i
-            # g W in the backprop's own dtype (bfloat16 under autocast), as Opacus' Linear sampler
-            # works; the product with x and the sum over positions in the vector's dtype
-            gw = backprops @ transpose(base.weight, layer.fan_in_fan_out).to(backprops.dtype)
-            gs = torch.einsum("n...i,n...i->ni", gw.to(v.dtype), x)
+            gw = base.__dict__.pop("_fedpeft_grad_in", None)
+            if gw is not None and tuple(gw.shape) == tuple(x.shape):
+                # autograd's own g W for the base's input; Opacus scales backprops by the batch length
+                # under loss_reduction="mean" (the only reduction train_local uses), so the sum is too
+                gs = per_example_dot(gw, x, v.dtype) * layer.max_batch_len
+            else:  # g W in the backprop's own dtype (bfloat16 under autocast), as Opacus' Linear sampler
+                gw = backprops @ transpose(base.weight, layer.fan_in_fan_out).to(backprops.dtype)
+                gs = per_example_dot(gw, x, v.dtype)
         else:  # d out / d l_o = base(x)_o (the base's output from the forward, when it is this batch's)
             out = base.__dict__.get("_fedpeft_out")
             if out is None or tuple(out.shape[:-1]) != tuple(x.shape[:-1]):
                 w = transpose(base.weight, layer.fan_in_fan_out).to(v.dtype)  # (out, in); GPT-2's Conv1D: (in, out)
-                out = F.linear(x, w, base.bias.to(v.dtype) if base.bias is not None else None)
-            gs = torch.einsum("n...o,n...o->no", g, out.to(v.dtype))
+                out = F.linear(x.to(v.dtype), w, base.bias.to(v.dtype) if base.bias is not None else None)
+            gs = per_example_dot(g, out, v.dtype)
     return {v: gs.reshape(len(gs), *v.shape), **_handle_gs(layer, len(gs))}
 
 
@@ -93,7 +98,7 @@ def beft_grad_sample(layer: BeftLinear, activations: list[torch.Tensor],
     """out = base(x) + b: d out / d b = 1, summed over positions."""
     v = _vector(layer)
     with torch.no_grad():
-        gs = torch.einsum("n...o->no", backprops.to(v.dtype))
+        gs = per_example_sum(backprops.to(v.dtype))
     return {v: gs.reshape(len(gs), *v.shape), **_handle_gs(layer, len(gs))}
 
 
@@ -106,11 +111,20 @@ def _keep_output(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -
     module.__dict__["_fedpeft_out"] = output.detach() if torch.is_grad_enabled() and module.training else None
 
 
+def _keep_grad_in(module: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook on a feed-forward IA3 layer's frozen base: autograd's gradient for its input
+    (x * l), kept for the sampler, so it need not compute g W again (a matmul as large as the layer)."""
+    module.__dict__["_fedpeft_grad_in"] = None
+    if torch.is_grad_enabled() and module.training and args and args[0].requires_grad:
+        args[0].register_hook(lambda g: module.__dict__.__setitem__("_fedpeft_grad_in", g.detach()))
+
+
 def prepare_vectors(model: PeftModel) -> None:
     for module in model.modules():
         if isinstance(module, IA3Linear) and not hasattr(module, HANDLE):
-            if not module.is_feedforward:
-                module.get_base_layer().register_forward_hook(_keep_output)
+            base = module.get_base_layer()
+            base.register_forward_pre_hook(_keep_grad_in) if module.is_feedforward else base.register_forward_hook(
+                _keep_output)
         if isinstance(module, (IA3Linear, BeftLinear)) and not hasattr(module, HANDLE):
             v = _vector(module)
             module.register_parameter(HANDLE, torch.nn.Parameter(torch.zeros(1, dtype=v.dtype, device=v.device)))
