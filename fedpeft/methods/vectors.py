@@ -123,8 +123,10 @@ def prepare_vectors(model: PeftModel) -> None:
     for module in model.modules():
         if isinstance(module, IA3Linear) and not hasattr(module, HANDLE):
             base = module.get_base_layer()
-            base.register_forward_pre_hook(_keep_grad_in) if module.is_feedforward else base.register_forward_hook(
-                _keep_output)
+            if module.is_feedforward:
+                base.register_forward_pre_hook(_keep_grad_in)
+            else:
+                base.register_forward_hook(_keep_output)
         if isinstance(module, (IA3Linear, BeftLinear)) and not hasattr(module, HANDLE):
             v = _vector(module)
             module.register_parameter(HANDLE, torch.nn.Parameter(torch.zeros(1, dtype=v.dtype, device=v.device)))
