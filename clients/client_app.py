@@ -15,6 +15,7 @@ from fedpeft.privacy.vault import SiteVault, site_folder
 from fedpeft.runconfig import from_run_config
 from fedpeft.runtime import quiet_libraries, set_threads
 from fedpeft.secagg import site as secagg_site
+from fedpeft.secagg import wire as secagg_wire
 from fedpeft.secagg.ddp import DdpPlan
 from fedpeft.secagg.protocol import SecAggError
 from fedpeft.secagg.server import SECAGG
@@ -138,7 +139,7 @@ def secagg_shares(msg: Message, context: Context) -> Message:
         shares = secagg_site.share_keys(vault, rnd, adverts, roster, int(rec["threshold"]),
                                         fraction=cfg.federation.secagg_threshold,
                                         min_sites=cfg.federation.min_train_sites)
-    return Message(RecordDict({SECAGG: ConfigRecord({"shares": json.dumps(shares)})}), reply_to=msg)
+    return Message(RecordDict({SECAGG: ConfigRecord(secagg_wire.shares_record(shares))}), reply_to=msg)
 
 
 @app.query("secagg_reveal")
@@ -146,6 +147,6 @@ def secagg_reveal(msg: Message, context: Context) -> Message:
     """Stage 4: shares of the survivors' seeds and of the dropped sites' keys, never both."""
     _, vault, rnd, rec = _secagg(msg, context)
     with vault.exclusive():
-        got = secagg_site.reveal_shares(vault, rnd, {int(k): v for k, v in json.loads(str(rec["inbox"])).items()},
+        got = secagg_site.reveal_shares(vault, rnd, secagg_wire.read_shares(rec, prefix="inbox"),
                                         json.loads(str(rec["survivors"])), json.loads(str(rec["dropped"])))
-    return Message(RecordDict({SECAGG: ConfigRecord({"reveal": json.dumps(got)})}), reply_to=msg)
+    return Message(RecordDict({SECAGG: ConfigRecord(secagg_wire.reveal_record(got))}), reply_to=msg)

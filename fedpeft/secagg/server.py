@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft.secagg import protocol as sa
+from fedpeft.secagg import wire
 from fedpeft.secagg.layout import Layout
 from fedpeft.secagg.site import MASKED
 
@@ -36,7 +37,7 @@ class SecureRound:
     threshold: int = 0
     node_of: dict[int, int] = field(default_factory=dict)  # site -> node
     adverts: dict[int, str] = field(default_factory=dict)  # site -> its advert (JSON), as relayed
-    inbox: dict[int, dict[int, str]] = field(default_factory=dict)  # receiver -> sender -> ciphertext
+    inbox: dict[int, dict[int, bytes]] = field(default_factory=dict)  # receiver -> sender -> ciphertext
     dropped: dict[str, list[int]] = field(default_factory=dict)  # stage -> sites (or nodes) gone there
     run_config: ConfigRecord = field(default_factory=ConfigRecord)  # what every stage's message carries
     stage_bytes_up: int = 0  # bytes the sites sent in stages 1, 2 and 4 (adverts, shares, reveals)
@@ -69,7 +70,7 @@ def _ask(grid: Grid, nodes: Iterable[int], action: str, run_config: ConfigRecord
             continue
         out[node] = dict(reply.content.config_records[SECAGG])
         if rnd is not None:
-            rnd.stage_bytes_up += sum(len(str(v)) for v in out[node].values())
+            rnd.stage_bytes_up += wire.record_bytes(out[node])
     return out
 
 
@@ -99,8 +100,8 @@ def setup(grid: Grid, nodes: list[int], *, server_round: int, run_config: Config
     site_of = {n: s for s, n in rnd.node_of.items()}
     for node, rec in got.items():
         try:
-            shares = {int(j): str(c) for j, c in json.loads(str(rec["shares"])).items()}
-        except (KeyError, ValueError) as e:
+            shares = wire.read_shares(rec)
+        except ValueError as e:
             log.warning("secagg shares: node %d sent malformed shares (%s)", node, e)
             continue
         i = site_of[node]
@@ -135,16 +136,15 @@ def unmask_round(grid: Grid, rnd: SecureRound, masked: Mapping[int, np.ndarray],
         raise sa.SecAggError(f"round {rnd.server_round}: {len(survivors)} masked vectors, below the threshold of "
                              f"{rnd.threshold}: the round is skipped")
     payload = {rnd.node_of[s]: {"server-round": rnd.server_round, "survivors": json.dumps(survivors),
-                                "dropped": json.dumps(dropped), "inbox": json.dumps(rnd.inbox.get(s, {}))}
+                                "dropped": json.dumps(dropped), **wire.shares_record(rnd.inbox.get(s, {}), prefix="inbox")}
                for s in survivors}
     got = _ask(grid, list(payload), "secagg_reveal", rnd.run_config, payload, timeout, rnd)
     site_of = {n: s for s, n in rnd.node_of.items()}
     reveals: dict[int, dict[int, tuple[str, bytes]]] = {}
     for node, rec in got.items():
         try:
-            raw = json.loads(str(rec["reveal"]))
-            reveals[site_of[node]] = {int(j): (v[0], bytes.fromhex(v[2:])) for j, v in raw.items()}
-        except (KeyError, ValueError, TypeError) as e:
+            reveals[site_of[node]] = wire.read_reveal(rec)
+        except (KeyError, ValueError) as e:
             log.warning("secagg reveal: node %d sent malformed shares (%s)", node, e)
     rnd.dropped["reveal"] = sorted(set(survivors) - set(reveals))
     adverts = {s: sa.KeyAdvert.from_json(a) for s, a in rnd.adverts.items()}

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 P = 2**521 - 1
 SECRET_BYTES = 32
 _Y = 66
+SHARE_BYTES = 2 + _Y  # one share on the wire: x, then y
 
 
 def _eval(coeffs: Sequence[int], x: int) -> int:

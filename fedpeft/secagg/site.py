@@ -98,9 +98,9 @@ def advertise_keys(vault: SiteVault, server_round: int) -> str:
 
 
 def share_keys(vault: SiteVault, server_round: int, adverts_json: Sequence[str], roster: Mapping[int, str],
-               threshold: int, *, fraction: float = 0.5, min_sites: int = 2) -> dict[int, str]:
+               threshold: int, *, fraction: float = 0.5, min_sites: int = 2) -> dict[int, bytes]:
     """Stage 2: check every relayed advert against the roster, keep them, and return this site's
-    encrypted shares for each participant (hex). The coordinator's ``threshold`` is refused below
+    encrypted shares for each participant. The coordinator's ``threshold`` is refused below
     this site's own floor (``threshold_for`` of the adverts, ``fraction``, ``min_sites``): with a
     lower one, fewer colluding sites could rebuild both of one peer's secrets."""
     state = _load(vault, server_round)
@@ -113,7 +113,7 @@ def share_keys(vault: SiteVault, server_round: int, adverts_json: Sequence[str],
                              f"site's floor of {floor}; it shares no keys")
     shares = sa.make_shares(secrets, adverts, threshold=threshold)
     _save(vault, server_round, {**state, "adverts": [a.to_json() for a in adverts.values()], "threshold": threshold})
-    return {j: ct.hex() for j, ct in shares.items()}
+    return shares
 
 
 def _round_state(vault: SiteVault, server_round: int) -> tuple[sa.SiteSecrets, dict[int, sa.KeyAdvert], int]:
@@ -163,12 +163,12 @@ class Sealer:
         return {MASKED: torch.from_numpy(y.view(np.int64).copy())}
 
 
-def reveal_shares(vault: SiteVault, server_round: int, inbox: Mapping[int, str], survivors: Sequence[int],
-                  dropped: Sequence[int]) -> dict[int, str]:
+def reveal_shares(vault: SiteVault, server_round: int, inbox: Mapping[int, bytes], survivors: Sequence[int],
+                  dropped: Sequence[int]) -> dict[int, tuple[str, bytes]]:
     """Stage 4: this site's shares for the survivors' seeds and the dropped sites' keys, as
-    ``{site: "b:<hex>" | "s:<hex>"}``; the round's secrets are deleted after."""
+    ``{site: ("b" | "s", share)}``; the round's secrets are deleted after."""
     secrets, adverts, threshold = _round_state(vault, server_round)
-    got = sa.reveal(secrets, adverts, {j: bytes.fromhex(c) for j, c in inbox.items()}, survivors=survivors,
+    got = sa.reveal(secrets, adverts, dict(inbox), survivors=survivors,
                     dropped=dropped, threshold=threshold)
     _secrets_file(vault, server_round).unlink(missing_ok=True)  # one-round keys: nothing to keep
-    return {j: f"{kind}:{share.hex()}" for j, (kind, share) in got.items()}
+    return got
