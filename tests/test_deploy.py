@@ -208,6 +208,31 @@ def test_the_gateway_forwards_the_fleet_api_only():
         assert not allowed(method, path), (method, path)
 
 
+def test_register_asks_again_while_the_superlink_is_unavailable_and_fails_on_other_errors(tmp_path, monkeypatch):
+    from fedpeft.deploy.coordinator import CoordinatorError
+    # Prepare: a Flower CLI that answers "unavailable" twice, then registers; another that refuses
+    answers = [(1, "Connection to the SuperLink is unavailable."), (1, "Connection to the SuperLink is unavailable."),
+               (0, "registered node key")]
+    calls = []
+
+    def fake(*args, timeout=None, check=True):
+        calls.append(args)
+        rc, out = answers[len(calls) - 1]
+        return subprocess.CompletedProcess(args, rc, out, "")
+
+    coord = Coordinator(tmp_path / "c", None, port=_free_port())
+    monkeypatch.setattr(coord, "flwr", fake)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    # Execute / Assert: the third ask succeeds
+    assert coord.register(tmp_path / "auth.pub") == "registered node key" and len(calls) == 3
+    # a refusal that is not "unavailable" fails at once, naming the key
+    answers[:] = [(1, "Public key already registered")]
+    calls.clear()
+    with pytest.raises(CoordinatorError, match="auth.pub.*already registered"):
+        coord.register(tmp_path / "auth.pub")
+    assert len(calls) == 1
+
+
 def test_site_refuses_to_run_without_tls_unless_insecure(tmp_path, certs):
     cfg = _site_files(tmp_path, 0, 9092, certs)
     cfg.write_text(cfg.read_text().replace(f'ca-cert = "{certs / "ca.crt"}"\n', ""))

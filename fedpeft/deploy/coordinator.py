@@ -187,9 +187,20 @@ class Coordinator:
                                    f"{res.stderr[-2000:]}")
         return res
 
-    def register(self, public_key: str | Path) -> str:
-        """Allow a site's node-authentication key (``site-<id>/auth.pub`` from ``fedpeft certs``)."""
-        return self.flwr("supernode", "register", str(public_key), CONNECTION, timeout=60).stdout
+    def register(self, public_key: str | Path, *, wait: float = 60.0) -> str:
+        """Allow a site's node-authentication key (``site-<id>/auth.pub`` from ``fedpeft certs``).
+        A SuperLink that listens but whose Control API is not serving yet (seen on a loaded machine
+        right after start) answers "unavailable": asked again, with backoff, for up to ``wait`` s."""
+        deadline, pause = time.monotonic() + wait, 0.5
+        while True:
+            res = self.flwr("supernode", "register", str(public_key), CONNECTION, timeout=60, check=False)
+            if res.returncode == 0:
+                return res.stdout
+            if "unavailable" not in (res.stdout + res.stderr) or time.monotonic() + pause > deadline:
+                raise CoordinatorError(f"flwr supernode register {public_key} failed ({res.returncode}): "
+                                       f"{res.stdout[-2000:]} {res.stderr[-2000:]}")
+            time.sleep(pause)
+            pause = min(2 * pause, 5.0)
 
     def run(self, app: str | Path, run_config: str, *, timeout: float | None = None) -> subprocess.CompletedProcess:
         """``flwr run APP`` against this SuperLink, streaming its logs until the run ends."""
