@@ -110,6 +110,45 @@ def test_the_frozen_prefix_path_equals_the_full_forward_in_float64():
     assert torch.equal(cached.ids, data.tensors[0])
 
 
+@pytest.mark.parametrize("start", [0, 1])
+def test_the_last_layer_at_response_positions_only_gives_the_full_layers_losses_and_per_sample_gradients(start):
+    from opacus import GradSampleModule
+
+    # Prepare: LoRA on layers start..1 of 2 (q, v, down), B random; states cached at layer ``start``;
+    # the oracle is the same model through transformers' own layer at every position
+    cfg = gen_cfg("tiny-llama", **{"lora-layers": ",".join(str(i) for i in range(start, 2))})
+    task = task_of(cfg.model)
+    net = factory.build_model(cfg, dp=True).double()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    cached = task.compute_prefix(net, batch_of(cfg, 5), start_layer=start, ffn_start=False, precision="float32")
+    batch, at, cpu = cached.tensors, {"start_layer": start}, torch.device("cpu")
+    params = [p for p in net.parameters() if p.requires_grad]
+    rtol = 1e-5  # float32 paths inside transformers' float64 layers (see the brute-force test)
+
+    def loss_of(rows, response_only):
+        task.response_only = response_only
+        try:
+            return task.per_example_loss(net, rows, device=cpu, start=at, precision="float32")
+        finally:
+            task.response_only = True
+
+    # Execute: the oracle's per-example losses and gradients, one example at a time
+    full = loss_of(batch, False)
+    brute = [torch.autograd.grad(loss_of([t[i:i + 1] for t in batch], False).sum(), params) for i in range(5)]
+    fast = loss_of(batch, True)
+    gsm = GradSampleModule(net, loss_reduction="mean")
+    loss_of(batch, True).mean().backward()
+    # Assert: the same loss per example, and Opacus' per-sample gradients equal the oracle's
+    torch.testing.assert_close(fast, full, rtol=1e-8, atol=0.0)
+    for j, p in enumerate(params):
+        want = torch.stack([g[j] for g in brute])
+        torch.testing.assert_close(p.grad_sample, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+    gsm._close()
+
+
 @pytest.mark.parametrize("device", DEVICES, ids=lambda d: d.type)
 def test_lora_weights_move_under_dp_and_epsilon_is_spent(device, monkeypatch):
     # Prepare: opacus#820 reported adapters silently frozen under DP with recent peft

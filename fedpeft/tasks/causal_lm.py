@@ -71,20 +71,70 @@ def resumable(model: PreTrainedModel) -> bool:
     return getattr(model.config, "model_type", "") in LLAMA_LIKE
 
 
-def run_layers(body: Any, hidden: torch.Tensor, mask: torch.Tensor, *, start: int) -> torch.Tensor:
+def run_layers(body: Any, hidden: torch.Tensor, mask: torch.Tensor, *, start: int, stop: int | None = None
+               ) -> torch.Tensor:
     """Decoder layers ``start:`` and the final norm on cached states, as the body's own forward runs
-    them (same causal mask, same rotary positions). Hand-written: transformers cannot start a forward
-    at a middle layer."""
+    them (same causal mask, same rotary positions); with ``stop``, layers ``start:stop`` and no norm.
+    Hand-written: transformers cannot start a forward at a middle layer."""
     from transformers.masking_utils import create_causal_mask
 
     pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
     causal = create_causal_mask(config=body.config, inputs_embeds=hidden, attention_mask=mask, cache=None,
                                 position_ids=pos)
     rope = body.rotary_emb(hidden, position_ids=pos)
-    for layer in body.layers[start:]:
+    for layer in body.layers[start:stop]:
         out = layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=pos)
         hidden = out[0] if isinstance(out, tuple) else out
-    return body.norm(hidden)
+    return hidden if stop is not None else body.norm(hidden)
+
+
+def last_layer_at(body: Any, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
+    """The last decoder layer and the final norm at positions ``pos`` (B, R) only, from its input
+    ``hidden`` (B, T, d): keys and values over every token, queries, the output projection and the
+    MLP only where a response token is predicted (~10 of ~100 positions, so the trained layer costs
+    ~1/8 of its full forward). None where the layer is not a plain Llama layer. Hand-written:
+    transformers computes every position."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, repeat_kv, rotate_half
+
+    layer = body.layers[-1]
+    attn = layer.self_attn
+    if type(layer) is not LlamaDecoderLayer or float(getattr(attn, "attention_dropout", 0.0)) != 0.0:
+        return None
+    b, t, _ = hidden.shape
+    cos, sin = body.rotary_emb(hidden, position_ids=torch.arange(t, device=hidden.device).unsqueeze(0))
+    take = pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    resid = hidden.gather(1, take)  # (B, R, d)
+    normed = layer.input_layernorm(hidden)
+    hd = attn.head_dim
+    q = attn.q_proj(normed.gather(1, take)).view(b, pos.shape[1], -1, hd).transpose(1, 2)
+    k = attn.k_proj(normed).view(b, t, -1, hd).transpose(1, 2)
+    v = attn.v_proj(normed).view(b, t, -1, hd).transpose(1, 2)
+    cq, sq = cos[0][pos].unsqueeze(1), sin[0][pos].unsqueeze(1)  # (B, 1, R, hd)
+    q = q * cq + rotate_half(q) * sq
+    k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
+    groups = int(attn.num_key_value_groups)
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    keys = torch.arange(t, device=hidden.device)
+    allowed = (keys.view(1, 1, t) <= pos.unsqueeze(-1)) & mask.bool().unsqueeze(1)  # causal, no padding
+    out = nn.functional.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed.unsqueeze(1),
+                                                     scale=attn.scaling)
+    h = resid + attn.o_proj(out.transpose(1, 2).reshape(b, pos.shape[1], -1))
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return body.norm(h)
+
+
+def response_positions(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the positions that predict a response token, row-major as ``nonzero`` gives
+    them, and the same positions padded per row: ``pos`` (B, R) and ``valid`` (B, R)."""
+    sel = y[:, 1:] != IGNORE
+    rows, cols = sel.nonzero(as_tuple=True)
+    width = max(1, int(sel.sum(1).max())) if sel.numel() else 1
+    rank = sel.long().cumsum(1) - 1
+    pos = torch.zeros((y.shape[0], width), dtype=torch.long, device=y.device)
+    valid = torch.zeros((y.shape[0], width), dtype=torch.bool, device=y.device)
+    pos[rows, rank[rows, cols]] = cols
+    valid[rows, rank[rows, cols]] = True
+    return rows, cols, pos, valid
 
 
 def virtual_token_hidden(model: PeftModel, body: Any, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -106,6 +156,7 @@ class CausalLM(Task):
     name = "causal-lm"
     peft_task_type = "CAUSAL_LM"
     metric_label = "answer accuracy (greedy generation, exact match of the answer)"
+    response_only = True  # on cached states, the last layer runs only where a response token is predicted
 
     def load_model(self, cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
         return llm.load_causal_lm(cfg)
@@ -162,11 +213,19 @@ class CausalLM(Task):
         x, mask, y = (t.to(device) for t in batch)
         x, mask = trim(x, mask)
         y = y[:, : mask.shape[1]]
-        base, _ = body_of(model)
+        base, body = body_of(model)
+        rows, cols, pos, valid = response_positions(y)
         with models.autocast(device, precision):
-            hidden = self.hidden(model, x, mask, start)
-            rows, cols = (y[:, 1:] != IGNORE).nonzero(as_tuple=True)
-            logits = base.get_output_embeddings()(hidden[rows, cols])
+            picked = None
+            if start and self.response_only:  # cached states: the last layer only where it is read
+                h = x.to(base.dtype)
+                if int(start["start_layer"]) < len(body.layers) - 1:
+                    h = run_layers(body, h, mask, start=int(start["start_layer"]), stop=len(body.layers) - 1)
+                out = last_layer_at(body, h, mask, pos)
+                picked = None if out is None else out[valid]
+            if picked is None:
+                picked = self.hidden(model, x, mask, start)[rows, cols]
+            logits = base.get_output_embeddings()(picked)
         # float32 at least (autocast's bfloat16 logits), float64 kept (the exactness tests)
         ce = nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)),
                                          y[rows, cols + 1], reduction="none")
