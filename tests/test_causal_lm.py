@@ -13,7 +13,7 @@ from fedpeft import adapters, factory, training
 from fedpeft.data.instructions import generate_referrals
 from fedpeft.runconfig import from_run_config
 from fedpeft.tasks import task_of
-from fedpeft.tasks.causal_lm import IGNORE, answer_of
+from fedpeft.tasks.causal_lm import IGNORE, answer_of, shared_prefix
 from tests.conftest import DEVICES
 
 TARGETS = {"tiny-llama": "q_proj,v_proj,down_proj", "tiny-gpt2": "c_attn,c_fc"}
@@ -100,6 +100,7 @@ def test_the_frozen_prefix_path_equals_the_full_forward_in_float64():
     task = task_of(cfg.model)
     net = factory.build_model(cfg, dp=False).double()
     data = batch_of(cfg, 4)
+    assert shared_prefix(*data.tensors[:2]) > 0  # the chat template's system turn: computed once, then continued
     # Execute
     cached = task.compute_prefix(net, data, start_layer=1, ffn_start=False, precision="float32")
     full = task.per_example_loss(net, data.tensors, device=torch.device("cpu"), start={}, precision="float32")

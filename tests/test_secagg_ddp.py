@@ -20,7 +20,8 @@ def test_distributed_dp_with_a_dropped_site_is_signed_unmasked_and_recomputed(tm
     # and a third of the sites crash after their first DP step (after stages 1-2) in each round
     run = tmp_path / "run"
     flat = simulation_config("smoke", ["dp-noise='seeded' secure-aggregation=true client-dp=true fault-crash=0.34 "
-                                       "client-dp-noise-multiplier=0.8 client-dp-clip=0.5 num-server-rounds=2"],
+                                       "client-dp-noise-multiplier=0.8 client-dp-clip=0.5 num-server-rounds=2 local-epochs=1 "
+                                       "notes-per-site=100"],
                              str(run))
     # Execute
     metrics = simulate(flat)

@@ -23,7 +23,7 @@ ADAPTER = "adapter_model.safetensors"
 def runs(tmp_path_factory):
     secure = tmp_path_factory.mktemp("secure")
     plain = tmp_path_factory.mktemp("plain")
-    seeded = "dp-noise='seeded'"
+    seeded = "dp-noise='seeded' local-epochs=1 notes-per-site=100"  # equality of adapters, not learning: small
     m_secure = simulate(simulation_config("smoke", [f"{seeded} secure-aggregation=true"], str(secure)))
     # one round, planned as two: the same sigma as the secure run (DP calibrates for the planned rounds)
     m_plain = simulate(simulation_config("smoke", [f"{seeded} num-server-rounds=1 dp-planned-rounds=2"], str(plain)))

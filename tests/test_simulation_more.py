@@ -44,7 +44,8 @@ def test_site_with_malformed_data_is_reported_and_the_run_goes_on(tmp_path):
 def test_mixed_ranks_run_through_flower_and_export(tmp_path):
     """The hetero path through the real ClientApp/ServerApp: sites train ranks 2, 4, 8 (cycling),
     the server merges by SVD, metrics say who trained which rank, the adapter loads in PEFT."""
-    flat = simulation_config("smoke", ["dp-noise='seeded' lora-ranks='2,4,8' merge='svd' local-epochs=1"],
+    flat = simulation_config("smoke", ["dp-noise='seeded' lora-ranks='2,4,8' merge='svd' local-epochs=1 "
+                                       "notes-per-site=100"],
                              str(tmp_path))
     metrics = simulate(flat)
     cfg = from_run_config(flat)

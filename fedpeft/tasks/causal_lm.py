@@ -123,6 +123,15 @@ def last_layer_at(body: Any, hidden: torch.Tensor, mask: torch.Tensor, pos: torc
     return body.norm(h)
 
 
+def shared_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many leading tokens every row shares (real tokens, at least one left per row); 0 if few."""
+    if len(ids) < 2:
+        return 0
+    same = ((ids == ids[:1]) & (mask == 1)).all(0).long().cumprod(0)
+    c = min(int(same.sum()), int(mask.sum(1).min()) - 1)
+    return c if c >= 4 else 0
+
+
 def response_positions(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, cols) of the positions that predict a response token, row-major as ``nonzero`` gives
     them, and the same positions padded per row: ``pos`` (B, R) and ``valid`` (B, R)."""
@@ -311,15 +320,31 @@ class CausalLM(Task):
     def compute_prefix(self, model: nn.Module, data: TensorDataset, *, start_layer: int, ffn_start: bool,
                        precision: str) -> TensorDataset:
         """The input of layer ``start_layer`` for every example, once (the frozen layers below it)."""
+        import copy
+
         ids, mask, labels = data.tensors
         base, body = body_of(model)
         device = next(base.parameters()).device
         dtype = getattr(torch, models.resolve_precision(precision, device))
         width = int(base.config.hidden_size)
         hidden = torch.zeros((len(ids), ids.shape[1], width), dtype=dtype)
+        # The tokens every row starts with (the chat template's system turn, ~1/3 of a referral) run
+        # once; each batch continues from their keys and values (causal attention: the same states).
+        c = shared_prefix(ids, mask) if resumable(base) else 0
+        cache = None
+        if c:
+            with models.autocast(device, precision):
+                out = body(input_ids=ids[:1, :c].to(device), use_cache=True, output_hidden_states=True)
+            hidden[:, :c] = out.hidden_states[start_layer][0].to("cpu", dtype)
+            cache = out.past_key_values
         for idx in length_batches(mask, 32):
             b_ids, b_mask = trim(ids[idx], mask[idx])
+            kw: dict[str, Any] = {}
+            if cache is not None:
+                kw["past_key_values"] = copy.deepcopy(cache)
+                kw["past_key_values"].batch_repeat_interleave(len(idx))
             with models.autocast(device, precision):
-                out = body(input_ids=b_ids.to(device), attention_mask=b_mask.to(device), output_hidden_states=True)
-            hidden[idx, : b_ids.shape[1]] = out.hidden_states[start_layer].to("cpu", dtype)
+                out = body(input_ids=b_ids[:, c:].to(device), attention_mask=b_mask.to(device),
+                           output_hidden_states=True, use_cache=cache is not None, **kw)
+            hidden[idx, c: b_ids.shape[1]] = out.hidden_states[start_layer].to("cpu", dtype)
         return PrefixDataset(hidden, mask, labels, start_layer=start_layer, ids=ids)
