@@ -150,6 +150,27 @@ def test_the_last_layer_at_response_positions_only_gives_the_full_layers_losses_
     gsm._close()
 
 
+def test_a_method_hooked_on_the_whole_last_layer_keeps_the_full_layer_and_its_losses():
+    from fedpeft.tasks.causal_lm import body_of, last_layer_at
+
+    # Prepare: LoReFT sits on layer 1's output through a forward hook on the layer itself
+    cfg = gen_cfg("tiny-llama", adapter="loreft")
+    task = task_of(cfg.model)
+    net = factory.build_model(cfg, dp=False).double()
+    _, body = body_of(net)
+    cached = task.compute_prefix(net, batch_of(cfg, 4), start_layer=1, ffn_start=False, precision="float32")
+    x, mask = cached.tensors[0], cached.tensors[1]
+    # Execute
+    skipped = last_layer_at(body, x.double(), mask, torch.zeros((4, 1), dtype=torch.long))
+    resumed = task.per_example_loss(net, cached.tensors, device=torch.device("cpu"), start={"start_layer": 1},
+                                    precision="float32")
+    full = task.per_example_loss(net, batch_of(cfg, 4).tensors, device=torch.device("cpu"), start={},
+                                 precision="float32")
+    # Assert: the response-only layer declines (it would bypass the hook), and the losses still match
+    assert skipped is None and body.layers[-1]._forward_hooks
+    torch.testing.assert_close(resumed, full, rtol=1e-8, atol=0.0)
+
+
 @pytest.mark.parametrize("device", DEVICES, ids=lambda d: d.type)
 def test_lora_weights_move_under_dp_and_epsilon_is_spent(device, monkeypatch):
     # Prepare: opacus#820 reported adapters silently frozen under DP with recent peft

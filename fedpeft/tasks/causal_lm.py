@@ -88,17 +88,29 @@ def run_layers(body: Any, hidden: torch.Tensor, mask: torch.Tensor, *, start: in
     return hidden if stop is not None else body.norm(hidden)
 
 
+def response_only_layer(body: Any) -> bool:
+    """Whether ``last_layer_at`` can stand in for the last layer: a plain Llama layer, no attention
+    dropout, no method inserted on the whole layer (LoReFT's hook would see every position)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from fedpeft.methods.inserted import REFT
+
+    layer = body.layers[-1]
+    return type(layer) is LlamaDecoderLayer and float(getattr(layer.self_attn, "attention_dropout", 0.0)) == 0.0 \
+        and not hasattr(layer, REFT)
+
+
 def last_layer_at(body: Any, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
     """The last decoder layer and the final norm at positions ``pos`` (B, R) only, from its input
     ``hidden`` (B, T, d): keys and values over every token, queries, the output projection and the
     MLP only where a response token is predicted (~10 of ~100 positions, so the trained layer costs
     ~1/8 of its full forward). None where the layer is not a plain Llama layer. Hand-written:
     transformers computes every position."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, repeat_kv, rotate_half
+    from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
     layer = body.layers[-1]
     attn = layer.self_attn
-    if type(layer) is not LlamaDecoderLayer or float(getattr(attn, "attention_dropout", 0.0)) != 0.0:
+    if not response_only_layer(body):
         return None
     b, t, _ = hidden.shape
     cos, sin = body.rotary_emb(hidden, position_ids=torch.arange(t, device=hidden.device).unsqueeze(0))
@@ -226,7 +238,7 @@ class CausalLM(Task):
         rows, cols, pos, valid = response_positions(y)
         with models.autocast(device, precision):
             picked = None
-            if start and self.response_only:  # cached states: the last layer only where it is read
+            if start and self.response_only and response_only_layer(body):  # the last layer only where it is read
                 h = x.to(base.dtype)
                 if int(start["start_layer"]) < len(body.layers) - 1:
                     h = run_layers(body, h, mask, start=int(start["start_layer"]), stop=len(body.layers) - 1)
@@ -336,13 +348,13 @@ class CausalLM(Task):
             with models.autocast(device, precision):
                 out = body(input_ids=ids[:1, :c].to(device), use_cache=True, output_hidden_states=True)
             hidden[:, :c] = out.hidden_states[start_layer][0].to("cpu", dtype)
-            cache = out.past_key_values
+            cache = out.cache
         for idx in length_batches(mask, 32):
             b_ids, b_mask = trim(ids[idx], mask[idx])
             kw: dict[str, Any] = {}
             if cache is not None:
-                kw["past_key_values"] = copy.deepcopy(cache)
-                kw["past_key_values"].batch_repeat_interleave(len(idx))
+                kw["cache"] = copy.deepcopy(cache)
+                kw["cache"].batch_repeat_interleave(len(idx))
             with models.autocast(device, precision):
                 out = body(input_ids=b_ids[:, c:].to(device), attention_mask=b_mask.to(device),
                            output_hidden_states=True, use_cache=cache is not None, **kw)
