@@ -107,10 +107,10 @@ def last_layer_at(body: Any, hidden: torch.Tensor, mask: torch.Tensor, pos: torc
     ``response_only_layer`` says no. Hand-written: transformers computes every position."""
     from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
-    layer = body.layers[-1]
-    attn = layer.self_attn
     if not response_only_layer(body):
         return None
+    layer = body.layers[-1]
+    attn = layer.self_attn
     b, t, _ = hidden.shape
     cos, sin = body.rotary_emb(hidden, position_ids=torch.arange(t, device=hidden.device).unsqueeze(0))
     take = pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
