@@ -427,8 +427,10 @@ def test_coordinator_killed_mid_run_resumes_after_its_last_round_without_doublin
     sites: list[subprocess.Popen] = []
     app = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
+    # no federated evaluation: every message starts a ClientApp process (~10 s of imports); the TLS
+    # test above evaluates through the same processes
     run_config = (f"model='tiny' lora-layers='' num-sites=2 num-server-rounds=2 min-train-sites=2 "
-                  f"batch-size=16 global-test-size=60 target-epsilon=6.0 out-dir='{out}'")
+                  f"batch-size=16 global-test-size=60 target-epsilon=6.0 fraction-evaluate=0 out-dir='{out}'")
     try:
         for s in range(2):
             coord.register(certs / f"site-{s}" / "auth.pub")

@@ -1,7 +1,11 @@
 """Secure aggregation end to end in Flower's Simulation Engine (`smoke`, seeded): the same adapter
 as the plaintext run within the ring's step, no per-site update or count in what the coordinator
 kept, a site dropping after sharing its keys, and an audit that fails on an altered or missing
-masked vector."""
+masked vector.
+
+The plaintext references run in this process (``fedpeft.inprocess``: the same site code and merge
+without Flower or Ray), which gives the Flower plaintext run's adapter bit for bit
+(``tests/test_ray_cluster.py`` checks that), without a second Ray start per comparison."""
 
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from fedpeft.cli import simulate, simulation_config
+from fedpeft.inprocess import run_federation
 from fedpeft.privacy.audit.checks import audit_run
+from fedpeft.runconfig import from_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -26,23 +32,23 @@ def runs(tmp_path_factory):
     seeded = "dp-noise='seeded' local-epochs=1 notes-per-site=100"  # equality of adapters, not learning: small
     m_secure = simulate(simulation_config("smoke", [f"{seeded} secure-aggregation=true"], str(secure)))
     # one round, planned as two: the same sigma as the secure run (DP calibrates for the planned rounds)
-    m_plain = simulate(simulation_config("smoke", [f"{seeded} num-server-rounds=1 dp-planned-rounds=2"], str(plain)))
-    return secure, m_secure, plain, m_plain
+    plain_cfg = from_run_config(simulation_config("smoke", [f"{seeded} num-server-rounds=1 dp-planned-rounds=2"],
+                                                  str(plain)))
+    plain_adapter, plain_rounds = run_federation(plain_cfg)
+    return secure, m_secure, plain_adapter, [r.accuracy for r in plain_rounds]
 
 
 def test_secure_run_gives_the_plaintext_adapter(runs):
     # Prepare
-    secure, m_secure, plain, m_plain = runs
+    secure, m_secure, b, plain_accuracy = runs
     # Execute: round 1's adapters (the plaintext reference runs one round)
     a = load_file(str(secure / "checkpoints" / "round-001" / ADAPTER))
-    b = load_file(str(plain / "checkpoints" / "round-001" / ADAPTER))
     # Assert: every tensor within float32 rounding plus the ring's step (relative 1e-6 at most)
     assert a.keys() == b.keys()
     for k in a:
         diff = (a[k].double() - b[k].double()).norm().item()
         assert diff <= 1e-6 * max(b[k].double().norm().item(), 1e-12), k
-    assert [r["global"]["accuracy"] for r in m_secure["rounds"][:2]] == \
-        pytest.approx([r["global"]["accuracy"] for r in m_plain["rounds"]], abs=0.011)
+    assert [r["global"]["accuracy"] for r in m_secure["rounds"][:2]] == pytest.approx(plain_accuracy, abs=0.011)
 
 
 def test_coordinator_keeps_only_masked_vectors_and_no_per_site_counts(runs):
@@ -86,9 +92,8 @@ def test_mixed_ranks_under_frozen_a_give_the_plaintext_adapter(tmp_path):
     base = "dp-noise='seeded' lora-ranks='2,4,8' merge='frozen_a' num-server-rounds=1 local-epochs=1 notes-per-site=100"
     # Execute
     secure = simulate(simulation_config("smoke", [f"{base} secure-aggregation=true"], str(tmp_path / "secure")))
-    simulate(simulation_config("smoke", [base], str(tmp_path / "plain")))
+    b, _ = run_federation(from_run_config(simulation_config("smoke", [base], str(tmp_path / "plain"))))
     a = load_file(str(tmp_path / "secure" / "checkpoints" / "round-001" / ADAPTER))
-    b = load_file(str(tmp_path / "plain" / "checkpoints" / "round-001" / ADAPTER))
     # Assert: the same adapter within float32 rounding; the ranks recorded; the audit replays the round
     for k in a:
         assert (a[k].double() - b[k].double()).norm().item() <= 1e-6 * max(b[k].double().norm().item(), 1e-12), k
