@@ -45,7 +45,7 @@ def test_ctrl_c_stops_the_simulation_within_seconds_and_keeps_completed_rounds(t
     # Prepare: a long smoke run in its own process (and process group, killed whatever happens)
     out = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, "-m", "fedpeft.cli", "simulate", "--preset", "smoke", "--out", str(out),
-                             "--run-config", "num-server-rounds=50"],
+                             "--run-config", "num-server-rounds=50 local-epochs=1 notes-per-site=100"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_default_sigint, start_new_session=True)
     try:

@@ -66,7 +66,7 @@ def test_thirty_percent_of_sites_crashing_every_round_is_survived_and_accounted(
 
     # Execute: smoke with fault injection, 3 rounds
     flat = simulation_config("smoke", ["dp-noise='seeded' fault-crash=0.3 num-server-rounds=3 audit-canaries=500 "
-                                       "local-epochs=2"],
+                                       "local-epochs=1 notes-per-site=150"],
                              str(tmp_path))
     metrics = simulate(flat)
     # Assert: the run completes; crashes are recorded per round; a round is never merged from too few
