@@ -20,6 +20,10 @@ CPU = torch.device("cpu")
 NUM_LABELS = 7
 # Every device present: a contract that holds on the CPU must hold on CUDA too.
 DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+# One Ray worker for a simulation whose sites need not run side by side: every worker imports torch,
+# transformers, peft and opacus afresh (~10 s of CPU here), and the suite's other process keeps the
+# second core busy anyway.
+ONE_WORKER = f"client-cpus={os.cpu_count() or 1}"
 
 
 @pytest.fixture(params=DEVICES, ids=lambda d: d.type)

@@ -14,6 +14,7 @@ from fedpeft.cli import main, simulate, simulation_config
 from fedpeft.export import generate, load_causal_lm
 from fedpeft.llm import load_causal_lm as base_lm
 from fedpeft.runconfig import from_run_config
+from tests.conftest import ONE_WORKER
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.slow
 def gen_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-gen")
     # DoRA (a non-LoRA method end to end) sending int8 deltas with error feedback
-    flat = simulation_config("tiny-gen", ["dp-noise='seeded' adapter='dora' delta-format='int8' error-feedback=true"],
+    flat = simulation_config("tiny-gen", ["dp-noise='seeded' adapter='dora' delta-format='int8' error-feedback=true "
+                                         f"{ONE_WORKER}"],
                              str(out))
     return out, flat, simulate(flat)
 

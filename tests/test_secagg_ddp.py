@@ -11,6 +11,7 @@ import pytest
 
 from fedpeft.cli import simulate, simulation_config
 from fedpeft.privacy.audit.checks import audit_run
+from tests.conftest import ONE_WORKER
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +22,7 @@ def test_distributed_dp_with_a_dropped_site_is_signed_unmasked_and_recomputed(tm
     run = tmp_path / "run"
     flat = simulation_config("smoke", ["dp-noise='seeded' secure-aggregation=true client-dp=true fault-crash=0.34 "
                                        "client-dp-noise-multiplier=0.8 client-dp-clip=0.5 num-server-rounds=2 local-epochs=1 "
-                                       "notes-per-site=100"],
+                                       f"notes-per-site=100 {ONE_WORKER}"],
                              str(run))
     # Execute
     metrics = simulate(flat)

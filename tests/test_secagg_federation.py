@@ -19,8 +19,10 @@ from fedpeft.cli import simulate, simulation_config
 from fedpeft.inprocess import run_federation
 from fedpeft.privacy.audit.checks import audit_run
 from fedpeft.runconfig import from_run_config
+from tests.conftest import ONE_WORKER
 
 pytestmark = pytest.mark.slow
+
 
 ADAPTER = "adapter_model.safetensors"
 
@@ -30,7 +32,7 @@ def runs(tmp_path_factory):
     secure = tmp_path_factory.mktemp("secure")
     plain = tmp_path_factory.mktemp("plain")
     seeded = "dp-noise='seeded' local-epochs=1 notes-per-site=100"  # equality of adapters, not learning: small
-    m_secure = simulate(simulation_config("smoke", [f"{seeded} secure-aggregation=true"], str(secure)))
+    m_secure = simulate(simulation_config("smoke", [f"{seeded} secure-aggregation=true {ONE_WORKER}"], str(secure)))
     # one round, planned as two: the same sigma as the secure run (DP calibrates for the planned rounds)
     plain_cfg = from_run_config(simulation_config("smoke", [f"{seeded} num-server-rounds=1 dp-planned-rounds=2"],
                                                   str(plain)))
@@ -91,7 +93,7 @@ def test_mixed_ranks_under_frozen_a_give_the_plaintext_adapter(tmp_path):
     # Prepare: ranks 2, 4, 8 merged by frozen_a (an exact weighted sum), one short round, both ways
     base = "dp-noise='seeded' lora-ranks='2,4,8' merge='frozen_a' num-server-rounds=1 local-epochs=1 notes-per-site=100"
     # Execute
-    secure = simulate(simulation_config("smoke", [f"{base} secure-aggregation=true"], str(tmp_path / "secure")))
+    secure = simulate(simulation_config("smoke", [f"{base} secure-aggregation=true {ONE_WORKER}"], str(tmp_path / "secure")))
     b, _ = run_federation(from_run_config(simulation_config("smoke", [base], str(tmp_path / "plain"))))
     a = load_file(str(tmp_path / "secure" / "checkpoints" / "round-001" / ADAPTER))
     # Assert: the same adapter within float32 rounding; the ranks recorded; the audit replays the round

@@ -12,6 +12,7 @@ from peft import PeftModel
 from fedpeft import models
 from fedpeft.cli import simulate, simulation_config
 from fedpeft.runconfig import from_run_config
+from tests.conftest import ONE_WORKER
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,7 @@ def test_site_with_malformed_data_is_reported_and_the_run_goes_on(tmp_path):
             w.writerows((t, LABELS[y]) for t, y in zip(texts, ys))
     (tmp_path / "site1.csv").write_text("text,label\nchest pain,oncology\n")
     flat = simulation_config("smoke", [f"data='{tmp_path}/site{{site}}.csv'", f"labels='{','.join(LABELS)}'",
-                                       "num-server-rounds=1", "min-train-sites=2"], str(tmp_path / "out"))
+                                       "num-server-rounds=1", "min-train-sites=2", ONE_WORKER], str(tmp_path / "out"))
     # Execute
     metrics = simulate(flat)
     # Assert: the round merged sites 0 and 2; site 1's error names the site, its file and the field
@@ -44,7 +45,7 @@ def test_site_with_malformed_data_is_reported_and_the_run_goes_on(tmp_path):
 def test_mixed_ranks_run_through_flower_and_export(tmp_path):
     """The hetero path through the real ClientApp/ServerApp: sites train ranks 2, 4, 8 (cycling),
     the server merges by SVD, metrics say who trained which rank, the adapter loads in PEFT."""
-    flat = simulation_config("smoke", ["dp-noise='seeded' lora-ranks='2,4,8' merge='svd' local-epochs=1 "
+    flat = simulation_config("smoke", [f"dp-noise='seeded' lora-ranks='2,4,8' merge='svd' local-epochs=1 {ONE_WORKER} "
                                        "notes-per-site=100"],
                              str(tmp_path))
     metrics = simulate(flat)
@@ -66,7 +67,7 @@ def test_thirty_percent_of_sites_crashing_every_round_is_survived_and_accounted(
 
     # Execute: smoke with fault injection, 3 rounds
     flat = simulation_config("smoke", ["dp-noise='seeded' fault-crash=0.3 num-server-rounds=3 audit-canaries=500 "
-                                       "local-epochs=1 notes-per-site=150"],
+                                       f"local-epochs=1 notes-per-site=150 {ONE_WORKER}"],
                              str(tmp_path))
     metrics = simulate(flat)
     # Assert: the run completes; crashes are recorded per round; a round is never merged from too few
