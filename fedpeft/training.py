@@ -43,6 +43,7 @@ class TrainResult:
     epsilon: float  # cumulative epsilon for this site after this call (0 without DP)
     privacy_state: PrivacyState | None
     pass_seconds: float = 0.0  # time in forward and backward passes alone (the arithmetic of this call)
+    drawn: int = 0  # examples in the batches this call trained on (under DP a Poisson draw: it varies)
 
 
 @dataclass
@@ -274,7 +275,7 @@ def train_local(
         eps = new_state.epsilon()
     model.eval()
     return TrainResult(loss=total / max(seen, 1), steps=steps, examples=len(data), epsilon=eps,
-                       privacy_state=new_state, pass_seconds=pass_s)
+                       privacy_state=new_state, pass_seconds=pass_s, drawn=seen)
 
 
 def _passes(loader: DataLoader) -> Iterator[Sequence[torch.Tensor]]:

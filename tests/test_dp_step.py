@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedpeft import training
-from fedpeft.config import TrainConfig
+from fedpeft.config import PrivacyConfig, TrainConfig
 from fedpeft.privacy.accountant import BudgetExceeded, PrivacyState, compute_epsilon
 from tests.conftest import make_tiny_lora
 
@@ -107,3 +107,22 @@ def test_dp_step_clipped_gradients_equal_brute_force_loop(tiny_dataset, device):
     for p, b in zip(params, brute):
         torch.testing.assert_close(p.grad, b, rtol=1e-9, atol=1e-12)
     hooks.cleanup()
+
+
+def test_drawn_counts_the_examples_of_the_poisson_batches_and_every_example_without_dp(tiny_dataset, fast_train, dp_on):
+    # Prepare: the per-sample gradients Opacus holds at each release are the oracle for what was drawn
+    state = training.plan_privacy(num_examples=len(tiny_dataset), train=fast_train, privacy=dp_on, num_rounds=2)
+    model = make_tiny_lora()
+    first = next(p for p in model.parameters() if p.requires_grad)
+    released: list[int] = []
+    # Execute
+    dp = training.train_local(model, tiny_dataset, train=fast_train, privacy=dp_on, privacy_state=state,
+                              device=torch.device("cpu"), seed=0, noise_seed=5,
+                              before_release=lambda: released.append(int(first.grad_sample.shape[0])))
+    plain = training.train_local(make_tiny_lora(dp=False), tiny_dataset, train=fast_train,
+                                 privacy=PrivacyConfig(enabled=False), privacy_state=None, device=torch.device("cpu"),
+                                 seed=0)
+    # Assert: one release per step; drawn is their sum (a random count); without DP every example once per epoch
+    assert len(released) == dp.steps == len(tiny_dataset) // fast_train.batch_size
+    assert dp.drawn == sum(released)
+    assert plain.drawn == len(tiny_dataset) * fast_train.local_epochs
