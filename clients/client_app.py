@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+# Light imports only (no torch): Flower starts a ClientApp process per message on a SuperNode, and a
+# site that refuses the run (its policy, its task, its labels) answers before the model stack loads.
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import simulated_site
-from fedpeft.federation import ARRAYS, CONFIG, METRICS, STATUS, from_arrays, metric_record, status_record, to_arrays
-from fedpeft.privacy.vault import SiteVault, site_folder
+from fedpeft.policy import apply_node_config
+from fedpeft.records import ARRAYS, CONFIG, METRICS, SECAGG, STATUS
 from fedpeft.runconfig import from_run_config
-from fedpeft.runtime import quiet_libraries, set_threads
-from fedpeft.secagg import site as secagg_site
-from fedpeft.secagg import wire as secagg_wire
-from fedpeft.secagg.ddp import DdpPlan
-from fedpeft.secagg.protocol import SecAggError
-from fedpeft.secagg.server import SECAGG
-from fedpeft.site import apply_node_config, round_seed, settle_ledger, site_evaluate, site_round
+
+if TYPE_CHECKING:
+    from fedpeft.privacy.vault import SiteVault
 
 app = ClientApp()
 
@@ -27,13 +26,15 @@ app = ClientApp()
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, str | None]:
     """Run config from the server's message; (site id, number of sites, optional local data file)
     from the SuperNode's node config."""
-    quiet_libraries()
     cfg = from_run_config(dict(msg.content[CONFIG]))
-    set_threads(cfg.federation.client_cpus)
     nc = context.node_config
     # Flower's Simulation Engine gives every virtual node a partition-id; a real SuperNode does not.
     # A deployed site's own columns and privacy policy: a run config asking for less is refused.
     cfg = apply_node_config(cfg, nc, deployed="partition-id" not in nc)
+    from fedpeft.runtime import quiet_libraries, set_threads  # the model stack, once the site takes part
+
+    quiet_libraries()
+    set_threads(cfg.federation.client_cpus)
     if "site-id" in nc:  # a deployed site names itself
         site = int(nc["site-id"])
         num = int(nc.get("num-partitions", site + 1))
@@ -45,6 +46,8 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, str | N
 
 
 def _vault(context: Context, cfg: RunConfig, site: int, deployed: bool) -> SiteVault:
+    from fedpeft.privacy.vault import SiteVault, site_folder
+
     state_dir = context.node_config.get("state-dir")
     return SiteVault(site_folder(str(state_dir) if state_dir else None, out_dir=cfg.federation.out_dir,
                                  site=site, deployed=deployed), site)
@@ -59,6 +62,11 @@ def _node_rank(context: Context) -> int | None:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, site, num, path = _setup(msg, context)
+    from fedpeft.federation import from_arrays, metric_record, status_record, to_arrays
+    from fedpeft.secagg import site as secagg_site
+    from fedpeft.secagg.ddp import DdpPlan
+    from fedpeft.site import round_seed, site_round
+
     deployed = "partition-id" not in context.node_config
     # Execute: privacy state and ledger live in the site's folder, so epsilon accumulates across
     # rounds and SuperNode restarts
@@ -89,6 +97,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, site, num, path = _setup(msg, context)
+    from fedpeft.federation import from_arrays, metric_record, status_record
+    from fedpeft.site import settle_ledger, site_evaluate
+
     metrics = site_evaluate(cfg, site=site, num_sites=num, global_state=from_arrays(msg.content.array_records[ARRAYS]),
                             data_path=path)
     content = RecordDict({METRICS: metric_record(metrics)})
@@ -110,6 +121,9 @@ def _secagg(msg: Message, context: Context) -> tuple[RunConfig, SiteVault, int, 
 def _roster(context: Context, cfg: RunConfig, sites: list[int]) -> dict[int, str]:
     """The peers' ledger keys: a deployed site's roster file (node config secagg-roster); in a
     simulation, each virtual site's own ledger (all parties on one machine: a stand-in)."""
+    from fedpeft.secagg import site as secagg_site
+    from fedpeft.secagg.protocol import SecAggError
+
     path = context.node_config.get("secagg-roster")
     if path:
         return secagg_site.load_roster(str(path))
@@ -123,6 +137,8 @@ def _roster(context: Context, cfg: RunConfig, sites: list[int]) -> dict[int, str
 @app.query("secagg_keys")
 def secagg_keys(msg: Message, context: Context) -> Message:
     """Stage 1: this round's signed key advert."""
+    from fedpeft.secagg import site as secagg_site
+
     _, vault, rnd, _ = _secagg(msg, context)
     with vault.exclusive():
         advert = secagg_site.advertise_keys(vault, rnd)
@@ -132,6 +148,9 @@ def secagg_keys(msg: Message, context: Context) -> Message:
 @app.query("secagg_shares")
 def secagg_shares(msg: Message, context: Context) -> Message:
     """Stage 2: check the relayed adverts against the roster; encrypted shares for each peer."""
+    from fedpeft.secagg import site as secagg_site
+    from fedpeft.secagg import wire as secagg_wire
+
     cfg, vault, rnd, rec = _secagg(msg, context)
     adverts = json.loads(str(rec["adverts"]))
     roster = _roster(context, cfg, [int(json.loads(a)["site"]) for a in adverts])
@@ -145,6 +164,9 @@ def secagg_shares(msg: Message, context: Context) -> Message:
 @app.query("secagg_reveal")
 def secagg_reveal(msg: Message, context: Context) -> Message:
     """Stage 4: shares of the survivors' seeds and of the dropped sites' keys, never both."""
+    from fedpeft.secagg import site as secagg_site
+    from fedpeft.secagg import wire as secagg_wire
+
     _, vault, rnd, rec = _secagg(msg, context)
     with vault.exclusive():
         got = secagg_site.reveal_shares(vault, rnd, secagg_wire.read_shares(rec, prefix="inbox"),

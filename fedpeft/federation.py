@@ -14,13 +14,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedpeft import compression
 from fedpeft.adapters import AdapterStateError, check_adapter_state
 from fedpeft.privacy.ledger import LedgerError, ServerCopies, delta_hash
+from fedpeft.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, STATUS  # noqa: F401  (re-exported)
 from fedpeft.reply import Reply
-
-ARRAYS = "arrays"
-METRICS = "metrics"
-CONFIG = "config"
-NUM_EXAMPLES = "num-examples"
-STATUS = "status"  # ConfigRecord: status ('trained' | 'declined'), reason, ledger, public-key
 
 
 class ReplyError(ValueError):

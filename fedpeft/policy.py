@@ -22,6 +22,10 @@ class PolicyError(RuntimeError):
     """The run config asks this site for less privacy than its own policy allows."""
 
 
+class SiteError(RuntimeError):
+    """This site cannot take part (missing or malformed data); the message names the site."""
+
+
 def _flag(value: object, key: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -96,3 +100,29 @@ def check_noise_source(cfg: RunConfig, *, deployed: bool) -> None:
     if deployed and site_noise and cfg.privacy.noise == "seeded":
         raise PolicyError("dp-noise='seeded': refused on a deployed site (anyone with the run seed, the "
                           "coordinator included, could regenerate and subtract the noise); use dp-noise='secret'")
+
+
+NODE_KEYS = {"text-column": ("data", "text_column", str), "label-column": ("data", "label_column", str)}
+
+
+def apply_node_config(cfg: RunConfig, node_config: Mapping[str, object], *, deployed: bool) -> RunConfig:
+    """A deployed site's own settings win over the run's: its file's columns, and its privacy
+    policy (a run config that asks for less is refused). Its label list must be the run's (same
+    classes, same order) or it cannot take part. Torch-free, like this module: a ClientApp refuses
+    a run before it imports the model stack (~10 s of CPU per process on a 2-core machine)."""
+    task = node_config.get("task")
+    if task is not None and str(task) != cfg.model.task:
+        raise SiteError(f"task={cfg.model.task!r} (run config) but this site's data is for task={task!r} "
+                        "(its [data] task)")
+    labels = node_config.get("labels")
+    if labels is not None:
+        mine = [x.strip() for x in str(labels).split(",") if x.strip()]
+        if mine != list(cfg.data.label_list):
+            raise SiteError(f"labels={','.join(mine)!r} (node config) differ from the run's labels="
+                            f"{','.join(cfg.data.label_list)!r}: a site cannot renumber classes")
+    out = cfg
+    for key, (section, attr, typ) in NODE_KEYS.items():
+        if key in node_config:
+            sec = dataclasses.replace(getattr(out, section), **{attr: typ(node_config[key])})
+            out = dataclasses.replace(out, **{section: sec})
+    return SitePolicy.from_node_config(node_config).enforce(out) if deployed else out

@@ -24,7 +24,7 @@ from fedpeft.config import RunConfig
 from fedpeft.data.sites import SiteData, make_site
 from fedpeft.factory import dataset, evaluate, global_adapter_config, worker_model
 from fedpeft.faults import InjectedFault, attacked, attackers, crashes, hangs, is_late
-from fedpeft.policy import SitePolicy
+from fedpeft.policy import SiteError
 from fedpeft.privacy.accountant import BudgetExceeded, PrivacyState
 from fedpeft.privacy.audit.canaries import TrainingCanaries
 from fedpeft.privacy.ledger import delta_hash
@@ -33,10 +33,6 @@ from fedpeft.reply import Reply
 from fedpeft.tasks import task_of
 
 log = logging.getLogger(__name__)
-
-
-class SiteError(RuntimeError):
-    """This site cannot take part (missing or malformed data); the message names the site."""
 
 
 def load_site(cfg: RunConfig, *, site: int, num_sites: int, data_path: str | None = None) -> SiteData:
@@ -92,31 +88,6 @@ def site_work(cfg: RunConfig, *, site: int, num_sites: int, data_path: str | Non
         work = SiteWork(data, dataset(cfg, data.train_texts, data.train_labels, data.train_targets), test)
         _SITES.put(key, work, work.nbytes)
     return work
-
-
-NODE_KEYS = {"text-column": ("data", "text_column", str), "label-column": ("data", "label_column", str)}
-
-
-def apply_node_config(cfg: RunConfig, node_config: Mapping[str, object], *, deployed: bool) -> RunConfig:
-    """A deployed site's own settings win over the run's: its file's columns, and its privacy
-    policy (``fedpeft.policy``: a run config that asks for less is refused). Its label list must be
-    the run's (same classes, same order) or it cannot take part."""
-    task = node_config.get("task")
-    if task is not None and str(task) != cfg.model.task:
-        raise SiteError(f"task={cfg.model.task!r} (run config) but this site's data is for task={task!r} "
-                        "(its [data] task)")
-    labels = node_config.get("labels")
-    if labels is not None:
-        mine = [x.strip() for x in str(labels).split(",") if x.strip()]
-        if mine != list(cfg.data.label_list):
-            raise SiteError(f"labels={','.join(mine)!r} (node config) differ from the run's labels="
-                            f"{','.join(cfg.data.label_list)!r}: a site cannot renumber classes")
-    out = cfg
-    for key, (section, attr, typ) in NODE_KEYS.items():
-        if key in node_config:
-            sec = dataclasses.replace(getattr(out, section), **{attr: typ(node_config[key])})
-            out = dataclasses.replace(out, **{section: sec})
-    return SitePolicy.from_node_config(node_config).enforce(out) if deployed else out
 
 
 def round_seed(seed: int, site: int, server_round: int) -> int:

@@ -166,8 +166,8 @@ def test_a_site_must_pin_the_apps_it_runs_and_pins_are_hashes(tmp_path, certs):
 
 def test_a_generative_site_reads_its_instruction_file_and_refuses_a_run_of_another_task(tmp_path, certs):
     from fedpeft.data.instructions import generate_referrals
+    from fedpeft.policy import SiteError, apply_node_config
     from fedpeft.runconfig import from_run_config
-    from fedpeft.site import SiteError, apply_node_config
 
     # Prepare: a chat-format JSONL file; [data] task = "causal-lm", no labels
     prompts, _, responses = generate_referrals(n=12, seed=4)
@@ -282,46 +282,88 @@ def _flower_processes(marker: str) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_tls_authenticated_federation_runs_and_sites_refuse_weaker_runs_and_untrusted_apps(tmp_path, certs):
-    """The guide's flow through real processes: coordinator (Fleet-only gateway), registered
-    SuperNodes of sites 0 and 1 (they trust the app) train a round, evaluate and pass the audit.
-    Then site 2 joins, pinning another app, and the coordinator asks for dp=false: sites 0 and 1
-    (their files: DP on) refuse before training, site 2 refuses the app before Flower installs any
-    of it. Every process is gone after."""
+def test_tls_federation_survives_a_coordinator_crash_and_sites_refuse_weaker_runs_and_untrusted_apps(tmp_path, certs):
+    """The guide's flow through real processes, in one federation (each process start costs seconds
+    of imports on a 2-core machine). Coordinator (Fleet-only gateway) up; registered SuperNodes of
+    sites 0 and 1 (they trust the app) train two rounds over TLS, sending float16 deltas, and
+    evaluate. After round 1 is committed the coordinator's machine dies (SIGKILL to the SuperLink,
+    its ServerApp and the gateway) while the sites keep running; `coordinator start` and
+    `coordinator run` with resume=true continue after the last committed round: every round
+    recorded once, every site's ledger holds exactly one DP release per round (a round the sites had
+    already trained is resent, not retrained), and the audit passes. Then site 2 joins, pinning
+    another app, and the coordinator asks for dp=false: sites 0 and 1 (their files: DP on) refuse
+    before training, site 2 refuses the app before Flower installs any of it. Every process is
+    gone after."""
+    import threading
+
     from fedpeft.deploy.coordinator import CoordinatorError
+    from fedpeft.privacy.audit.checks import audit_run
 
     # Prepare: the guide's steps — coordinator up, sites registered, SuperNodes started
     port = _free_port()
     coord = Coordinator(tmp_path / "coordinator", certs, host="127.0.0.1", port=port)
     coord.start()
     sites: list[subprocess.Popen] = []
+    out = tmp_path / "run"
+    base = ("model='tiny' lora-layers='' num-sites=2 min-train-sites=2 batch-size=16 global-test-size=60 "
+            "target-epsilon=6.0")
+    run_config = f"{base} num-server-rounds=2 delta-format='float16' out-dir='{out}'"
     try:
         for s in range(3):
             coord.register(certs / f"site-{s}" / "auth.pub")
         cfgs = [_site_files(tmp_path, s, port, certs) for s in range(2)]
         sites = [_spawn_site(c, tmp_path / f"site{s}.log") for s, c in enumerate(cfgs)]
-        out = tmp_path / "run"
-        base = ("model='tiny' lora-layers='' num-sites=2 min-train-sites=2 batch-size=16 global-test-size=60 "
-                "target-epsilon=6.0")
-        # Execute: a round of the tiny model over TLS (the resume test below runs two)
-        res = coord.run(APP, f"{base} num-server-rounds=1 delta-format='float16' out-dir='{out}'", timeout=400)
-        # Assert: the global adapter, each site's privacy state and ledger, a passing audit; the
-        # deployed sites sent float16 deltas (half the float32 bytes), signed as sent
+
+        def first_run() -> None:
+            try:
+                coord.run(APP, run_config, timeout=400)
+            except (CoordinatorError, subprocess.TimeoutExpired):
+                pass  # the coordinator dies under it
+
+        t = threading.Thread(target=first_run, daemon=True)
+        t.start()
+        state = out / "server-state.json"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if state.exists() and json.loads(state.read_text())["round"] >= 1:
+                break
+            for s, p in enumerate(sites):
+                if p.poll() is not None:
+                    pytest.fail(f"site {s} exited: {(tmp_path / f'site{s}.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        else:
+            pytest.fail("round 1 was never committed")
+        # Execute: the crash (the machine: SuperLink, its ServerApp and the gateway), then the
+        # guide's restart with resume=true
+        for pid_file in (coord.pid_file, coord.gateway_pid_file):
+            os.killpg(coord.running_pid(pid_file), signal.SIGKILL)
+        t.join(timeout=120)
+        killed_after = json.loads(state.read_text())["round"]
+        coord.start()
+        res = coord.run(APP, run_config + " resume=true", timeout=400)
+        # Assert: the global adapter, each round once, each site's privacy state and ledger (one
+        # release per round), a passing audit; the deployed sites sent float16 deltas (half the
+        # float32 bytes), signed as sent, and evaluated the global adapter
         assert (out / "adapter" / "adapter_model.safetensors").exists(), res.stdout[-2000:]
         metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["resumed_after"] == killed_after == 1
+        assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
         sent = [m["bytes_up"] for m in metrics["rounds"][-1]["sites"].values()]
         assert sent and all(b == metrics["adapter_bytes"] / 2 for b in sent), (sent, metrics.get("adapter_bytes"))
         assert metrics["dp_noise"]["source"] == "secret"
+        evaluated = metrics["rounds"][-1]["sites"]  # federated evaluation, through the sites' ClientApp processes
+        assert len(evaluated) == 2 and all(m.get("eval_loss") is not None for m in evaluated.values()), evaluated
         for s in range(2):
-            state = tmp_path / f"state-site{s}"
-            assert (state / f"privacy-site{s}.json").exists() and (state / "site-key.pem").exists()
-            entries = [json.loads(x) for x in (state / "ledger.jsonl").read_text().splitlines()]
-            assert [e["kind"] for e in entries] == ["open", "dp-sgd"]
+            state_dir = tmp_path / f"state-site{s}"
+            assert (state_dir / f"privacy-site{s}.json").exists() and (state_dir / "site-key.pem").exists()
+            entries = [json.loads(x) for x in (state_dir / "ledger.jsonl").read_text().splitlines()]
+            assert [e["kind"] for e in entries] == ["open", "dp-sgd", "dp-sgd"], entries
+            assert [e["round"] for e in entries[1:]] == [1, 2]
             assert entries[-1]["noise"] == "secret" and entries[-1]["deployed"] is True
             assert entries[-1]["target_epsilon"] == 6.0  # within the site's own budget, from its config
-            assert (out / "ledger" / f"site-{s}.jsonl").read_bytes() == (state / "ledger.jsonl").read_bytes()
-        from fedpeft.privacy.audit.checks import audit_run
-        assert audit_run(out).ok
+            assert (out / "ledger" / f"site-{s}.jsonl").read_bytes() == (state_dir / "ledger.jsonl").read_bytes()
+        audit = audit_run(out)
+        assert audit.ok, audit.failures
         # Execute: site 2 joins (it pins another app); the coordinator asks for training without DP
         sites.append(_spawn_site(_site_files(tmp_path, 2, port, certs, trusted=json.dumps(["0" * 64])),
                                  tmp_path / "site2.log"))
@@ -341,7 +383,7 @@ def test_tls_authenticated_federation_runs_and_sites_refuse_weaker_runs_and_untr
         assert not apps.exists() or not any(apps.iterdir()), list(apps.iterdir())
         for s in range(2):
             entries = (tmp_path / f"state-site{s}" / "ledger.jsonl").read_text().splitlines()
-            assert len(entries) == 2  # still open + 1 release
+            assert len(entries) == 3  # still open + 2 releases
     finally:
         for p in sites:
             _kill_group(p)
@@ -405,79 +447,6 @@ def test_unregistered_key_other_ca_and_plain_http_are_refused(tmp_path, certs):
         assert res.returncode == 0, res.stdout[-1500:]
         coord.flwr("ls", timeout=60)
     finally:
-        coord.stop()
-
-
-@pytest.mark.slow
-def test_coordinator_killed_mid_run_resumes_after_its_last_round_without_doubling_a_step(tmp_path, certs):
-    """The coordinator's machine dies (SIGKILL to the SuperLink and its ServerApp) after round 1 is
-    committed; the sites keep running. `coordinator start` and `coordinator run` with resume=true
-    continue after the last committed round: every round recorded once, every site's ledger holds
-    exactly one DP release per round (a round the sites had already trained is resent, not
-    retrained), and the audit passes."""
-    import threading
-
-    from fedpeft.deploy.coordinator import CoordinatorError
-    from fedpeft.privacy.audit.checks import audit_run
-
-    # Prepare
-    port = _free_port()
-    coord = Coordinator(tmp_path / "coordinator", certs, host="127.0.0.1", port=port)
-    coord.start()
-    sites: list[subprocess.Popen] = []
-    app = Path(__file__).resolve().parents[1]
-    out = tmp_path / "run"
-    # no federated evaluation: every message starts a ClientApp process (~10 s of imports); the TLS
-    # test above evaluates through the same processes
-    run_config = (f"model='tiny' lora-layers='' num-sites=2 num-server-rounds=2 min-train-sites=2 "
-                  f"batch-size=16 global-test-size=60 target-epsilon=6.0 fraction-evaluate=0 out-dir='{out}'")
-    try:
-        for s in range(2):
-            coord.register(certs / f"site-{s}" / "auth.pub")
-        cfgs = [_site_files(tmp_path, s, port, certs) for s in range(2)]
-        sites = [_spawn_site(c, tmp_path / f"site{s}.log") for s, c in enumerate(cfgs)]
-
-        def first_run() -> None:
-            try:
-                coord.run(app, run_config, timeout=400)
-            except (CoordinatorError, subprocess.TimeoutExpired):
-                pass  # the coordinator dies under it
-
-        t = threading.Thread(target=first_run, daemon=True)
-        t.start()
-        state = out / "server-state.json"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if state.exists() and json.loads(state.read_text())["round"] >= 1:
-                break
-            for s, p in enumerate(sites):
-                if p.poll() is not None:
-                    pytest.fail(f"site {s} exited: {(tmp_path / f'site{s}.log').read_text()[-2000:]}")
-            time.sleep(0.1)
-        else:
-            pytest.fail("round 1 was never committed")
-        # Execute: the crash (the machine: SuperLink, its ServerApp and the gateway), then the
-        # guide's restart with resume=true
-        for pid_file in (coord.pid_file, coord.gateway_pid_file):
-            os.killpg(coord.running_pid(pid_file), signal.SIGKILL)
-        t.join(timeout=120)
-        killed_after = json.loads(state.read_text())["round"]
-        coord.start()
-        coord.run(app, run_config + " resume=true", timeout=400)
-        # Assert
-        metrics = json.loads((out / "metrics.json").read_text())
-        assert metrics["resumed_after"] == killed_after == 1
-        assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
-        assert (out / "adapter" / "adapter_model.safetensors").exists()
-        for s in range(2):
-            entries = [json.loads(x) for x in (tmp_path / f"state-site{s}" / "ledger.jsonl").read_text().splitlines()]
-            releases = [e for e in entries if e["kind"] == "dp-sgd"]
-            assert [e["round"] for e in releases] == [1, 2], entries
-        res = audit_run(out)
-        assert res.ok, res.failures
-    finally:
-        for p in sites:
-            _kill_group(p)
         coord.stop()
 
 

@@ -8,11 +8,11 @@ import json
 import pytest
 
 from fedpeft.factory import initial_adapter_state
-from fedpeft.policy import PolicyError, SitePolicy
+from fedpeft.policy import PolicyError, SitePolicy, apply_node_config
 from fedpeft.privacy.ledger import verify_file
 from fedpeft.privacy.vault import SiteVault
 from fedpeft.runconfig import from_run_config
-from fedpeft.site import apply_node_config, site_round
+from fedpeft.site import site_round
 
 TINY = {"model": "tiny", "lora-layers": "", "lr": 0.01, "notes-per-site": 40, "test-per-site": 10,
         "num-server-rounds": 2, "batch-size": 16}
@@ -32,6 +32,41 @@ def test_a_deployed_site_refuses_a_run_config_that_asks_for_less(run, key):
         apply_node_config(cfg, SITE_FILE, deployed=True)
     # a simulation plays every party: the same config is the researcher's to choose
     assert apply_node_config(cfg, SITE_FILE, deployed=False) == cfg
+
+
+REFUSAL_WITHOUT_TORCH = """
+import json, sys
+from types import SimpleNamespace
+from flwr.app import ConfigRecord, Context, RecordDict
+import clients.client_app as app
+from fedpeft.runconfig import from_run_config, to_run_config
+flat = {**to_run_config(from_run_config(json.loads(sys.argv[1]))), "server-round": 1}
+msg = SimpleNamespace(content={"config": ConfigRecord(flat)})
+ctx = Context(run_id=1, node_id=1, node_config=json.loads(sys.argv[2]), state=RecordDict(), run_config={})
+try:
+    app.train(msg, ctx)
+    error = None
+except Exception as e:
+    error = f"{type(e).__name__}: {e}"
+print(json.dumps({"error": error, "torch": "torch" in sys.modules}))
+"""
+
+
+def test_a_client_app_process_refuses_a_weaker_run_before_it_imports_torch():
+    """A SuperNode starts one ClientApp process per message: a refusal should cost no model stack."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # Prepare / Execute: a fresh interpreter, as Flower's ClientApp process is
+    res = subprocess.run([sys.executable, "-c", REFUSAL_WITHOUT_TORCH, json.dumps({**TINY, "dp": False}),
+                          json.dumps(SITE_FILE)], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    # Assert: refused, naming the key, and torch never loaded
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["error"].startswith("PolicyError: dp=false: the run config asks this site to train without"), out
+    assert out["torch"] is False
 
 
 def test_a_run_asking_for_more_privacy_is_honoured_and_a_bare_supernode_gets_the_secure_defaults():

@@ -1,5 +1,5 @@
-"""Faults end to end in Flower's Simulation Engine (Ray): Ctrl-C and SIGTERM, a late site, a hung
-site, nodes still registering. Its own file, so the suite's second worker runs it beside the
+"""Faults end to end in Flower's Simulation Engine (Ray): Ctrl-C and SIGTERM, a hung site and a late
+site (one run), nodes still registering. Its own file, so the suite's second worker runs it beside the
 smoke runs of tests/test_simulation.py."""
 
 from __future__ import annotations
@@ -83,55 +83,41 @@ def test_ctrl_c_stops_the_simulation_within_seconds_and_keeps_completed_rounds(t
         proc.wait(timeout=30)
 
 
-def test_a_late_site_is_left_out_by_the_round_timeout_and_recorded(tmp_path):
-    # Prepare: two rounds; site 0 answers 50 s late in round 2 only (seed 4 picks it). Round 1
-    # starts the Ray workers and loads the model: a cold start took ~25 s alone and more than 40 s
-    # beside the suite's other worker, so round 1 is a warm-up whose timing is the machine's, and
-    # round 2's punctual sites answer in seconds well inside the 45 s timeout that judges the
-    # fault. Round 2 is the last: a sleeping virtual site keeps its Ray worker busy.
-    flat = simulation_config("smoke", ["dp-noise='seeded' seed=4 fault-late=0.2 fault-late-seconds=50 "
-                                       "round-timeout=45 num-server-rounds=2 local-epochs=1"], str(tmp_path))
-    cfg = from_run_config(flat)
-    from fedpeft.faults import is_late
-    assert [[s for s in range(3) if is_late(cfg, s, r)] for r in (1, 2)] == [[], [0]]
-    # Execute
-    metrics = simulate(flat)
-    # Assert: round 2 merged the two punctual sites and named the missing reply
-    r2 = metrics["rounds"][2]
-    assert [f["reason"] for f in r2["failures"]] == ["no reply within the round's timeout (round-timeout)"]
-    assert sorted(r2["merged"], key=int) == ["1", "2"] and not r2["skipped"]
-
-
-def test_a_hung_site_is_timed_out_and_its_drawn_noise_is_accounted(tmp_path):
-    """Site 0 hangs in round 2 after its first DP step (seed 20 picks it, and nobody in rounds 1 and
-    3): the server stops waiting at round-timeout, merges the other two and records the missing
-    reply; in round 3 site 0 trains again, and its signed ledger counts the hung round's step."""
-    from fedpeft.faults import hangs
+def test_a_hung_site_and_a_late_site_are_timed_out_recorded_and_the_hung_steps_accounted(tmp_path):
+    """One run, two faults (seed 102 picks them): site 1 hangs in round 2 after its first DP step,
+    site 0 answers 50 s late in round 3, nobody fails in round 1. Each time the server stops waiting
+    at round-timeout, merges the two punctual sites and records the missing reply; site 1 trains
+    again in round 3, and its signed ledger counts the hung round's step."""
+    from fedpeft.faults import hangs, is_late
     from fedpeft.privacy.accountant import PrivacyState
     from fedpeft.privacy.audit.checks import audit_run
 
     # Prepare: round 1 warms the Ray workers and the model (a cold start took ~25 s alone and more
     # than 40 s under load: its timing is the machine's), so the punctual sites of rounds 2-3
-    # (sharing the one worker the hung site leaves) answer in seconds inside the 45 s timeout
-    flat = simulation_config("smoke", ["dp-noise='seeded' seed=20 fault-hang=0.3 fault-hang-seconds=50 "
-                                       "round-timeout=45 local-epochs=1 num-server-rounds=3"], str(tmp_path))
+    # (sharing the one worker a sleeping site leaves) answer in seconds inside the 45 s timeout.
+    # Round 3 is the last: the late site's worker is still asleep when the run ends.
+    flat = simulation_config("smoke", ["dp-noise='seeded' seed=102 fault-hang=0.3 fault-hang-seconds=50 "
+                                       "fault-late=0.2 fault-late-seconds=50 round-timeout=45 local-epochs=1 "
+                                       "notes-per-site=150 num-server-rounds=3"], str(tmp_path))
     cfg = from_run_config(flat)
-    assert [[s for s in range(3) if hangs(cfg, s, r)] for r in (1, 2, 3)] == [[], [0], []]
+    assert [[s for s in range(3) if hangs(cfg, s, r)] for r in (1, 2, 3)] == [[], [1], []]
+    assert [[s for s in range(3) if is_late(cfg, s, r)] for r in (1, 2, 3)] == [[], [], [0]]
     # Execute
     metrics = simulate(flat)
-    # Assert: round 2 merged sites 1 and 2 and named the silent one; round 3 merged all three
-    r2, r3 = metrics["rounds"][2], metrics["rounds"][3]
-    assert [f["reason"] for f in r2["failures"]] == ["no reply within the round's timeout (round-timeout)"]
-    assert sorted(r2["merged"], key=int) == ["1", "2"] and not r2["skipped"]
-    assert sorted(r3["merged"], key=int) == ["0", "1", "2"]
-    # site 0 took 1 step in round 2 (its noise was drawn before it hung) and two full rounds (a
+    # Assert: rounds 2 and 3 each merged the two punctual sites and named the silent one
+    timeout = ["no reply within the round's timeout (round-timeout)"]
+    for rnd, punctual in ((2, ["0", "2"]), (3, ["1", "2"])):
+        r = metrics["rounds"][rnd]
+        assert [f["reason"] for f in r["failures"]] == timeout, (rnd, r["failures"])
+        assert sorted(r["merged"], key=int) == punctual and not r["skipped"], (rnd, r["merged"])
+    # site 1 took 1 step in round 2 (its noise was drawn before it hung) and two full rounds (a
     # round-1 reply that came late was still trained and signed)
-    state = PrivacyState.from_json((tmp_path / "sites" / "site-0" / "privacy-site0.json").read_text())
+    state = PrivacyState.from_json((tmp_path / "sites" / "site-1" / "privacy-site1.json").read_text())
     assert state.planned_steps % 3 == 0  # planned: 3 rounds of equal steps
     assert state.steps_taken == 1 + 2 * (state.planned_steps // 3)
     res = audit_run(tmp_path)
     assert res.ok, res.failures
-    assert res.sites[0].steps == state.steps_taken
+    assert res.sites[1].steps == state.steps_taken
 
 
 def test_server_waits_for_virtual_nodes_still_registering_before_judging_the_federation_size():

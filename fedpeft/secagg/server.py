@@ -19,6 +19,7 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedpeft.records import SECAGG
 from fedpeft.secagg import protocol as sa
 from fedpeft.secagg import wire
 from fedpeft.secagg.layout import Layout
@@ -26,7 +27,6 @@ from fedpeft.secagg.site import MASKED
 
 log = logging.getLogger(__name__)
 
-SECAGG = "secagg"  # the ConfigRecord each stage's messages and replies carry
 
 
 @dataclass
