@@ -13,6 +13,7 @@ from flwr.clientapp import ClientApp
 # site that refuses the run (its policy, its task, its labels) answers before the model stack loads.
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import simulated_site
+from fedpeft.imports import gc_paused
 from fedpeft.policy import apply_node_config
 from fedpeft.records import ARRAYS, CONFIG, METRICS, SECAGG, STATUS
 from fedpeft.runconfig import from_run_config
@@ -31,8 +32,11 @@ def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, int, str | N
     # Flower's Simulation Engine gives every virtual node a partition-id; a real SuperNode does not.
     # A deployed site's own columns and privacy policy: a run config asking for less is refused.
     cfg = apply_node_config(cfg, nc, deployed="partition-id" not in nc)
-    from fedpeft.runtime import quiet_libraries, set_threads  # the model stack, once the site takes part
-
+    with gc_paused():  # the model stack (~4,000 modules), once the site takes part
+        import fedpeft.federation  # noqa: F401
+        import fedpeft.secagg.site  # noqa: F401
+        import fedpeft.site  # noqa: F401
+        from fedpeft.runtime import quiet_libraries, set_threads
     quiet_libraries()
     set_threads(cfg.federation.client_cpus)
     if "site-id" in nc:  # a deployed site names itself

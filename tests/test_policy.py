@@ -48,7 +48,13 @@ try:
     error = None
 except Exception as e:
     error = f"{type(e).__name__}: {e}"
-print(json.dumps({"error": error, "torch": "torch" in sys.modules}))
+torch_before = "torch" in sys.modules
+virtual = Context(run_id=1, node_id=2, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(),
+                  run_config={})
+app._setup(msg, virtual)  # a simulation's virtual node may run without DP: it loads the stack
+import gc
+print(json.dumps({"error": error, "torch": torch_before, "torch_after": "torch" in sys.modules,
+                  "gc": gc.isenabled()}))
 """
 
 
@@ -67,6 +73,8 @@ def test_a_client_app_process_refuses_a_weaker_run_before_it_imports_torch():
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["error"].startswith("PolicyError: dp=false: the run config asks this site to train without"), out
     assert out["torch"] is False
+    # a site that takes part loads the model stack, and the import leaves the garbage collector on
+    assert out["torch_after"] is True and out["gc"] is True
 
 
 def test_a_run_asking_for_more_privacy_is_honoured_and_a_bare_supernode_gets_the_secure_defaults():
