@@ -54,6 +54,22 @@ def centralised(flat: dict[str, Any], n: int = 0) -> float:
     return train_centralised(cfg, epochs=cfg.federation.num_rounds * cfg.train.local_epochs)["accuracy"]
 
 
+def report_rescored(flat: dict[str, Any], out: str, n: int, *, centralised_too: bool) -> tuple[float, float]:
+    """Re-score the runs in ``out`` (and train the centralised arm) on n held-out referrals, print
+    them, and return (DP / no-DP ratio, gain over the base in points)."""
+    rounds = from_run_config(flat).federation.num_rounds
+    acc = rescore(flat, {"dp": f"{out}/dp", "nodp": f"{out}/nodp", "base": f"{out}/dp"},
+                  {"dp": rounds, "nodp": rounds, "base": 0}, n)
+    if centralised_too:  # the pooled, non-private adapter on the same held-out referrals
+        acc["centralised"] = centralised(flat, n)
+    ratio = acc["dp"] / acc["nodp"] if acc["nodp"] else float("nan")
+    gain = 100 * (acc["dp"] - acc["base"])
+    cent = f" dp_vs_centralised_ratio={acc['dp'] / acc['centralised']:.3f}" if acc.get("centralised") else ""
+    print(f"rescored_n={n} " + " ".join(f"answer_acc_{k}={v:.4f}" for k, v in acc.items()))
+    print(f"rescored_dp_vs_nodp_metric_ratio={ratio:.3f} rescored_gain_over_base={gain:.1f}{cent}")
+    return ratio, gain
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="clinical-gen")
@@ -66,16 +82,8 @@ def main() -> None:
     quiet_libraries()
     # Seeded noise (labelled as such in metrics.json) so a figure can be rerun bitwise.
     flat = simulation_config(args.preset, ["dp-noise='seeded'", *(args.run_config or [])], f"{args.out}/dp")
-    rounds = from_run_config(flat).federation.num_rounds
-    outs = {"dp": f"{args.out}/dp", "nodp": f"{args.out}/nodp", "base": f"{args.out}/dp"}
     if args.rescore_only:
-        acc = rescore(flat, outs, {"dp": rounds, "nodp": rounds, "base": 0}, args.rescore)
-        if not args.skip_centralised:  # the pooled, non-private adapter on the same held-out referrals
-            acc["centralised"] = centralised(flat, args.rescore)
-        print(f"rescored_n={args.rescore} " + " ".join(f"answer_acc_{k}={v:.4f}" for k, v in acc.items()))
-        cent = f" dp_vs_centralised_ratio={acc['dp'] / acc['centralised']:.3f}" if "centralised" in acc else ""
-        print(f"dp_vs_nodp_metric_ratio={acc['dp'] / acc['nodp']:.3f} gain_over_base="
-              f"{100 * (acc['dp'] - acc['base']):.1f}{cent}")
+        report_rescored(flat, args.out, args.rescore, centralised_too=not args.skip_centralised)
         return
     t = time.perf_counter()
     dp = simulate(flat, overwrite=True)  # a benchmark's folder is scratch
@@ -86,7 +94,7 @@ def main() -> None:
     base = dp["rounds"][0]["global"]["accuracy"]  # round 0: the untuned base (LoRA B = 0), same test set
     cfg = from_run_config(flat)
     cent = float("nan")
-    if not args.skip_centralised:
+    if not args.skip_centralised and not args.rescore:  # with re-scoring: on the same referrals, below
         cent = centralised(flat)
     eps = max(m["epsilon"] for m in dp["rounds"][-1]["sites"].values() if "epsilon" in m)
     print(f"preset={args.preset} sites={cfg.federation.num_sites} rounds={cfg.federation.num_rounds} "
@@ -100,10 +108,7 @@ def main() -> None:
     if args.rescore:
         print(f"preset_test_n={cfg.model.eval_generations} dp_vs_nodp_metric_ratio_preset={ratio:.3f} "
               f"gain_over_base_preset={gain:.1f}")
-        acc = rescore(flat, outs, {"dp": rounds, "nodp": rounds, "base": 0}, args.rescore)
-        print(f"rescored_n={args.rescore} " + " ".join(f"answer_acc_{k}={v:.4f}" for k, v in acc.items()))
-        ratio = acc["dp"] / acc["nodp"] if acc["nodp"] else float("nan")
-        gain = 100 * (acc["dp"] - acc["base"])
+        ratio, gain = report_rescored(flat, args.out, args.rescore, centralised_too=not args.skip_centralised)
     print(f"wall_s={wall:.1f} dp_vs_nodp_metric_ratio={ratio:.3f} gain_over_base={gain:.1f}")
 
 
