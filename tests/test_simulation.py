@@ -17,6 +17,7 @@ from fedpeft import models
 from fedpeft.cli import simulate, simulation_config
 from fedpeft.export import load_classifier
 from fedpeft.runconfig import from_run_config
+from tests.conftest import ONE_WORKER
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
-    flat = simulation_config("smoke", ["dp-noise='seeded'"], str(out))  # reruns compare bitwise
+    # reruns compare bitwise; one Ray worker (each worker pays the ML stack's import; the sites' results
+    # do not depend on how many run at once)
+    flat = simulation_config("smoke", [f"dp-noise='seeded' {ONE_WORKER}"], str(out))
     return out, flat, simulate(flat)
 
 
@@ -112,7 +115,7 @@ def test_a_round_short_of_replies_then_a_sigkill_and_resume_give_the_uninterrupt
 
     out_ref, _, _ = smoke_run
     out = tmp_path / "killed"
-    faults = "dp-noise='seeded' fault-crash=0.5 round-retries=1"
+    faults = f"dp-noise='seeded' fault-crash=0.5 round-retries=1 {ONE_WORKER}"
     cfg = from_run_config(simulation_config("smoke", [faults], str(out)))
     assert [[s for s in range(3) if crashes(cfg, s, r)] for r in (1, 2)] == [[0, 1], []]
     proc = subprocess.Popen([sys.executable, "-m", "fedpeft.cli", "simulate", "--preset", "smoke", "--run-config",
