@@ -102,20 +102,23 @@ def test_smoke_run_passes_fedpeft_audit_with_ledgers_for_every_site(smoke_run, c
         assert f"site {s} {metrics['rounds'][-1]['sites'][str(s)]['epsilon']:.3f}" in card
 
 
-def test_a_round_short_of_replies_then_a_sigkill_and_resume_give_the_uninterrupted_adapter_and_history(
-        tmp_path, smoke_run):
+def test_a_round_short_of_replies_then_a_sigkill_and_resume_give_the_uninterrupted_adapter_and_history(tmp_path):
     """Two faults in one run, each of which must leave no trace in the result. Round 1: sites 0 and
     1 crash after a DP step (fault-crash=0.5 picks them), so the round has 1 good reply < 2 and the
     server asks them again (round-retries=1); with seeded noise the retried steps are the same
     steps. Round 2: a real SIGKILL of the whole simulation (Ray included) while a site is in the
     middle of it (round 1 committed), then `fedpeft simulate --resume`. The final adapter equals the
-    run that never failed (to float32 rounding) and no DP step is lost or doubled (the cut-short
-    seeded steps are redone, not counted twice)."""
+    same federation run without faults (in this process, ``fedpeft.inprocess``: the same site code
+    and merge without Flower or Ray) to float32 rounding, and no DP step is lost or doubled (the
+    cut-short seeded steps are redone, not counted twice)."""
     from fedpeft.faults import crashes
+    from fedpeft.inprocess import run_federation
 
-    out_ref, _, _ = smoke_run
+    # Prepare: a light smoke (the faults, not the learning, are under test) and its reference
+    light = f"dp-noise='seeded' local-epochs=1 notes-per-site=150 {ONE_WORKER}"
     out = tmp_path / "killed"
-    faults = f"dp-noise='seeded' fault-crash=0.5 round-retries=1 {ONE_WORKER}"
+    ref_a, ref_rounds = run_federation(from_run_config(simulation_config("smoke", [light], str(tmp_path / "reference"))))
+    faults = f"{light} fault-crash=0.5 round-retries=1"
     cfg = from_run_config(simulation_config("smoke", [faults], str(out)))
     assert [[s for s in range(3) if crashes(cfg, s, r)] for r in (1, 2)] == [[0, 1], []]
     proc = subprocess.Popen([sys.executable, "-m", "fedpeft.cli", "simulate", "--preset", "smoke", "--run-config",
@@ -130,20 +133,19 @@ def test_a_round_short_of_replies_then_a_sigkill_and_resume_give_the_uninterrupt
 
     while time.monotonic() < deadline and not mid_round_2():
         assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (out / "adapter").exists()  # it really was interrupted
     # Execute
     from fedpeft.cli import main
     assert main(["simulate", "--resume", str(out)]) == 0
-    # Assert: the reference run's privacy histories exactly (no step lost or doubled), and its adapter
+    # Assert: the reference's DP steps and epsilon for every site (no step lost or doubled), and its adapter
     # to float32 rounding: bit for bit in most runs, but one value was seen 1 ULP off in 2 of 3 suite
     # runs on 2026-12-02 (cause not found yet; the lead is in the issue notes)
     from safetensors.torch import load_file
 
     mine_a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    ref_a = load_file(str(out_ref / "adapter" / "adapter_model.safetensors"))
     assert set(mine_a) == set(ref_a)
     for k in ref_a:
         torch.testing.assert_close(mine_a[k], ref_a[k], rtol=1e-6, atol=1e-6 * float(ref_a[k].abs().max()))
@@ -151,14 +153,13 @@ def test_a_round_short_of_replies_then_a_sigkill_and_resume_give_the_uninterrupt
     r1 = metrics["rounds"][1]
     assert r1["retries"] == 1 and not r1["skipped"] and sorted(r1["merged"], key=int) == ["0", "1", "2"]
     assert sum("injected crash" in f["reason"] for f in r1["failures"]) == 2
-    ref_g = json.loads((out_ref / "metrics.json").read_text())["rounds"][-1]["global"]
-    assert metrics["rounds"][-1]["global"] == pytest.approx(ref_g, rel=1e-4)
+    assert [r["global"]["accuracy"] for r in metrics["rounds"]] == pytest.approx([r.accuracy for r in ref_rounds],
+                                                                                 rel=1e-4)
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2] and metrics["resumed_after"] >= 1
+    from fedpeft.privacy.accountant import PrivacyState
     for s in range(3):
-        mine = json.loads((out / "sites" / f"site-{s}" / f"privacy-site{s}.json").read_text())["history"]
-        ref = json.loads((out_ref / "sites" / f"site-{s}" / f"privacy-site{s}.json").read_text())["history"]
-        assert mine == ref
+        mine = PrivacyState.from_json((out / "sites" / f"site-{s}" / f"privacy-site{s}.json").read_text())
+        assert mine.steps_taken == sum(int(r.sites[s]["steps"]) for r in ref_rounds[1:]) > 0
+        assert mine.epsilon() == pytest.approx(ref_rounds[-1].sites[s]["epsilon"], rel=1e-12)
     from fedpeft.privacy.audit.checks import audit_run
     assert audit_run(out).ok
-
-

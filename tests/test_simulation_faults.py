@@ -42,6 +42,8 @@ def test_sigterm_is_handled_as_ctrl_c():
 
 
 def test_ctrl_c_stops_the_simulation_within_seconds_and_keeps_completed_rounds(tmp_path):
+    """Ctrl-C while a site is in the middle of its DP steps (Ray's worker busy): the run stops within
+    seconds with Ray's processes gone, and the rounds already on disk stay intact."""
     sig = signal.SIGINT
     # Prepare: a long smoke run in its own process (and process group, killed whatever happens)
     out = tmp_path / "interrupted"
@@ -57,10 +59,11 @@ def test_ctrl_c_stops_the_simulation_within_seconds_and_keeps_completed_rounds(t
                 rounds = json.loads((out / "metrics.json").read_text())["rounds"]
             except (OSError, ValueError):
                 rounds = []
-            if len(rounds) >= 2:  # round 0 and round 1 are on disk
+            # round 0 (the initial evaluation and checkpoint) is on disk and a site is mid-training
+            if rounds and any(out.glob("sites/site-*/inflight.json")):
                 break
-            time.sleep(0.5)
-        assert len(rounds) >= 2, "the run never completed a round"
+            time.sleep(0.2)
+        assert rounds, "the run never completed round 0"
         children = psutil.Process(proc.pid).children(recursive=True)
         # Execute: Ctrl-C (or a service manager's SIGTERM)
         t0 = time.time()
@@ -73,7 +76,7 @@ def test_ctrl_c_stops_the_simulation_within_seconds_and_keeps_completed_rounds(t
         gone, alive = psutil.wait_procs(children, timeout=15)
         assert not alive, [p.cmdline()[:2] for p in alive]
         done = json.loads((out / "metrics.json").read_text())["rounds"]
-        assert len(done) >= 2 and all("global" in r for r in done)
+        assert len(done) >= 1 and all("global" in r for r in done)
         last = done[-1]["round"]
         assert (out / "checkpoints" / f"round-{last:03d}" / "adapter_model.safetensors").exists()
     finally:
