@@ -192,6 +192,36 @@ def test_fewer_shares_than_the_threshold_do_not_unmask_a_site():
         sa.reveal(secrets[1], adverts, {}, survivors=[0, 1, 2, 3], dropped=[0], threshold=4)
 
 
+def test_a_wrong_revealed_seed_share_fails_the_signed_commitment_naming_the_site():
+    """A revealed share the coordinator (or a revealer) altered rebuilds a wrong self-mask seed: the
+    unmasking refuses it against the seed's commitment in the site's signed advert, instead of
+    returning noise as the sum."""
+    # Prepare: 3 sites, threshold 2; the survivors' shares of site 1's seed, one of them altered
+    keys, roster = _federation(3)
+    secrets = {i: sa.SiteSecrets.generate(i, ROUND) for i in range(3)}
+    adverts = sa.verify_adverts([sa.advertise(secrets[i], keys[i]) for i in range(3)], roster=roster,
+                                server_round=ROUND)
+    shares = {i: sa.make_shares(secrets[i], adverts, threshold=2) for i in range(3)}
+    x = {i: ring.encode(np.full(3, float(i))) for i in range(3)}
+    masked = {i: sa.mask(secrets[i], x[i], adverts, [0, 1, 2]) for i in range(3)}
+    reveals = {j: sa.reveal(secrets[j], adverts, {i: shares[i][j] for i in range(3)}, survivors=[0, 1, 2],
+                            dropped=[], threshold=2) for j in range(3)}
+    kind, share = reveals[0][1]
+    reveals[0][1] = (kind, share[:-1] + bytes([share[-1] ^ 1]))
+    # Execute / Assert: the honest reveals unmask to 0 + 1 + 2; the altered one is named
+    honest = sa.unmask(masked, adverts, {j: r for j, r in reveals.items() if j != 0}, participants=[0, 1, 2],
+                       threshold=2, server_round=ROUND)
+    np.testing.assert_allclose(ring.decode(honest), np.full(3, 3.0), atol=1e-9)
+    with pytest.raises(sa.SecAggError, match="self-mask seed of site 1 does not match its signed advert"):
+        sa.unmask(masked, adverts, {j: reveals[j] for j in (0, 2)}, participants=[0, 1, 2], threshold=2,
+                  server_round=ROUND)
+    # and the commitment is what the site signed: a coordinator cannot replace it
+    forged = [sa.KeyAdvert(a.site, a.server_round, a.mask_pub, a.share_pub, a.signature, b"\0" * 32)
+              for a in adverts.values()]
+    with pytest.raises(sa.SecAggError, match="signature does not verify"):
+        sa.verify_adverts(forged, roster=roster, server_round=ROUND)
+
+
 def test_an_altered_share_is_refused_naming_its_sender():
     # Prepare
     keys, roster = _federation(3)
@@ -219,10 +249,12 @@ def test_shares_travel_as_raw_bytes_in_a_config_record_and_malformed_ones_are_na
     got = wire.read_shares(dict(ConfigRecord(wire.shares_record(shares))))
     rev = sa.reveal(secrets[0], adverts, {1: got[0]}, survivors=[0, 2], dropped=[1], threshold=2)
     back = wire.read_reveal(dict(ConfigRecord(wire.reveal_record(rev))))
-    # Assert: nonce 12 + two 68-byte shares + GCM tag 16 bytes (hand-computed), and the round trips hold
-    assert got == shares and all(len(c) == 12 + 2 * 68 + 16 for c in got.values())
+    # Assert: two 35-byte shares (x 2 + y 33) + GCM tag 16 bytes, no nonce (hand-computed), and the
+    # round trips hold
+    assert shamir.SHARE_BYTES == 35
+    assert got == shares and all(len(c) == 2 * 35 + 16 for c in got.values())
     assert back == rev and back[1][0] == "s" and len(back[1][1]) == shamir.SHARE_BYTES
-    assert wire.record_bytes(wire.shares_record(shares)) == 3 * 8 + 3 * 164
+    assert wire.record_bytes(wire.shares_record(shares)) == 3 * 8 + 3 * 86
     with pytest.raises(ValueError, match="share-site/share-ct"):
         wire.read_shares({"share-site": [0, 1], "share-ct": [b"x"]})
     with pytest.raises(ValueError, match="reveal-kind"):
@@ -301,7 +333,7 @@ def test_shamir_hand_computed_and_any_threshold_subset_rebuilds():
     secret = (5).to_bytes(32, "big")
     shares = shamir.split_with([5, 3], 3)
     # Execute / Assert: the shares are f(1..3); any two rebuild 5; with random coefficients, any 7 of 12
-    # rebuild a seed and 6 are refused
+    # rebuild a seed and 6 do not (a random field element: refused, or a wrong seed)
     assert [int.from_bytes(s[2:], "big") for s in shares] == [8, 11, 14]
     assert shamir.combine(shares[1:]) == shamir.combine(shares[::2]) == secret
     rng = np.random.default_rng(9)
@@ -310,8 +342,12 @@ def test_shamir_hand_computed_and_any_threshold_subset_rebuilds():
     for _ in range(5):
         pick = rng.choice(12, size=7, replace=False)
         assert shamir.combine([many[i] for i in pick]) == seed
-    with pytest.raises(ValueError, match="do not combine"):
-        shamir.combine(many[:6])
+    try:
+        six = shamir.combine(many[:6])
+    except ValueError:
+        six = None
+    assert six != seed
+    assert shamir.P == 2**256 + 297 and pow(3, shamir.P - 1, shamir.P) == 1  # Fermat witness of the prime
 
 
 def test_roster_file_from_the_sites_public_keys_verifies_their_adverts(tmp_path):

@@ -1,8 +1,9 @@
 """Secure aggregation (Bonawitz et al., CCS 2017) as pure functions over immutable messages.
 
 Stages of one round, n sites, threshold t:
-1. ``advertise``: each site makes two fresh X25519 keys (masks; share encryption) and signs their
-   public halves, with the round, using its ledger's Ed25519 key.
+1. ``advertise``: each site makes two fresh X25519 keys (masks; share encryption) and a self-mask
+   seed, and signs the keys' public halves and a SHA-256 commitment to the seed, with the round,
+   using its ledger's Ed25519 key.
 2. ``verify_adverts`` + ``make_shares``: each site checks every advert against its *roster* of the
    federation's ledger keys (the trust root: the coordinator relays the adverts but cannot forge or
    swap them), then Shamir-shares its self-mask seed and its mask key t-of-n, each share encrypted
@@ -12,7 +13,9 @@ Stages of one round, n sites, threshold t:
 4. ``reveal`` + ``unmask``: for each peer, a survivor reveals either its share of the self-mask seed
    (the peer sent a masked vector) or of the mask key (it dropped), never both. With t shares the
    coordinator removes the survivors' self masks and the dropped sites' pairwise masks; the
-   pairwise masks between survivors cancel. It learns the sum and nothing else.
+   pairwise masks between survivors cancel. It learns the sum and nothing else. Every rebuilt
+   secret is checked against the signed advert (the seed against its commitment, the mask key
+   against its public half), so altered or too few shares fail, named, instead of unmasking to noise.
 
 Shamir sharing is ``fedpeft.secagg.shamir`` (a prime field; Flower's helper is ~100x slower);
 everything else is ``cryptography``. Written here because Flower's SecAgg+
@@ -70,21 +73,28 @@ class KeyAdvert:
     mask_pub: bytes
     share_pub: bytes
     signature: bytes = b""
+    seed_commit: bytes = b""  # SHA-256 of the self-mask seed (``seed_commitment``); absent in older runs
 
     def body(self) -> bytes:
-        return canonical({"kind": "secagg-keys", "site": self.site, "round": self.server_round,
-                          "mask_pub": self.mask_pub.hex(), "share_pub": self.share_pub.hex()})
+        d = {"kind": "secagg-keys", "site": self.site, "round": self.server_round,
+             "mask_pub": self.mask_pub.hex(), "share_pub": self.share_pub.hex()}
+        if self.seed_commit:  # older runs' adverts (kept as evidence) signed the body without it
+            d["seed_commit"] = self.seed_commit.hex()
+        return canonical(d)
 
     def to_json(self) -> str:
-        return json.dumps({"site": self.site, "round": self.server_round, "mask_pub": self.mask_pub.hex(),
-                           "share_pub": self.share_pub.hex(), "sig": self.signature.hex()}, sort_keys=True)
+        d = {"site": self.site, "round": self.server_round, "mask_pub": self.mask_pub.hex(),
+             "share_pub": self.share_pub.hex(), "sig": self.signature.hex()}
+        if self.seed_commit:
+            d["seed_commit"] = self.seed_commit.hex()
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> KeyAdvert:
         try:
             d = json.loads(text)
             return cls(int(d["site"]), int(d["round"]), bytes.fromhex(d["mask_pub"]), bytes.fromhex(d["share_pub"]),
-                       bytes.fromhex(d["sig"]))
+                       bytes.fromhex(d["sig"]), bytes.fromhex(d.get("seed_commit", "")))
         except (ValueError, KeyError, TypeError) as e:
             raise SecAggError(f"key advert: malformed ({e})") from None
 
@@ -114,10 +124,19 @@ class SiteSecrets:
                    X25519PrivateKey.from_private_bytes(bytes.fromhex(d["share"])), bytes.fromhex(d["seed"]))
 
 
+def seed_commitment(site: int, server_round: int, seed: bytes) -> bytes:
+    """What an advert signs of the self-mask seed: SHA-256 over a domain tag, the round, the site and
+    the seed (a 32-byte random seed: the hash hides it)."""
+    h = hashes.Hash(hashes.SHA256())
+    h.update(f"fedpeft-secagg-seed|{server_round}|{site}|".encode() + seed)
+    return h.finalize()
+
+
 def advertise(secrets: SiteSecrets, signer: Ed25519PrivateKey) -> KeyAdvert:
-    """Stage 1: the signed advert of this round's public keys."""
-    ad = KeyAdvert(secrets.site, secrets.server_round, _raw_pub(secrets.mask_key), _raw_pub(secrets.share_key))
-    return KeyAdvert(ad.site, ad.server_round, ad.mask_pub, ad.share_pub, signer.sign(ad.body()))
+    """Stage 1: the signed advert of this round's public keys and seed commitment."""
+    ad = KeyAdvert(secrets.site, secrets.server_round, _raw_pub(secrets.mask_key), _raw_pub(secrets.share_key),
+                   seed_commit=seed_commitment(secrets.site, secrets.server_round, secrets.self_seed))
+    return KeyAdvert(ad.site, ad.server_round, ad.mask_pub, ad.share_pub, signer.sign(ad.body()), ad.seed_commit)
 
 
 def verify_adverts(adverts: Sequence[KeyAdvert], *, roster: Mapping[int, str], server_round: int
@@ -147,9 +166,12 @@ def threshold_for(n: int, fraction: float, minimum: int) -> int:
     return min(n, max(2, minimum, math.ceil(fraction * n - 1e-9)))
 
 
-def _share_key(secrets: SiteSecrets, peer: KeyAdvert) -> bytes:
+_NONCE = b"\0" * 12  # each share key encrypts one message (one round, one direction): no nonce to send
+
+
+def _share_key(secrets: SiteSecrets, peer: KeyAdvert, src: int, dst: int) -> bytes:
     shared = secrets.share_key.exchange(X25519PublicKey.from_public_bytes(peer.share_pub))
-    return _kdf(shared, f"fedpeft-secagg-share|{secrets.server_round}")
+    return _kdf(shared, f"fedpeft-secagg-share|{secrets.server_round}|{src}->{dst}")
 
 
 def _aad(server_round: int, src: int, dst: int) -> bytes:
@@ -169,9 +191,8 @@ def make_shares(secrets: SiteSecrets, adverts: Mapping[int, KeyAdvert], *, thres
     out = {}
     for j, b, s in zip(peers, b_shares, s_shares):
         plain = b + s  # raw, fixed-size: the seed's share, then the key's (hex-in-JSON was 2.1x the bytes)
-        nonce = os.urandom(12)
-        key = _share_key(secrets, adverts[j])
-        out[j] = nonce + AESGCM(key).encrypt(nonce, plain, _aad(secrets.server_round, secrets.site, j))
+        key = _share_key(secrets, adverts[j], secrets.site, j)
+        out[j] = AESGCM(key).encrypt(_NONCE, plain, _aad(secrets.server_round, secrets.site, j))
     return out
 
 
@@ -210,8 +231,8 @@ def reveal(secrets: SiteSecrets, adverts: Mapping[int, KeyAdvert], received: Map
         if ct is None or j not in adverts:
             continue  # this peer's shares never reached us: others reveal theirs
         try:
-            plain = AESGCM(_share_key(secrets, adverts[j])).decrypt(ct[:12], ct[12:],
-                                                                   _aad(secrets.server_round, j, secrets.site))
+            plain = AESGCM(_share_key(secrets, adverts[j], j, secrets.site)).decrypt(
+                _NONCE, ct, _aad(secrets.server_round, j, secrets.site))
         except InvalidTag:
             raise SecAggError(f"site {secrets.site}: the share from site {j} does not decrypt (altered, or not "
                               "for this site and round)") from None
@@ -251,6 +272,10 @@ def unmask_with(masked: Mapping[int, np.ndarray], adverts: Mapping[int, KeyAdver
     for i in alive:
         total = ring.add(total, masked[i])
     for j in alive:
+        commit = adverts[j].seed_commit
+        if commit and seed_commitment(j, server_round, seeds[j]) != commit:
+            raise SecAggError(f"round {server_round}: the reconstructed self-mask seed of site {j} does not match "
+                              "its signed advert (altered shares)")
         total = ring.sub(total, ring.prg(seeds[j], total.size))
     for j, raw in sorted(keys.items()):
         key = X25519PrivateKey.from_private_bytes(raw)

@@ -1,9 +1,11 @@
-"""Shamir t-of-n secret sharing of 32-byte secrets over the prime field GF(2^521 - 1).
+"""Shamir t-of-n secret sharing of 32-byte secrets over the prime field GF(2^256 + 297), the
+smallest prime field that holds every 32-byte secret.
 
 Hand-written: Flower's helper (pycryptodome's GF(2^128), in pure Python) costs ~0.45 s per site at
-50 sites; Python integers modulo a Mersenne prime do the same sharing ~100x faster. A share is
-its x (2 bytes) and y (66 bytes). Fewer than t shares give a uniformly random field element,
-which ``combine`` refuses (it is not below 2^256, but for a 2^-265 chance).
+50 sites; Python integers modulo a prime do the same sharing ~100x faster. A share is its x
+(2 bytes) and y (33 bytes): 35 bytes on the wire (GF(2^521 - 1) took 68). Fewer than t shares give
+a uniformly random field element, which is almost always below 2^256, so ``combine`` cannot tell:
+the protocol checks every rebuilt secret against the site's signed advert (``protocol``).
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ from __future__ import annotations
 import secrets as _secrets
 from collections.abc import Sequence
 
-P = 2**521 - 1
+P = 2**256 + 297  # prime (sympy.nextprime(2**256))
 SECRET_BYTES = 32
-_Y = 66
+_Y = 33
 SHARE_BYTES = 2 + _Y  # one share on the wire: x, then y
 
 
@@ -42,7 +44,8 @@ def split(secret: bytes, threshold: int, n: int) -> list[bytes]:
 
 
 def combine(shares: Sequence[bytes]) -> bytes:
-    """The secret from shares (Lagrange at 0); ValueError when they do not rebuild a 32-byte secret."""
+    """The secret from shares (Lagrange at 0); ValueError when the result is not a 32-byte value
+    (rare: a wrong or short set of shares usually gives a wrong secret, which the caller checks)."""
     pts = []
     for sh in shares:
         if len(sh) != 2 + _Y:
@@ -60,5 +63,5 @@ def combine(shares: Sequence[bytes]) -> bytes:
                 den = den * (xj - xi) % P
         s = (s + yi * num * pow(den, -1, P)) % P
     if s >= 2 ** (8 * SECRET_BYTES):
-        raise ValueError("shares do not combine to a secret (fewer than the threshold, or altered)")
+        raise ValueError("shares do not combine to a 32-byte secret (fewer than the threshold, or altered)")
     return s.to_bytes(SECRET_BYTES, "big")
