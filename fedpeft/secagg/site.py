@@ -146,7 +146,10 @@ class Sealer:
                                  f"({threshold}) of the sites whose keys it verified (unknown: {unknown})")
         layout = Layout.of(delta)
         if self.plan is None:
-            x = ring.encode(layout.pack(delta, weight))
+            v = layout.pack(delta, weight)
+            # every site bounds its own part by 1/n of the ring's range, so the sum of n cannot wrap
+            ring.check_headroom(max_abs=float(np.abs(v).max()), sites=len(self.participants))
+            x = ring.encode(v)
         else:
             v = layout.pack(delta, 1.0)
             dim = v.size - 1
