@@ -414,3 +414,24 @@ def test_a_deployed_site_without_a_roster_refuses_to_share_keys(tmp_path):
     with pytest.raises(SecAggError, match=r"no roster of its peers' ledger keys \(\[secagg\] roster"):
         _roster(deployed, cfg, [0, 1])
     assert _roster(virtual, cfg, [0, 1]) == {}  # no ledgers yet under out-dir: nobody on the roster
+
+
+def test_a_site_shares_its_keys_once_per_round(tmp_path):
+    """A share key encrypts one message under a fixed nonce, so a coordinator that asks stage 2 twice
+    for one round (two share sets under one key and nonce would leak their XOR) is refused; a round
+    asked again starts from fresh keys."""
+    from fedpeft.privacy.vault import SiteVault
+    from fedpeft.secagg import site as secagg_site
+
+    # Prepare: two sites' vaults, their adverts, their roster
+    vaults = {i: SiteVault(tmp_path / f"site-{i}", i) for i in range(2)}
+    adverts = [secagg_site.advertise_keys(vaults[i], ROUND) for i in range(2)]
+    roster = {i: vaults[i].public_key() for i in range(2)}
+    # Execute: stage 2 once, then again
+    first = secagg_site.share_keys(vaults[0], ROUND, adverts, roster, 2)
+    # Assert
+    assert sorted(first) == [0, 1]
+    with pytest.raises(sa.SecAggError, match="site 0: round 3's keys were already shared"):
+        secagg_site.share_keys(vaults[0], ROUND, adverts, roster, 2)
+    again = secagg_site.advertise_keys(vaults[0], ROUND)  # fresh keys: stage 2 works again
+    assert sorted(secagg_site.share_keys(vaults[0], ROUND, [again, adverts[1]], roster, 2)) == [0, 1]

@@ -104,6 +104,9 @@ def share_keys(vault: SiteVault, server_round: int, adverts_json: Sequence[str],
     this site's own floor (``threshold_for`` of the adverts, ``fraction``, ``min_sites``): with a
     lower one, fewer colluding sites could rebuild both of one peer's secrets."""
     state = _load(vault, server_round)
+    if "adverts" in state:  # each share key encrypts one message (a fixed nonce): never a second share set
+        raise sa.SecAggError(f"site {vault.site}: round {server_round}'s keys were already shared; a round asked "
+                             "again starts over from fresh keys (stage 1)")
     secrets = sa.SiteSecrets.from_json(state["secrets"])
     adverts = sa.verify_adverts([sa.KeyAdvert.from_json(a) for a in adverts_json], roster=roster,
                                 server_round=server_round)
