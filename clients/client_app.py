@@ -176,3 +176,16 @@ def secagg_reveal(msg: Message, context: Context) -> Message:
         got = secagg_site.reveal_shares(vault, rnd, secagg_wire.read_shares(rec, prefix="inbox"),
                                         json.loads(str(rec["survivors"])), json.loads(str(rec["dropped"])))
     return Message(RecordDict({SECAGG: ConfigRecord(secagg_wire.reveal_record(got))}), reply_to=msg)
+
+
+@app.query("secagg_vector")
+def secagg_vector(msg: Message, context: Context) -> Message:
+    """Stage 3b: the kept update at the step the range sum gave, masked, and its statement's signature."""
+    from fedpeft.secagg import site as secagg_site
+    from fedpeft.secagg.span import Bits
+
+    _, vault, rnd, rec = _secagg(msg, context)
+    bits = Bits(int(rec["ring-bits"]), int(rec["frac-bits"]), int(rec["weight-frac-bits"]))  # type: ignore[arg-type]
+    with vault.exclusive():
+        masked, sig = secagg_site.send_vector(vault, rnd, bits)
+    return Message(RecordDict({SECAGG: ConfigRecord({"masked": masked, "sig": sig})}), reply_to=msg)

@@ -4,20 +4,22 @@ with the recorded reconstruction, equals the checkpoint's update within the ring
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+from cryptography.exceptions import InvalidSignature
 from safetensors.torch import load_file
 
-from fedpeft.privacy.ledger import LedgerError, delta_hash, verify_file
+from fedpeft.privacy.ledger import LedgerError, delta_hash, load_public_pem, verify_file
 from fedpeft.ranks import A_SUFFIX
-from fedpeft.secagg import ddp, ring
+from fedpeft.secagg import ddp, span
 from fedpeft.secagg import protocol as sa
 from fedpeft.secagg.layout import Layout, LayoutError
-from fedpeft.secagg.site import MASKED
+from fedpeft.secagg.site import MASKED, statement
 
 CHECKPOINT = "adapter_model.safetensors"
 
@@ -107,6 +109,13 @@ def _one_round(run: Path, folder: Path, rnd: int, info: dict, signed: Mapping[tu
                                     roster=roster, server_round=rnd)
     except sa.SecAggError as e:
         return [f"secure round {rnd}: {e}"]
+    ranged = "vector_sigs" in info  # a range stage ran (no distributed DP): the ledgers sign range vectors
+    bits, range_sha = span.FALLBACK, {}
+    if ranged:
+        try:
+            bits, range_sha = _check_ranges(folder, rnd, info, signed, roster)
+        except ValueError as e:
+            return [f"secure round {rnd}: {e}"]
     masked: dict[int, np.ndarray] = {}
     files = {int(p.stem.split("-")[1]) for p in folder.glob("site-*.safetensors")}
     for s in sorted(set(info["survivors"]) | files):
@@ -118,6 +127,14 @@ def _one_round(run: Path, folder: Path, rnd: int, info: dict, signed: Mapping[tu
             out.append(f"secure round {rnd}: {path.name} is not listed among the round's survivors")
             continue
         t = load_file(str(path))["masked"]
+        if ranged:
+            raw = t.numpy().astype("<i4" if bits.ring_bits == span.NARROW else "<i8").tobytes()
+            digest = hashlib.sha256(raw).hexdigest()
+            if not _signed_vector(info, s, rnd, bits, range_sha[s], digest, roster):
+                out.append(f"secure round {rnd}: site {s}'s masked vector {digest[:12]}… matches no signed vector "
+                           "statement")
+            masked[s] = span.widen(raw, t.numel(), bits)
+            continue
         digest = delta_hash({MASKED: t})
         if digest not in signed.get((s, rnd), set()):
             out.append(f"secure round {rnd}: site {s}'s masked vector {digest[:12]}… matches no signed ledger entry")
@@ -138,7 +155,7 @@ def _one_round(run: Path, folder: Path, rnd: int, info: dict, signed: Mapping[tu
             vals = total.view(np.int64).astype(np.float64)
             vals[:-1] /= float(info["ddp"]["scale"])
         else:
-            vals = ring.decode(total)
+            vals = span.decode(total, bits)
         mean, weight = layout.unpack_mean(vals)
     except (sa.SecAggError, LayoutError, KeyError, ValueError) as e:
         return [f"secure round {rnd}: the masked sum does not unmask ({e})"]
@@ -146,10 +163,47 @@ def _one_round(run: Path, folder: Path, rnd: int, info: dict, signed: Mapping[tu
         step = after[k].double() - (0.0 if frozen else before[k].double())
         # float32 checkpoints: one rounding of each; the ring: half a step per site, over the total weight
         tol = 2 * torch.finfo(torch.float32).eps * after[k].double().abs().max().item() + \
-            len(masked) * 2.0**-ring.FRAC_BITS / weight
+            2 * span.error_bound(bits, len(masked), weight) + m.abs().max().item() * len(masked) * 2.0**-29
         err = (m - step).abs().max().item()
         if not err <= tol:
             out.append(f"secure round {rnd}: {k}: the unmasked mean differs from the checkpoint's update by "
                        f"{err:.3g} (tolerance {tol:.3g})")
             break
     return out
+
+
+def _signed_vector(info: dict, s: int, rnd: int, bits: span.Bits, range_sha: str, digest: str,
+                   roster: Mapping[int, str]) -> bool:
+    """Site s signed a statement binding this vector, its signed range vector and the round's ring."""
+    body = statement(s, rnd, bits, range_sha, digest)
+    try:
+        load_public_pem(roster[s]).verify(bytes.fromhex(str(info["vector_sigs"][str(s)])), body)
+    except (InvalidSignature, LedgerError, ValueError):
+        return False
+    return True
+
+
+def _check_ranges(folder: Path, rnd: int, info: dict, signed: Mapping[tuple[int, int], set[str]],
+                  roster: Mapping[int, str]) -> tuple[span.Bits, dict[int, str]]:
+    """A round with a range stage: each range vector is one its site's ledger signed, each survivor
+    kept a vector signature, and the ring is the one the sum of every participant's range vector
+    gives (their masks cancel there only; a missing one means the 64-bit fallback). Returns the ring
+    and each range vector's hash; raises ``ValueError`` naming what failed."""
+    ranges = {}
+    for s in info["range_senders"]:
+        try:
+            t = load_file(str(folder / f"range-{s}.safetensors"))[MASKED]
+        except OSError:
+            raise ValueError(f"site {s}'s range vector is missing (range-{s}.safetensors)") from None
+        digest = delta_hash({MASKED: t})
+        if digest not in signed.get((s, rnd), set()):
+            raise ValueError(f"site {s}'s range vector {digest[:12]}… matches no signed ledger entry")
+        ranges[s] = (t.numpy().view(np.uint64), digest)
+    full = bool(ranges) and set(ranges) == set(info["participants"])
+    bits = span.plan_bits(span.range_total({s: v for s, (v, _) in ranges.items()})) if full else span.FALLBACK
+    if info.get("ring") != bits.as_dict():
+        raise ValueError(f"the round's ring {info.get('ring')} is not the one its range sum gives {bits.as_dict()}")
+    for s in info["survivors"]:
+        if str(s) not in info["vector_sigs"] or s not in roster:
+            raise ValueError(f"site {s} has no vector signature or roster key")
+    return bits, {s: d for s, (_, d) in ranges.items()}

@@ -74,12 +74,15 @@ class KeyAdvert:
     share_pub: bytes
     signature: bytes = b""
     seed_commit: bytes = b""  # SHA-256 of the self-mask seed (``seed_commitment``); absent in older runs
+    range_pub: bytes = b""  # the range stage's key (``fedpeft.secagg.span``); absent in older runs
 
     def body(self) -> bytes:
         d = {"kind": "secagg-keys", "site": self.site, "round": self.server_round,
              "mask_pub": self.mask_pub.hex(), "share_pub": self.share_pub.hex()}
         if self.seed_commit:  # older runs' adverts (kept as evidence) signed the body without it
             d["seed_commit"] = self.seed_commit.hex()
+        if self.range_pub:
+            d["range_pub"] = self.range_pub.hex()
         return canonical(d)
 
     def to_json(self) -> str:
@@ -87,6 +90,8 @@ class KeyAdvert:
              "share_pub": self.share_pub.hex(), "sig": self.signature.hex()}
         if self.seed_commit:
             d["seed_commit"] = self.seed_commit.hex()
+        if self.range_pub:
+            d["range_pub"] = self.range_pub.hex()
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -94,7 +99,8 @@ class KeyAdvert:
         try:
             d = json.loads(text)
             return cls(int(d["site"]), int(d["round"]), bytes.fromhex(d["mask_pub"]), bytes.fromhex(d["share_pub"]),
-                       bytes.fromhex(d["sig"]), bytes.fromhex(d.get("seed_commit", "")))
+                       bytes.fromhex(d["sig"]), bytes.fromhex(d.get("seed_commit", "")),
+                       bytes.fromhex(d.get("range_pub", "")))
         except (ValueError, KeyError, TypeError) as e:
             raise SecAggError(f"key advert: malformed ({e})") from None
 
@@ -108,20 +114,24 @@ class SiteSecrets:
     mask_key: X25519PrivateKey
     share_key: X25519PrivateKey
     self_seed: bytes
+    range_key: X25519PrivateKey  # masks the range stage's [bound, weight]; never secret-shared
 
     @classmethod
     def generate(cls, site: int, server_round: int) -> SiteSecrets:
-        return cls(site, server_round, X25519PrivateKey.generate(), X25519PrivateKey.generate(), os.urandom(32))
+        return cls(site, server_round, X25519PrivateKey.generate(), X25519PrivateKey.generate(), os.urandom(32),
+                   X25519PrivateKey.generate())
 
     def to_json(self) -> str:
         return json.dumps({"site": self.site, "round": self.server_round, "mask": _raw_priv(self.mask_key).hex(),
-                           "share": _raw_priv(self.share_key).hex(), "seed": self.self_seed.hex()})
+                           "share": _raw_priv(self.share_key).hex(), "seed": self.self_seed.hex(),
+                           "range": _raw_priv(self.range_key).hex()})
 
     @classmethod
     def from_json(cls, text: str) -> SiteSecrets:
         d = json.loads(text)
-        return cls(int(d["site"]), int(d["round"]), X25519PrivateKey.from_private_bytes(bytes.fromhex(d["mask"])),
-                   X25519PrivateKey.from_private_bytes(bytes.fromhex(d["share"])), bytes.fromhex(d["seed"]))
+        key = X25519PrivateKey.from_private_bytes
+        return cls(int(d["site"]), int(d["round"]), key(bytes.fromhex(d["mask"])), key(bytes.fromhex(d["share"])),
+                   bytes.fromhex(d["seed"]), key(bytes.fromhex(d["range"])))
 
 
 def seed_commitment(site: int, server_round: int, seed: bytes) -> bytes:
@@ -135,8 +145,10 @@ def seed_commitment(site: int, server_round: int, seed: bytes) -> bytes:
 def advertise(secrets: SiteSecrets, signer: Ed25519PrivateKey) -> KeyAdvert:
     """Stage 1: the signed advert of this round's public keys and seed commitment."""
     ad = KeyAdvert(secrets.site, secrets.server_round, _raw_pub(secrets.mask_key), _raw_pub(secrets.share_key),
-                   seed_commit=seed_commitment(secrets.site, secrets.server_round, secrets.self_seed))
-    return KeyAdvert(ad.site, ad.server_round, ad.mask_pub, ad.share_pub, signer.sign(ad.body()), ad.seed_commit)
+                   seed_commit=seed_commitment(secrets.site, secrets.server_round, secrets.self_seed),
+                   range_pub=_raw_pub(secrets.range_key))
+    return KeyAdvert(ad.site, ad.server_round, ad.mask_pub, ad.share_pub, signer.sign(ad.body()), ad.seed_commit,
+                     ad.range_pub)
 
 
 def verify_adverts(adverts: Sequence[KeyAdvert], *, roster: Mapping[int, str], server_round: int
@@ -196,21 +208,30 @@ def make_shares(secrets: SiteSecrets, adverts: Mapping[int, KeyAdvert], *, thres
     return out
 
 
-def _pair_seed(own: X25519PrivateKey, peer_pub: bytes, server_round: int, a: int, b: int) -> bytes:
+def _pair_seed(own: X25519PrivateKey, peer_pub: bytes, server_round: int, a: int, b: int, *,
+               domain: str = "mask") -> bytes:
     shared = own.exchange(X25519PublicKey.from_public_bytes(peer_pub))
-    return _kdf(shared, f"fedpeft-secagg-mask|{server_round}|{min(a, b)}|{max(a, b)}")
+    return _kdf(shared, f"fedpeft-secagg-{domain}|{server_round}|{min(a, b)}|{max(a, b)}")
+
+
+def pairwise_masked(own: X25519PrivateKey, site: int, server_round: int, x: np.ndarray, peers: Mapping[int, bytes],
+                    *, domain: str) -> np.ndarray:
+    """``x`` plus the pairwise masks agreed with each peer's public key (+ towards higher ids, - towards
+    lower ones): they cancel in the sum over every site of ``peers``, and only there."""
+    y = x
+    for j in sorted(set(peers) - {site}):
+        m = ring.prg(_pair_seed(own, peers[j], server_round, site, j, domain=domain), x.size)
+        y = ring.add(y, m) if site < j else ring.sub(y, m)
+    return y
 
 
 def mask(secrets: SiteSecrets, x: np.ndarray, adverts: Mapping[int, KeyAdvert], participants: Sequence[int]
          ) -> np.ndarray:
     """Stage 3: ``x`` (ring elements) + self mask + pairwise masks with every other participant of
     stage 2 (the ones that received this site's shares)."""
-    i = secrets.site
     y = ring.add(x, ring.prg(secrets.self_seed, x.size))
-    for j in sorted(set(participants) - {i}):
-        m = ring.prg(_pair_seed(secrets.mask_key, adverts[j].mask_pub, secrets.server_round, i, j), x.size)
-        y = ring.add(y, m) if i < j else ring.sub(y, m)
-    return y
+    return pairwise_masked(secrets.mask_key, secrets.site, secrets.server_round, y,
+                           {j: adverts[j].mask_pub for j in participants}, domain="mask")
 
 
 def reveal(secrets: SiteSecrets, adverts: Mapping[int, KeyAdvert], received: Mapping[int, bytes], *,

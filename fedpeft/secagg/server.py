@@ -21,8 +21,7 @@ from flwr.serverapp import Grid
 
 from fedpeft.records import SECAGG
 from fedpeft.secagg import protocol as sa
-from fedpeft.secagg import wire
-from fedpeft.secagg.layout import Layout
+from fedpeft.secagg import span, wire
 from fedpeft.secagg.site import MASKED
 
 log = logging.getLogger(__name__)
@@ -114,14 +113,37 @@ def setup(grid: Grid, nodes: list[int], *, server_round: int, run_config: Config
     return rnd
 
 
-def masked_vector(arrays: Mapping[str, torch.Tensor], layout: Layout) -> np.ndarray:
-    """A secure reply's one tensor, checked: int64 ring elements of the layout's size."""
+def masked_vector(arrays: Mapping[str, torch.Tensor], size: int) -> np.ndarray:
+    """A secure train reply's one tensor, checked: ``size`` int64 ring elements (the layout's, or 2
+    for a range vector)."""
     if set(arrays) != {MASKED}:
         raise ValueError(f"arrays: a secure reply carries only {MASKED!r}, got {sorted(arrays)[:3]}")
     t = arrays[MASKED]
-    if t.dtype != torch.int64 or t.dim() != 1 or t.numel() != layout.size:
-        raise ValueError(f"{MASKED}: int64 vector of {layout.size} expected, got {t.dtype} {tuple(t.shape)}")
+    if t.dtype != torch.int64 or t.dim() != 1 or t.numel() != size:
+        raise ValueError(f"{MASKED}: int64 vector of {size} expected, got {t.dtype} {tuple(t.shape)}")
     return t.numpy().view(np.uint64)
+
+
+def collect_vectors(grid: Grid, rnd: SecureRound, sites: list[int], bits: span.Bits, size: int, *,
+                    timeout: float | None = None) -> dict[int, tuple[np.ndarray, bytes, bytes]]:
+    """Stage 3b: ask the sites that sent a range vector for their masked update at ``bits``; site ->
+    (uint64 ring elements, the bytes as sent, the statement's signature). A malformed reply drops
+    that site."""
+    payload = {rnd.node_of[s]: {"server-round": rnd.server_round, "ring-bits": bits.ring_bits,
+                                "frac-bits": bits.frac_bits, "weight-frac-bits": bits.weight_frac_bits} for s in sites}
+    got = _ask(grid, list(payload), "secagg_vector", rnd.run_config, payload, timeout, rnd)
+    site_of = {n: s for s, n in rnd.node_of.items()}
+    out = {}
+    for node, rec in got.items():
+        raw, sig = rec.get("masked"), rec.get("sig")
+        try:
+            if not isinstance(raw, bytes) or not isinstance(sig, bytes):
+                raise ValueError(f"masked/sig: bytes expected, got {type(raw).__name__}/{type(sig).__name__}")
+            out[site_of[node]] = (span.widen(raw, size, bits), raw, sig)
+        except ValueError as e:
+            log.warning("secagg vector: node %d sent a malformed vector (%s)", node, e)
+    rnd.dropped["vector"] = sorted(set(sites) - set(out))
+    return out
 
 
 def unmask_round(grid: Grid, rnd: SecureRound, masked: Mapping[int, np.ndarray], *,

@@ -9,6 +9,7 @@ key from that peer's own ledger (``sites/site-K/ledger.jsonl``), a stand-in for 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -16,14 +17,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import load as load_np
+from safetensors.numpy import save as save_np
 
 from fedpeft.io import atomic_write_bytes
+from fedpeft.privacy.ledger import canonical, delta_hash
 from fedpeft.privacy.vault import LEDGER_FILE, SiteVault
-from fedpeft.secagg import ddp, ring
+from fedpeft.secagg import ddp, ring, span
 from fedpeft.secagg import protocol as sa
 from fedpeft.secagg.layout import Layout
 
-MASKED = "secagg-masked"  # the one tensor a secure reply carries: ring elements as int64
+MASKED = "secagg-masked"  # the one tensor a secure train reply carries: ring elements as int64
+
+
+def _update_file(vault: SiteVault, server_round: int) -> Path:
+    return vault.folder / f"secagg-r{server_round:06d}-update.safetensors"
 
 
 def _secrets_file(vault: SiteVault, server_round: int) -> Path:
@@ -92,6 +100,9 @@ def simulation_roster(sites_dir: Path, sites: Sequence[int]) -> dict[int, str]:
 
 def advertise_keys(vault: SiteVault, server_round: int) -> str:
     """Stage 1: fresh keys for this round, kept in the site's folder; the signed advert as JSON."""
+    for old in vault.folder.glob("secagg-r*"):  # an earlier round's keys and update: that round is over
+        if not old.name.startswith(f"secagg-r{server_round:06d}"):
+            old.unlink(missing_ok=True)
     secrets = sa.SiteSecrets.generate(vault.site, server_round)
     _save(vault, server_round, {"secrets": secrets.to_json()})
     return sa.advertise(secrets, vault.ledger.key).to_json()
@@ -128,11 +139,14 @@ def _round_state(vault: SiteVault, server_round: int) -> tuple[sa.SiteSecrets, d
 
 
 class Sealer:
-    """Stage 3 for one round: ``[w * delta, w]`` in the ring, masked; the only tensor the reply
-    carries. With a distributed-DP ``plan``: ``[x, 1]`` instead, x the clipped, scaled, rounded
-    update plus this site's Skellam share (``ddp.encode_private``), unweighted (client-level DP
-    bounds one site's whole update); ``ledger_fields`` then holds what the site's ledger entry signs.
-    Noise comes from this machine's entropy unless ``seed`` (seeded simulations) is given."""
+    """Stage 3 for one round, what the train reply carries. Without distributed DP: the range vector
+    (``span``: ``[max |w * delta|, w]`` under the range masks), while ``[w * delta, w]`` waits in the
+    site's folder for the vector stage (``send_vector``), which encodes it at the step the range sum
+    gives. With a distributed-DP ``plan`` (whose step is public): ``[x, 1]`` in the 64-bit ring at
+    once, x the clipped, scaled, rounded update plus this site's Skellam share
+    (``ddp.encode_private``), unweighted (client-level DP bounds one site's whole update);
+    ``ledger_fields`` then holds what the site's ledger entry signs. Noise comes from this machine's
+    entropy unless ``seed`` (seeded simulations) is given."""
 
     def __init__(self, vault: SiteVault, server_round: int, participants: Sequence[int], *,
                  plan: ddp.DdpPlan | None = None, seed: int | None = None) -> None:
@@ -150,9 +164,19 @@ class Sealer:
         layout = Layout.of(delta)
         if self.plan is None:
             v = layout.pack(delta, weight)
-            # every site bounds its own part by 1/n of the ring's range, so the sum of n cannot wrap
+            # every site bounds its own part by 1/n of the wide ring's range, so a fallback sum cannot wrap
             ring.check_headroom(max_abs=float(np.abs(v).max()), sites=len(self.participants))
-            x = ring.encode(v)
+            atomic_write_bytes(_update_file(vault, self.server_round), save_np({"v": v}))
+            os.chmod(_update_file(vault, self.server_round), 0o600)
+            pubs = {j: adverts[j].range_pub for j in self.participants}
+            if not all(pubs.values()):
+                raise sa.SecAggError(f"site {vault.site}: a participant's advert has no range key")
+            y = span.range_masked(span.range_vector(v), secrets.range_key, vault.site, self.server_round, pubs)
+            sent = {MASKED: torch.from_numpy(y.view(np.int64).copy())}
+            state = _load(vault, self.server_round)
+            _save(vault, self.server_round, {**state, "participants": sorted(self.participants),
+                                             "range_sha256": delta_hash(sent)})
+            return sent
         else:
             v = layout.pack(delta, 1.0)
             dim = v.size - 1
@@ -169,6 +193,35 @@ class Sealer:
         return {MASKED: torch.from_numpy(y.view(np.int64).copy())}
 
 
+def statement(site: int, server_round: int, bits: span.Bits, range_sha256: str, masked_sha256: str) -> bytes:
+    """What a site signs with its vector: the round's ring, the range vector its ledger entry signed
+    and the vector's SHA-256. Only the signature travels; the coordinator rebuilds the rest."""
+    return canonical({"kind": "secagg-vector", "site": site, "round": server_round, **bits.as_dict(),
+                      "range_sha256": range_sha256, "masked_sha256": masked_sha256})
+
+
+def send_vector(vault: SiteVault, server_round: int, bits: span.Bits) -> tuple[bytes, bytes]:
+    """Stage 3b: the update kept at stage 3, encoded at the coordinator's step, masked as in stage 3
+    (self mask + pairwise masks with every participant), in ``bits.ring_bits``; and the signature, with
+    the site's ledger key, of its ``statement`` (which binds it to the range vector its ledger entry
+    signed). Once per round:
+    two encodings under one mask would give away their difference, a multiple of the update."""
+    secrets, adverts, _ = _round_state(vault, server_round)
+    state = _load(vault, server_round)
+    if "range_sha256" not in state:
+        raise sa.SecAggError(f"site {vault.site}: round {server_round} has no trained update to send")
+    if state.get("vector_sent"):
+        raise sa.SecAggError(f"site {vault.site}: round {server_round}'s update was already sent; it is never "
+                             "sent twice under one mask")
+    v = load_np(_update_file(vault, server_round).read_bytes())["v"]
+    y = sa.mask(secrets, span.encode(v, bits), adverts, state["participants"])
+    raw = span.narrow(y) if bits.ring_bits == span.NARROW else y.astype("<u8").tobytes()
+    sig = vault.ledger.key.sign(statement(vault.site, server_round, bits, state["range_sha256"],
+                                          hashlib.sha256(raw).hexdigest()))
+    _save(vault, server_round, {**state, "vector_sent": True})
+    return raw, sig
+
+
 def reveal_shares(vault: SiteVault, server_round: int, inbox: Mapping[int, bytes], survivors: Sequence[int],
                   dropped: Sequence[int]) -> dict[int, tuple[str, bytes]]:
     """Stage 4: this site's shares for the survivors' seeds and the dropped sites' keys, as
@@ -177,4 +230,5 @@ def reveal_shares(vault: SiteVault, server_round: int, inbox: Mapping[int, bytes
     got = sa.reveal(secrets, adverts, dict(inbox), survivors=survivors,
                     dropped=dropped, threshold=threshold)
     _secrets_file(vault, server_round).unlink(missing_ok=True)  # one-round keys: nothing to keep
+    _update_file(vault, server_round).unlink(missing_ok=True)
     return got

@@ -5,6 +5,7 @@ bounds cannot be checked on a masked vector: the report says so."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from cryptography.exceptions import InvalidSignature
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from safetensors.torch import save
@@ -19,12 +21,14 @@ from safetensors.torch import save
 from fedpeft.federation import ARRAYS, CONFIG, METRICS, STATUS, from_arrays, to_arrays
 from fedpeft.io import atomic_write_bytes, atomic_write_json
 from fedpeft.merging import add_delta
-from fedpeft.privacy.ledger import LedgerError, delta_hash
+from fedpeft.privacy.ledger import LedgerError, delta_hash, load_public_pem
 from fedpeft.ranks import A_SUFFIX
-from fedpeft.secagg import ddp, ring
+from fedpeft.secagg import ddp, span
 from fedpeft.secagg import protocol as sa
 from fedpeft.secagg import server as secserver
+from fedpeft.secagg import site as secagg_site
 from fedpeft.secagg.layout import Layout
+from fedpeft.secagg.site import MASKED
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +79,15 @@ class SecureRounds:
             return None, None
         frozen = strat.policy.merge == "frozen_a"  # the sum is the new adapter (A shared), not a delta
         layout = Layout.of({k: v for k, v in glob.items() if not (frozen and k.endswith(A_SUFFIX))})
-        masked, hashes, metrics = {}, {}, {}
+        plan = strat.policy.ddp
+        sent, hashes, metrics, keys_of = {}, {}, {}, {}  # without DDP the train replies carry range vectors (``span``)
         for msg in replies:
             node = msg.metadata.src_node_id
             try:
                 if not msg.has_content():
                     raise ValueError(str(msg.error.reason) if msg.has_error() else "an empty reply")
-                site, vec, sha, m = self._check(strat, rnd, msg, layout, server_round)
+                site, vec, sha, m = self._check(strat, rnd, msg, 2 if plan is None else layout.size, server_round)
+                keys_of[site] = str(dict(msg.content.config_records.get(STATUS, {})).get("public-key") or "")
             except ValueError as e:
                 rlog.rejected.append(f"node {node}: {e}")
                 rlog.failures.append({"node": node, "site": None, "round": server_round, "reason": str(e)})
@@ -90,7 +96,31 @@ class SecureRounds:
             if vec is None:
                 rlog.declined[site] = str(m.pop("reason", ""))
                 continue
-            masked[site], hashes[site], metrics[site] = vec, sha, m
+            sent[site], hashes[site], metrics[site] = vec, sha, m
+        ranges: dict[int, np.ndarray] = {}
+        statements: dict[int, str] = {}  # site -> the signature of its vector statement (hex)
+        bits = span.FALLBACK
+        if plan is None:
+            ranges = sent
+            if ranges and set(ranges) == set(rnd.participants):  # the range masks cancel only in the full sum
+                bits = span.plan_bits(span.range_total(ranges))
+            got = secserver.collect_vectors(strat._grid, rnd, sorted(ranges), bits, layout.size,
+                                            timeout=strat.policy.retry_timeout)
+            masked = {}
+            for s, (vec, raw, sig) in got.items():
+                body = secagg_site.statement(s, server_round, bits, hashes[s], hashlib.sha256(raw).hexdigest())
+                try:
+                    if keys_of.get(s):  # the key its ledger presented; the audit checks it against the roster
+                        load_public_pem(keys_of[s]).verify(sig, body)
+                except (InvalidSignature, LedgerError) as e:
+                    log.warning("round %d: site %d's vector signature does not verify (%s); dropped", server_round,
+                                s, type(e).__name__)
+                    rlog.failures.append({"node": rnd.node_of[s], "site": s, "round": server_round,
+                                          "reason": "the vector's signature does not verify"})
+                    continue
+                masked[s], statements[s] = vec, sig.hex()
+        else:
+            masked = sent
         try:
             total, seeds, keys = secserver.unmask_round(strat._grid, rnd, masked, timeout=strat.policy.retry_timeout)
         except sa.SecAggError as e:
@@ -98,14 +128,13 @@ class SecureRounds:
             rlog.failures.append({"node": None, "site": None, "round": server_round, "reason": str(e)})
             rlog.skipped = True
             return None, None
-        plan = strat.policy.ddp
         if plan is None:
-            mean, weight = layout.unpack_mean(ring.decode(total))
+            mean, weight = layout.unpack_mean(span.decode(total, bits))
         else:  # integers: the summed rounded updates over s, then over the number of sites
             vals = total.view(np.int64).astype(np.float64)
             vals[:-1] /= ddp.scale_for(clip=plan.clip, dim=layout.size - 1)
             mean, weight = layout.unpack_mean(vals)
-        self._keep_evidence(strat, rnd, masked, hashes, seeds, keys)
+        self._keep_evidence(strat, rnd, masked, hashes, seeds, keys, ranges=ranges, statements=statements, bits=bits)
         if plan is not None:
             rlog.client_epsilon = plan.epsilon(len(ddp_releases(strat.policy.out_dir)), layout.size - 1)
         for s in masked:
@@ -120,7 +149,7 @@ class SecureRounds:
         return to_arrays(new_global), MetricRecord({"num-examples": weight, "sites": len(masked)})
 
     @staticmethod
-    def _check(strat: Any, rnd: secserver.SecureRound, msg: Message, layout: Layout, server_round: int
+    def _check(strat: Any, rnd: secserver.SecureRound, msg: Message, size: int, server_round: int
                ) -> tuple[int, Any, str, dict]:
         if msg.has_error():
             raise ValueError(str(msg.error.reason))
@@ -138,7 +167,7 @@ class SecureRounds:
         if ARRAYS not in msg.content.array_records:
             raise ValueError("reply has no masked vector")
         sent = from_arrays(msg.content.array_records[ARRAYS])
-        vec = secserver.masked_vector(sent, layout)
+        vec = secserver.masked_vector(sent, size)
         sha = delta_hash(sent)
         ledgers = strat.policy.ledgers
         if ledgers is not None:
@@ -153,18 +182,22 @@ class SecureRounds:
 
     @staticmethod
     def _keep_evidence(strat: Any, rnd: secserver.SecureRound, masked: dict, hashes: dict, seeds: dict,
-                       keys: dict) -> None:
-        """For the audit: the masked vectors (each reveals nothing alone), the round's signed adverts and
-        the reconstruction the coordinator learnt anyway (self-mask seeds of the survivors, mask keys
-        of the sites that dropped)."""
+                       keys: dict, *, ranges: dict, statements: dict, bits: span.Bits) -> None:
+        """For the audit: the masked vectors and range vectors (each reveals nothing alone), the
+        signatures of the sites' vector statements, the round's signed adverts and the reconstruction the
+        coordinator learnt anyway (self-mask seeds of the survivors, mask keys of the dropped sites)."""
         if not strat.policy.out_dir:
             return
         folder = Path(strat.policy.out_dir) / "secagg" / f"round-{rnd.server_round:06d}"
         for s, vec in masked.items():
-            atomic_write_bytes(folder / f"site-{s}.safetensors",
-                               save({"masked": torch.from_numpy(vec.view("int64").copy())}))
+            kept = vec.astype(np.uint32).view(np.int32) if bits.ring_bits == span.NARROW else vec.view("int64")
+            atomic_write_bytes(folder / f"site-{s}.safetensors", save({"masked": torch.from_numpy(kept.copy())}))
+        for s, vec in ranges.items():
+            atomic_write_bytes(folder / f"range-{s}.safetensors", save({MASKED: torch.from_numpy(vec.view("int64").copy())}))
         atomic_write_json(folder / "round.json", {
-            "round": rnd.server_round, "threshold": rnd.threshold, "participants": rnd.participants,
+            "vector_sigs": {str(s): sig for s, sig in statements.items()}, "range_senders": sorted(ranges),
+            **({"ring": bits.as_dict()} if ranges else {}), "round": rnd.server_round, "threshold": rnd.threshold,
+            "participants": rnd.participants,
             "survivors": sorted(masked), "dropped": rnd.dropped, "adverts": rnd.adverts, "sha256": hashes,
             "seeds": {s: b.hex() for s, b in seeds.items()}, "mask_keys": {s: k.hex() for s, k in keys.items()},
             "stage_bytes_up": rnd.stage_bytes_up, "not_checked": list(NOT_CHECKED), "merge": strat.policy.merge,
