@@ -185,7 +185,7 @@ def secagg_vector(msg: Message, context: Context) -> Message:
     from fedpeft.secagg.span import Bits
 
     _, vault, rnd, rec = _secagg(msg, context)
-    bits = Bits(int(rec["ring-bits"]), int(rec["frac-bits"]), int(rec["weight-frac-bits"]))  # type: ignore[arg-type]
+    bits = Bits(int(rec["ring-bits"]), int(rec["frac-bits"]), int(rec["weight-frac-bits"]))
     with vault.exclusive():
         masked, sig = secagg_site.send_vector(vault, rnd, bits)
     return Message(RecordDict({SECAGG: ConfigRecord({"masked": masked, "sig": sig})}), reply_to=msg)

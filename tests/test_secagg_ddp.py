@@ -48,5 +48,6 @@ def test_distributed_dp_with_a_dropped_site_is_signed_unmasked_and_recomputed(tm
     # the audit recomputes the client-level epsilon from the signatures, and catches an inflated claim
     eps = [r["client_epsilon"] for r in metrics["rounds"][1:]]
     assert 0 < eps[0] < eps[1]
-    assert honest.ok and any(f"client-level epsilon {eps[1]:.4f}" in n for n in honest.secure_rounds)
+    assert honest.ok, honest.failures
+    assert any(f"client-level epsilon {eps[1]:.4f}" in n for n in honest.secure_rounds)
     assert any("below the planned" in f for f in audit_run(weak).failures)

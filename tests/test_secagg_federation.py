@@ -10,8 +10,10 @@ without Flower or Ray), which gives the Flower plaintext run's adapter bit for b
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -19,6 +21,8 @@ from fedpeft.cli import simulate, simulation_config
 from fedpeft.inprocess import run_federation
 from fedpeft.privacy.audit.checks import audit_run
 from fedpeft.runconfig import from_run_config
+from fedpeft.secagg import ring, span
+from fedpeft.secagg.site import MASKED
 from tests.conftest import ONE_WORKER
 
 pytestmark = pytest.mark.slow
@@ -59,13 +63,21 @@ def test_coordinator_keeps_only_masked_vectors_and_no_per_site_counts(runs):
     # Execute
     info = json.loads((secure / "secagg" / "round-000001" / "round.json").read_text())
     sites = metrics["rounds"][1]["sites"]
-    # Assert: the round's record names every site, its masked vector is a 64-bit ring vector, and the
+    ranges = {s: load_file(str(secure / "secagg" / "round-000001" / f"range-{s}.safetensors"))[MASKED]
+              for s in (0, 1, 2)}
+    bound, weight = ring.decode(span.range_total({s: t.numpy().view(np.uint64) for s, t in ranges.items()}))
+    # Assert: the round's record names every site; the range vectors sum to one bound and the total
+    # weight (each alone is masked: not a weight); the ring is the 32-bit one that bound gives; the
     # sites reported no example count, loss or local accuracy of their own
-    assert info["survivors"] == info["participants"] == [0, 1, 2] and info["threshold"] == 2
+    assert info["survivors"] == info["participants"] == info["range_senders"] == [0, 1, 2]
+    assert info["threshold"] == 2 and weight == round(weight) > 0 < bound  # a sum of example counts
+    assert all(not 0 < ring.decode(t.numpy().view(np.uint64))[1] <= weight for t in ranges.values())
+    assert info["ring"] == {"ring_bits": 32, "frac_bits": math.floor(30 - math.log2(bound)),
+                            "weight_frac_bits": math.floor(30 - math.log2(weight))}
     for s in ("0", "1", "2"):
         assert "epsilon" in sites[s] and not {"num-examples", "train-loss", "local-accuracy"} & set(sites[s])
     masked = load_file(str(secure / "secagg" / "round-000001" / "site-0.safetensors"))["masked"]
-    assert str(masked.dtype) == "torch.int64" and masked.unique().numel() > 0.99 * masked.numel()
+    assert str(masked.dtype) == "torch.int32" and masked.unique().numel() > 0.99 * masked.numel()
     assert sorted(info["not_checked"]) == ["norm of each update", "per-coordinate update bound", "robust merges"]
 
 
@@ -85,7 +97,7 @@ def test_audit_verifies_every_secure_round_and_fails_on_tampering(runs, tmp_path
     bad, gone = audit_run(altered), audit_run(missing)
     # Assert
     assert honest.ok and len(honest.secure_rounds) == 2
-    assert any("secure round 2: site 1's masked vector" in f and "no signed ledger entry" in f for f in bad.failures)
+    assert any("secure round 2: site 1's masked vector" in f and "no signed vector statement" in f for f in bad.failures)
     assert any("secure round 1: site 2's masked vector is missing" in f for f in gone.failures)
 
 

@@ -110,7 +110,7 @@ def _one_round(run: Path, folder: Path, rnd: int, info: dict, signed: Mapping[tu
     except sa.SecAggError as e:
         return [f"secure round {rnd}: {e}"]
     ranged = "vector_sigs" in info  # a range stage ran (no distributed DP): the ledgers sign range vectors
-    bits, range_sha = span.FALLBACK, {}
+    bits, range_sha = span.FALLBACK, dict[int, str]()
     if ranged:
         try:
             bits, range_sha = _check_ranges(folder, rnd, info, signed, roster)

@@ -195,8 +195,8 @@ class SecureRounds:
         for s, vec in ranges.items():
             atomic_write_bytes(folder / f"range-{s}.safetensors", save({MASKED: torch.from_numpy(vec.view("int64").copy())}))
         atomic_write_json(folder / "round.json", {
-            "vector_sigs": {str(s): sig for s, sig in statements.items()}, "range_senders": sorted(ranges),
-            **({"ring": bits.as_dict()} if ranges else {}), "round": rnd.server_round, "threshold": rnd.threshold,
+            **({"vector_sigs": {str(s): sig for s, sig in statements.items()}, "range_senders": sorted(ranges),
+                "ring": bits.as_dict()} if ranges else {}), "round": rnd.server_round, "threshold": rnd.threshold,
             "participants": rnd.participants,
             "survivors": sorted(masked), "dropped": rnd.dropped, "adverts": rnd.adverts, "sha256": hashes,
             "seeds": {s: b.hex() for s, b in seeds.items()}, "mask_keys": {s: k.hex() for s, k in keys.items()},
