@@ -349,7 +349,10 @@ def test_tls_federation_survives_a_coordinator_crash_and_sites_refuse_weaker_run
         assert metrics["resumed_after"] == killed_after == 1
         assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
         sent = [m["bytes_up"] for m in metrics["rounds"][-1]["sites"].values()]
-        assert sent and all(b == metrics["adapter_bytes"] / 2 for b in sent), (sent, metrics.get("adapter_bytes"))
+        last = metrics["rounds"][-1]
+        assert sent and all(b == metrics["adapter_bytes"] / 2 for b in sent), (
+            sent, metrics.get("adapter_bytes"), {k: last.get(k) for k in ("skipped", "failures", "rejected", "retries")},
+            res.stdout[-1500:], [(tmp_path / f"site{s}.log").read_text()[-1500:] for s in range(2)])
         assert metrics["dp_noise"]["source"] == "secret"
         evaluated = metrics["rounds"][-1]["sites"]  # federated evaluation, through the sites' ClientApp processes
         assert len(evaluated) == 2 and all(m.get("eval_loss") is not None for m in evaluated.values()), evaluated

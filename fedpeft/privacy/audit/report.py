@@ -96,12 +96,15 @@ def _markdown(res: AuditResult) -> str:
 SECURE_TEXT = (
     "The sites masked their updates (pairwise and self masks, t-of-n Shamir shares; `docs/secagg.md`). "
     "The coordinator saw: which sites took part and survived each stage, their signed key adverts and ledgers "
-    "(ε, steps), each masked vector (uniformly random on its own) and the weighted sum of the updates. It did "
-    "not see any site's update, example count, loss or local accuracy. Checks a secure round cannot do: the "
-    "per-coordinate update bound, each update's norm and the robust merges (they need individual updates). "
-    "Checked here, per round: every masked vector is the one its site signed, every key advert verifies "
-    "against the trust root above, and the masked sum unmasked with the recorded reconstruction equals the "
-    "checkpoint's update within the ring's step (2^-32 per site) and float32 rounding.")
+    "(ε, steps), each masked vector and masked range vector (uniformly random on its own), two sums from the "
+    "range stage (of the sites' largest weighted coordinates, and of their weights) and the weighted sum of the "
+    "updates. It did not see any site's update, example count, loss or local accuracy. Checks a secure round "
+    "cannot do: the per-coordinate update bound, each update's norm and the robust merges (they need "
+    "individual updates). Checked here, per round: every range vector (or, with distributed DP, masked "
+    "vector) is the one its site's ledger signed, every masked vector carries its site's signature binding it "
+    "to that range vector and to the round's ring, the ring is the one the range vectors' sum gives, every "
+    "key advert verifies against the trust root above, and the masked sum unmasked with the recorded "
+    "reconstruction equals the checkpoint's update within the ring's step and float32 rounding.")
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;line-height:1.45;
