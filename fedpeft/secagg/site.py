@@ -171,7 +171,8 @@ class Sealer:
             pubs = {j: adverts[j].range_pub for j in self.participants}
             if not all(pubs.values()):
                 raise sa.SecAggError(f"site {vault.site}: a participant's advert has no range key")
-            y = span.range_masked(span.range_vector(v), secrets.range_key, vault.site, self.server_round, pubs)
+            y = sa.pairwise_masked(secrets.range_key, vault.site, self.server_round, span.range_vector(v), pubs,
+                                   domain="range")
             sent = {MASKED: torch.from_numpy(y.view(np.int64).copy())}
             state = _load(vault, self.server_round)
             _save(vault, self.server_round, {**state, "participants": sorted(self.participants),

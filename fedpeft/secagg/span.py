@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -36,27 +37,23 @@ TOP = 30  # the sum's magnitude stays below 2^30 of the narrow ring's 2^31: one 
 LOW = (1 << NARROW) - 1
 
 
+@dataclass(frozen=True)
 class Bits:
     """A round's ring: its width and the fractional bits of the update's coordinates and of its weight."""
 
-    __slots__ = ("ring_bits", "frac_bits", "weight_frac_bits")
+    ring_bits: int
+    frac_bits: int
+    weight_frac_bits: int
 
-    def __init__(self, ring_bits: int, frac_bits: int, weight_frac_bits: int) -> None:
-        if ring_bits not in (NARROW, WIDE):
-            raise ring.RingError(f"ring-bits={ring_bits!r}: must be {NARROW} or {WIDE}")
-        for name, v in (("frac-bits", frac_bits), ("weight-frac-bits", weight_frac_bits)):
+    def __post_init__(self) -> None:
+        if self.ring_bits not in (NARROW, WIDE):
+            raise ring.RingError(f"ring-bits={self.ring_bits!r}: must be {NARROW} or {WIDE}")
+        for name, v in (("frac-bits", self.frac_bits), ("weight-frac-bits", self.weight_frac_bits)):
             if not 0 <= v <= 62:
                 raise ring.RingError(f"{name}={v!r}: must be in [0, 62]")
-        self.ring_bits, self.frac_bits, self.weight_frac_bits = ring_bits, frac_bits, weight_frac_bits
 
     def as_dict(self) -> dict[str, int]:
-        return {"ring_bits": self.ring_bits, "frac_bits": self.frac_bits, "weight_frac_bits": self.weight_frac_bits}
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Bits) and self.as_dict() == other.as_dict()
-
-    def __repr__(self) -> str:
-        return f"Bits({self.ring_bits}, {self.frac_bits}, {self.weight_frac_bits})"
+        return asdict(self)
 
 
 FALLBACK = Bits(WIDE, ring.FRAC_BITS, ring.FRAC_BITS)
@@ -121,14 +118,6 @@ def decode(total: np.ndarray, bits: Bits) -> np.ndarray:
     low[:-1] /= 2.0**bits.frac_bits
     low[-1] /= 2.0**bits.weight_frac_bits
     return low
-
-
-def range_masked(x: np.ndarray, own_key: object, site: int, server_round: int, range_pubs: Mapping[int, bytes]
-                 ) -> np.ndarray:
-    """A range vector plus the pairwise range masks with every participant (cancel only in the full sum)."""
-    from fedpeft.secagg.protocol import pairwise_masked
-
-    return pairwise_masked(own_key, site, server_round, x, range_pubs, domain="range")  # type: ignore[arg-type]
 
 
 def range_total(vectors: Mapping[int, np.ndarray]) -> np.ndarray:
