@@ -12,10 +12,11 @@ range vector arrives, the masks cancel: the coordinator learns ``B = sum M_i`` a
 (one bound, one total weight; nothing of any one site) and every coordinate of the n-site sum obeys
 ``|sum_i w_i delta_ij| <= B``. It picks ``F = floor(30 - log2 B)`` fractional bits (``plan_bits``), so
 the sum stays below 2^30 in a ring of 2^31, and each site sends its update at that step in 32 bits
-(``encode``; two's complement: only the sum has to fit, modular addition is exact). The secure-sum
-masks are the 64-bit ones reduced mod 2^32, which stay uniform there. If a range vector is missing,
-its masks never cancel (its range key is never revealed), the coordinator learns nothing from the
-others, and the round falls back to the 64-bit ring at 32 fractional bits.
+(``encode``; two's complement, modular addition is exact; each site's part is at most B too, and a
+step that would put it beyond 2^30 is refused). The secure-sum masks are the 64-bit ones reduced
+mod 2^32, which stay uniform there. If a range vector is missing, its masks never cancel (its range
+key is never revealed), the coordinator learns nothing from the others, and the round falls back to
+the 64-bit ring at 32 fractional bits.
 
 The 32-bit round's error: each site rounds to half a step, so the merged mean is within
 ``n * 2^-(F+1) / W`` of the plaintext one, about ``2^-31`` of ``B / W`` per site.
