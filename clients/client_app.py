@@ -180,12 +180,12 @@ def secagg_reveal(msg: Message, context: Context) -> Message:
 
 @app.query("secagg_vector")
 def secagg_vector(msg: Message, context: Context) -> Message:
-    """Stage 3b: the kept update at the step the range sum gave, masked, and its statement's signature."""
+    """Stage 3b: the kept update at the step the range sum gave, masked, and the ledger line binding it."""
     from fedpeft.secagg import site as secagg_site
     from fedpeft.secagg.span import Bits
 
     _, vault, rnd, rec = _secagg(msg, context)
     bits = Bits(int(rec["ring-bits"]), int(rec["frac-bits"]), int(rec["weight-frac-bits"]))
     with vault.exclusive():
-        masked, sig = secagg_site.send_vector(vault, rnd, bits)
-    return Message(RecordDict({SECAGG: ConfigRecord({"masked": masked, "sig": sig})}), reply_to=msg)
+        masked, line = secagg_site.send_vector(vault, rnd, bits)
+    return Message(RecordDict({SECAGG: ConfigRecord({"masked": masked, "ledger-entry": line})}), reply_to=msg)

@@ -97,7 +97,7 @@ def test_audit_verifies_every_secure_round_and_fails_on_tampering(runs, tmp_path
     bad, gone = audit_run(altered), audit_run(missing)
     # Assert
     assert honest.ok and len(honest.secure_rounds) == 2
-    assert any("secure round 2: site 1's masked vector" in f and "no signed vector statement" in f for f in bad.failures)
+    assert any("secure round 2: site 1's masked vector" in f and "no signed ledger entry" in f for f in bad.failures)
     assert any("secure round 1: site 2's masked vector is missing" in f for f in gone.failures)
 
 

@@ -7,6 +7,7 @@ through ``protocol``, in one process."""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import numpy as np
@@ -14,8 +15,8 @@ import pytest
 import torch
 
 from fedpeft.aggregation.fedavg import fedavg
-from fedpeft.privacy.ledger import delta_hash, load_public_pem
-from fedpeft.privacy.vault import SiteVault
+from fedpeft.privacy.ledger import delta_hash, verify_file
+from fedpeft.privacy.vault import LEDGER_FILE, SiteVault
 from fedpeft.secagg import protocol as sa
 from fedpeft.secagg import ring, span
 from fedpeft.secagg import site as secagg_site
@@ -55,10 +56,14 @@ def _round(tmp_path, deltas, weights, *, no_range=frozenset(), no_vector=frozens
     for i in sorted(ranges):
         if i in no_vector:
             continue
-        raw[i], sig = secagg_site.send_vector(vaults[i], ROUND, bits)
+        raw[i], line = secagg_site.send_vector(vaults[i], ROUND, bits)
+        # the site's ledger now ends with the line it sent: signed, chained, binding this vector
+        entry = verify_file(vaults[i].folder / LEDGER_FILE, site=i, trusted_pem=roster[i]).entries[-1]
         range_sha = delta_hash({secagg_site.MASKED: torch.from_numpy(ranges[i].view(np.int64).copy())})
-        load_public_pem(roster[i]).verify(sig, secagg_site.statement(i, ROUND, bits, range_sha,
-                                                                     hashlib.sha256(raw[i]).hexdigest()))
+        assert {k: v for k, v in json.loads(line).items() if k != "sig"} == entry and entry["kind"] == "secagg-vector"
+        assert {k: entry[k] for k in ("round", "range_sha256", "vector_sha256", "ring_bits", "frac_bits")} == {
+            "round": ROUND, "range_sha256": range_sha, "vector_sha256": hashlib.sha256(raw[i]).hexdigest(),
+            "ring_bits": bits.ring_bits, "frac_bits": bits.frac_bits}
         masked[i] = span.widen(raw[i], Layout.of(deltas[0]).size, bits)
     survivors = sorted(masked)
     dropped = sorted(set(participants) - set(survivors))

@@ -35,7 +35,7 @@ from fedpeft.io import atomic_write_bytes
 
 GENESIS = "0" * 64
 VERSION = 1
-KINDS = ("open", "dp-sgd", "declined", "client-dp", "no-dp")
+KINDS = ("open", "dp-sgd", "declined", "client-dp", "no-dp", "secagg-vector")
 
 
 class LedgerError(ValueError):

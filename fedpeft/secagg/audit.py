@@ -11,15 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cryptography.exceptions import InvalidSignature
 from safetensors.torch import load_file
 
-from fedpeft.privacy.ledger import LedgerError, delta_hash, load_public_pem, verify_file
+from fedpeft.privacy.ledger import LedgerError, delta_hash, verify_file
 from fedpeft.ranks import A_SUFFIX
 from fedpeft.secagg import ddp, span
 from fedpeft.secagg import protocol as sa
 from fedpeft.secagg.layout import Layout, LayoutError
-from fedpeft.secagg.site import MASKED, statement
+from fedpeft.secagg.site import MASKED, VECTOR_ENTRY, vector_fields
 
 CHECKPOINT = "adapter_model.safetensors"
 
@@ -30,7 +29,7 @@ def audit_secure_rounds(run: Path, *, signed: Mapping[tuple[int, int], set[str]]
     -> the delta hashes its ledger signed; ``roster``: site -> the public key the audit trusts."""
     failures: list[str] = []
     notes: list[str] = []
-    shares = _ddp_shares(run, roster)
+    shares, vectors = _ledger_facts(run, roster)
     releases: list[float] = []
     plan: dict | None = None
     for folder in sorted((run / "secagg").glob("round-*")) if (run / "secagg").is_dir() else []:
@@ -40,7 +39,7 @@ def audit_secure_rounds(run: Path, *, signed: Mapping[tuple[int, int], set[str]]
         except (OSError, ValueError) as e:
             failures.append(f"secure round {rnd}: round.json unreadable ({e})")
             continue
-        found = _one_round(run, folder, rnd, info, signed, roster)
+        found = _one_round(run, folder, rnd, info, signed, roster, vectors)
         if info.get("ddp"):
             plan = info["ddp"]
             found += _ddp_round(rnd, info, shares, releases)
@@ -62,9 +61,12 @@ def audit_secure_rounds(run: Path, *, signed: Mapping[tuple[int, int], set[str]]
     return failures, notes
 
 
-def _ddp_shares(run: Path, roster: Mapping[int, str]) -> dict[tuple[int, int], dict]:
-    """(site, round) -> the distributed-DP share its signed ledger entry declares."""
-    out = {}
+def _ledger_facts(run: Path, roster: Mapping[int, str]) -> tuple[dict[tuple[int, int], dict],
+                                                                 dict[tuple[int, int], list[dict]]]:
+    """From each site's ledger, verified against the roster: (site, round) -> the distributed-DP
+    share its release entry declares, and -> its vector entries (``secagg-vector``)."""
+    shares: dict[tuple[int, int], dict] = {}
+    vectors: dict[tuple[int, int], list[dict]] = {}
     for site, pem in roster.items():
         try:
             entries = verify_file(run / "ledger" / f"site-{site}.jsonl", site=site, trusted_pem=pem).entries
@@ -72,8 +74,10 @@ def _ddp_shares(run: Path, roster: Mapping[int, str]) -> dict[tuple[int, int], d
             continue  # reported by the ledger checks
         for e in entries:
             if isinstance(e.get("ddp"), dict):
-                out[(site, int(e["round"]))] = e["ddp"]
-    return out
+                shares[(site, int(e["round"]))] = e["ddp"]
+            if e.get("kind") == VECTOR_ENTRY:
+                vectors.setdefault((site, int(e["round"])), []).append(e)
+    return shares, vectors
 
 
 def _ddp_round(rnd: int, info: dict, shares: Mapping[tuple[int, int], dict], releases: list[float]) -> list[str]:
@@ -102,18 +106,18 @@ def _claimed_client_epsilon(run: Path) -> float | None:
 
 
 def _one_round(run: Path, folder: Path, rnd: int, info: dict, signed: Mapping[tuple[int, int], set[str]],
-               roster: Mapping[int, str]) -> list[str]:
+               roster: Mapping[int, str], vectors: Mapping[tuple[int, int], list[dict]]) -> list[str]:
     out = []
     try:
         adverts = sa.verify_adverts([sa.KeyAdvert.from_json(a) for a in info["adverts"].values()],
                                     roster=roster, server_round=rnd)
     except sa.SecAggError as e:
         return [f"secure round {rnd}: {e}"]
-    ranged = "vector_sigs" in info  # a range stage ran (no distributed DP): the ledgers sign range vectors
+    ranged = "range_senders" in info  # a range stage ran (no distributed DP): the ledgers sign range vectors
     bits, range_sha = span.FALLBACK, dict[int, str]()
     if ranged:
         try:
-            bits, range_sha = _check_ranges(folder, rnd, info, signed, roster)
+            bits, range_sha = _check_ranges(folder, rnd, info, signed)
         except ValueError as e:
             return [f"secure round {rnd}: {e}"]
     masked: dict[int, np.ndarray] = {}
@@ -130,9 +134,10 @@ def _one_round(run: Path, folder: Path, rnd: int, info: dict, signed: Mapping[tu
         if ranged:
             raw = t.numpy().astype("<i4" if bits.ring_bits == span.NARROW else "<i8").tobytes()
             digest = hashlib.sha256(raw).hexdigest()
-            if not _signed_vector(info, s, rnd, bits, range_sha[s], digest, roster):
-                out.append(f"secure round {rnd}: site {s}'s masked vector {digest[:12]}… matches no signed vector "
-                           "statement")
+            want = vector_fields(rnd, bits, range_sha.get(s, ""), digest)
+            if not any({k: e.get(k) for k in want} == want for e in vectors.get((s, rnd), [])):
+                out.append(f"secure round {rnd}: site {s}'s masked vector {digest[:12]}… matches no signed ledger entry "
+                           "(secagg-vector)")
             masked[s] = span.widen(raw, t.numel(), bits)
             continue
         digest = delta_hash({MASKED: t})
@@ -172,23 +177,12 @@ def _one_round(run: Path, folder: Path, rnd: int, info: dict, signed: Mapping[tu
     return out
 
 
-def _signed_vector(info: dict, s: int, rnd: int, bits: span.Bits, range_sha: str, digest: str,
-                   roster: Mapping[int, str]) -> bool:
-    """Site s signed a statement binding this vector, its signed range vector and the round's ring."""
-    body = statement(s, rnd, bits, range_sha, digest)
-    try:
-        load_public_pem(roster[s]).verify(bytes.fromhex(str(info["vector_sigs"][str(s)])), body)
-    except (InvalidSignature, LedgerError, ValueError):
-        return False
-    return True
-
-
-def _check_ranges(folder: Path, rnd: int, info: dict, signed: Mapping[tuple[int, int], set[str]],
-                  roster: Mapping[int, str]) -> tuple[span.Bits, dict[int, str]]:
-    """A round with a range stage: each range vector is one its site's ledger signed, each survivor
-    kept a vector signature, and the ring is the one the sum of every participant's range vector
-    gives (their masks cancel there only; a missing one means the 64-bit fallback). Returns the ring
-    and each range vector's hash; raises ``ValueError`` naming what failed."""
+def _check_ranges(folder: Path, rnd: int, info: dict, signed: Mapping[tuple[int, int], set[str]]
+                  ) -> tuple[span.Bits, dict[int, str]]:
+    """A round with a range stage: each range vector is one its site's ledger signed, and the ring is
+    the one the sum of every participant's range vector gives (their masks cancel there only; a
+    missing one means the 64-bit fallback). Returns the ring and each range vector's hash; raises
+    ``ValueError`` naming what failed."""
     ranges = {}
     for s in info["range_senders"]:
         try:
@@ -203,7 +197,4 @@ def _check_ranges(folder: Path, rnd: int, info: dict, signed: Mapping[tuple[int,
     bits = span.plan_bits(span.range_total({s: v for s, (v, _) in ranges.items()})) if full else span.FALLBACK
     if info.get("ring") != bits.as_dict():
         raise ValueError(f"the round's ring {info.get('ring')} is not the one its range sum gives {bits.as_dict()}")
-    for s in info["survivors"]:
-        if str(s) not in info["vector_sigs"] or s not in roster:
-            raise ValueError(f"site {s} has no vector signature or roster key")
     return bits, {s: d for s, (_, d) in ranges.items()}

@@ -127,7 +127,7 @@ def masked_vector(arrays: Mapping[str, torch.Tensor], size: int) -> np.ndarray:
 def collect_vectors(grid: Grid, rnd: SecureRound, sites: list[int], bits: span.Bits, size: int, *,
                     timeout: float | None = None) -> dict[int, tuple[np.ndarray, bytes, bytes]]:
     """Stage 3b: ask the sites that sent a range vector for their masked update at ``bits``; site ->
-    (uint64 ring elements, the bytes as sent, the statement's signature). A malformed reply drops
+    (uint64 ring elements, the bytes as sent, the ledger line binding them). A malformed reply drops
     that site."""
     payload = {rnd.node_of[s]: {"server-round": rnd.server_round, "ring-bits": bits.ring_bits,
                                 "frac-bits": bits.frac_bits, "weight-frac-bits": bits.weight_frac_bits} for s in sites}
@@ -135,11 +135,11 @@ def collect_vectors(grid: Grid, rnd: SecureRound, sites: list[int], bits: span.B
     site_of = {n: s for s, n in rnd.node_of.items()}
     out = {}
     for node, rec in got.items():
-        raw, sig = rec.get("masked"), rec.get("sig")
+        raw, line = rec.get("masked"), rec.get("ledger-entry")
         try:
-            if not isinstance(raw, bytes) or not isinstance(sig, bytes):
-                raise ValueError(f"masked/sig: bytes expected, got {type(raw).__name__}/{type(sig).__name__}")
-            out[site_of[node]] = (span.widen(raw, size, bits), raw, sig)
+            if not isinstance(raw, bytes) or not isinstance(line, bytes):
+                raise ValueError(f"masked/ledger-entry: bytes expected, got {type(raw).__name__}/{type(line).__name__}")
+            out[site_of[node]] = (span.widen(raw, size, bits), raw, line)
         except ValueError as e:
             log.warning("secagg vector: node %d sent a malformed vector (%s)", node, e)
     rnd.dropped["vector"] = sorted(set(sites) - set(out))

@@ -21,7 +21,7 @@ from safetensors.numpy import load as load_np
 from safetensors.numpy import save as save_np
 
 from fedpeft.io import atomic_write_bytes
-from fedpeft.privacy.ledger import canonical, delta_hash
+from fedpeft.privacy.ledger import delta_hash
 from fedpeft.privacy.vault import LEDGER_FILE, SiteVault
 from fedpeft.secagg import ddp, ring, span
 from fedpeft.secagg import protocol as sa
@@ -194,18 +194,20 @@ class Sealer:
         return {MASKED: torch.from_numpy(y.view(np.int64).copy())}
 
 
-def statement(site: int, server_round: int, bits: span.Bits, range_sha256: str, masked_sha256: str) -> bytes:
-    """What a site signs with its vector: the round's ring, the range vector its ledger entry signed
-    and the vector's SHA-256. Only the signature travels; the coordinator rebuilds the rest."""
-    return canonical({"kind": "secagg-vector", "site": site, "round": server_round, **bits.as_dict(),
-                      "range_sha256": range_sha256, "masked_sha256": masked_sha256})
+VECTOR_ENTRY = "secagg-vector"  # the ledger entry that binds a 32-bit round's masked update
+
+
+def vector_fields(server_round: int, bits: span.Bits, range_sha256: str, vector_sha256: str) -> dict[str, object]:
+    """What a site's ledger entry for its vector signs: the round, its ring, the range vector its
+    release entry signed, and the SHA-256 of the vector's bytes as sent."""
+    return {"round": server_round, **bits.as_dict(), "range_sha256": range_sha256, "vector_sha256": vector_sha256}
 
 
 def send_vector(vault: SiteVault, server_round: int, bits: span.Bits) -> tuple[bytes, bytes]:
     """Stage 3b: the update kept at stage 3, encoded at the coordinator's step, masked as in stage 3
-    (self mask + pairwise masks with every participant), in ``bits.ring_bits``; and the signature, with
-    the site's ledger key, of its ``statement`` (which binds it to the range vector its ledger entry
-    signed). Once per round:
+    (self mask + pairwise masks with every participant), in ``bits.ring_bits``; and the ledger line
+    the site appends for it (``vector_fields``: signed and chained, binding it to the range vector
+    that this round's release entry signed). Once per round:
     two encodings under one mask would give away their difference, a multiple of the update."""
     secrets, adverts, _ = _round_state(vault, server_round)
     state = _load(vault, server_round)
@@ -217,10 +219,10 @@ def send_vector(vault: SiteVault, server_round: int, bits: span.Bits) -> tuple[b
     v = load_np(_update_file(vault, server_round).read_bytes())["v"]
     y = sa.mask(secrets, span.encode(v, bits), adverts, state["participants"])
     raw = span.narrow(y) if bits.ring_bits == span.NARROW else y.astype("<u8").tobytes()
-    sig = vault.ledger.key.sign(statement(vault.site, server_round, bits, state["range_sha256"],
-                                          hashlib.sha256(raw).hexdigest()))
-    _save(vault, server_round, {**state, "vector_sent": True})
-    return raw, sig
+    _save(vault, server_round, {**state, "vector_sent": True})  # before the entry: never a second vector
+    line = vault.ledger.append(VECTOR_ENTRY, vector_fields(server_round, bits, state["range_sha256"],
+                                                           hashlib.sha256(raw).hexdigest()))
+    return raw, line
 
 
 def reveal_shares(vault: SiteVault, server_round: int, inbox: Mapping[int, bytes], survivors: Sequence[int],

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from cryptography.exceptions import InvalidSignature
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from safetensors.torch import save
@@ -21,7 +20,7 @@ from safetensors.torch import save
 from fedpeft.federation import ARRAYS, CONFIG, METRICS, STATUS, from_arrays, to_arrays
 from fedpeft.io import atomic_write_bytes, atomic_write_json
 from fedpeft.merging import add_delta
-from fedpeft.privacy.ledger import LedgerError, delta_hash, load_public_pem
+from fedpeft.privacy.ledger import LedgerError, delta_hash
 from fedpeft.ranks import A_SUFFIX
 from fedpeft.secagg import ddp, span
 from fedpeft.secagg import protocol as sa
@@ -80,7 +79,8 @@ class SecureRounds:
         frozen = strat.policy.merge == "frozen_a"  # the sum is the new adapter (A shared), not a delta
         layout = Layout.of({k: v for k, v in glob.items() if not (frozen and k.endswith(A_SUFFIX))})
         plan = strat.policy.ddp
-        sent, hashes, metrics, keys_of = {}, {}, {}, {}  # without DDP the train replies carry range vectors (``span``)
+        sent: dict[int, np.ndarray] = {}
+        hashes, metrics, keys_of = {}, {}, {}  # without DDP the train replies carry range vectors (``span``)
         for msg in replies:
             node = msg.metadata.src_node_id
             try:
@@ -98,7 +98,6 @@ class SecureRounds:
                 continue
             sent[site], hashes[site], metrics[site] = vec, sha, m
         ranges: dict[int, np.ndarray] = {}
-        statements: dict[int, str] = {}  # site -> the signature of its vector statement (hex)
         bits = span.FALLBACK
         if plan is None:
             ranges = sent
@@ -107,18 +106,15 @@ class SecureRounds:
             got = secserver.collect_vectors(strat._grid, rnd, sorted(ranges), bits, layout.size,
                                             timeout=strat.policy.retry_timeout)
             masked = {}
-            for s, (vec, raw, sig) in got.items():
-                body = secagg_site.statement(s, server_round, bits, hashes[s], hashlib.sha256(raw).hexdigest())
+            for s, (vec, raw, line) in got.items():
                 try:
-                    if keys_of.get(s):  # the key its ledger presented; the audit checks it against the roster
-                        load_public_pem(keys_of[s]).verify(sig, body)
-                except (InvalidSignature, LedgerError) as e:
-                    log.warning("round %d: site %d's vector signature does not verify (%s); dropped", server_round,
-                                s, type(e).__name__)
-                    rlog.failures.append({"node": rnd.node_of[s], "site": s, "round": server_round,
-                                          "reason": "the vector's signature does not verify"})
+                    self._accept_vector_entry(strat, s, line, secagg_site.vector_fields(
+                        server_round, bits, hashes[s], hashlib.sha256(raw).hexdigest()), keys_of.get(s, ""))
+                except (LedgerError, ValueError) as e:
+                    log.warning("round %d: site %d's vector dropped: %s", server_round, s, e)
+                    rlog.failures.append({"node": rnd.node_of[s], "site": s, "round": server_round, "reason": str(e)})
                     continue
-                masked[s], statements[s] = vec, sig.hex()
+                masked[s] = vec
         else:
             masked = sent
         try:
@@ -134,7 +130,7 @@ class SecureRounds:
             vals = total.view(np.int64).astype(np.float64)
             vals[:-1] /= ddp.scale_for(clip=plan.clip, dim=layout.size - 1)
             mean, weight = layout.unpack_mean(vals)
-        self._keep_evidence(strat, rnd, masked, hashes, seeds, keys, ranges=ranges, statements=statements, bits=bits)
+        self._keep_evidence(strat, rnd, masked, hashes, seeds, keys, ranges=ranges, bits=bits)
         if plan is not None:
             rlog.client_epsilon = plan.epsilon(len(ddp_releases(strat.policy.out_dir)), layout.size - 1)
         for s in masked:
@@ -181,11 +177,24 @@ class SecureRounds:
         return site, vec, sha, {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
 
     @staticmethod
+    def _accept_vector_entry(strat: Any, site: int, line: bytes, fields: dict, public_key: str) -> None:
+        """A vector's ledger line: the entry the site signed for it (its ring, its range vector, the
+        bytes' hash), chained onto the coordinator's copy of its ledger. Raises naming what differs."""
+        entry = json.loads(line)
+        if not isinstance(entry, dict) or entry.get("kind") != secagg_site.VECTOR_ENTRY or \
+                {k: entry.get(k) for k in fields} != fields:
+            raise ValueError("its ledger entry does not bind the vector, its range vector and the round's ring")
+        ledgers = strat.policy.ledgers
+        if ledgers is not None:  # verified against the site's pinned key, and it must extend the copy
+            path = ledgers.ledger_path(site)
+            ledgers.sync(site=site, data=(path.read_bytes() if path.exists() else b"") + line, public_key=public_key)
+
+    @staticmethod
     def _keep_evidence(strat: Any, rnd: secserver.SecureRound, masked: dict, hashes: dict, seeds: dict,
-                       keys: dict, *, ranges: dict, statements: dict, bits: span.Bits) -> None:
-        """For the audit: the masked vectors and range vectors (each reveals nothing alone), the
-        signatures of the sites' vector statements, the round's signed adverts and the reconstruction the
-        coordinator learnt anyway (self-mask seeds of the survivors, mask keys of the dropped sites)."""
+                       keys: dict, *, ranges: dict, bits: span.Bits) -> None:
+        """For the audit: the masked vectors and range vectors (each reveals nothing alone), the round's
+        signed adverts and the reconstruction the coordinator learnt anyway (self-mask seeds of the
+        survivors, mask keys of the dropped sites). The sites' ledgers bind the vectors."""
         if not strat.policy.out_dir:
             return
         folder = Path(strat.policy.out_dir) / "secagg" / f"round-{rnd.server_round:06d}"
@@ -195,8 +204,8 @@ class SecureRounds:
         for s, vec in ranges.items():
             atomic_write_bytes(folder / f"range-{s}.safetensors", save({MASKED: torch.from_numpy(vec.view("int64").copy())}))
         atomic_write_json(folder / "round.json", {
-            **({"vector_sigs": {str(s): sig for s, sig in statements.items()}, "range_senders": sorted(ranges),
-                "ring": bits.as_dict()} if ranges else {}), "round": rnd.server_round, "threshold": rnd.threshold,
+            **({"range_senders": sorted(ranges), "ring": bits.as_dict()} if ranges else {}),
+            "round": rnd.server_round, "threshold": rnd.threshold,
             "participants": rnd.participants,
             "survivors": sorted(masked), "dropped": rnd.dropped, "adverts": rnd.adverts, "sha256": hashes,
             "seeds": {s: b.hex() for s, b in seeds.items()}, "mask_keys": {s: k.hex() for s, k in keys.items()},

@@ -101,8 +101,8 @@ SECURE_TEXT = (
     "updates. It did not see any site's update, example count, loss or local accuracy. Checks a secure round "
     "cannot do: the per-coordinate update bound, each update's norm and the robust merges (they need "
     "individual updates). Checked here, per round: every range vector (or, with distributed DP, masked "
-    "vector) is the one its site's ledger signed, every masked vector carries its site's signature binding it "
-    "to that range vector and to the round's ring, the ring is the one the range vectors' sum gives, every "
+    "vector) is the one its site's ledger signed, every masked vector matches a ledger entry of its site "
+    "binding it to that range vector and to the round's ring, the ring is the one the range vectors' sum gives, every "
     "key advert verifies against the trust root above, and the masked sum unmasked with the recorded "
     "reconstruction equals the checkpoint's update within the ring's step and float32 rounding.")
 
