@@ -130,12 +130,14 @@ def share_keys(vault: SiteVault, server_round: int, adverts_json: Sequence[str],
     return shares
 
 
-def _round_state(vault: SiteVault, server_round: int) -> tuple[sa.SiteSecrets, dict[int, sa.KeyAdvert], int]:
+def _round_state(vault: SiteVault, server_round: int
+                 ) -> tuple[sa.SiteSecrets, dict[int, sa.KeyAdvert], int, dict]:
+    """The round's secrets, verified adverts, threshold, and the whole saved state (one read)."""
     state = _load(vault, server_round)
     if "adverts" not in state:
         raise sa.SecAggError(f"site {vault.site}: round {server_round}'s keys were never shared (stage 2 missed)")
     adverts = {a.site: a for a in (sa.KeyAdvert.from_json(x) for x in state["adverts"])}
-    return sa.SiteSecrets.from_json(state["secrets"]), adverts, int(state["threshold"])
+    return sa.SiteSecrets.from_json(state["secrets"]), adverts, int(state["threshold"]), state
 
 
 class Sealer:
@@ -156,7 +158,7 @@ class Sealer:
 
     def __call__(self, delta: Mapping[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:
         vault = self.vault
-        secrets, adverts, threshold = _round_state(vault, self.server_round)
+        secrets, adverts, threshold, state = _round_state(vault, self.server_round)
         unknown = sorted(set(self.participants) - set(adverts))
         if unknown or vault.site not in self.participants or len(set(self.participants)) < threshold:
             raise sa.SecAggError(f"site {vault.site}: participants {sorted(self.participants)} are not a threshold "
@@ -174,7 +176,6 @@ class Sealer:
             y = sa.pairwise_masked(secrets.range_key, vault.site, self.server_round, span.range_vector(v), pubs,
                                    domain="range")
             sent = {MASKED: torch.from_numpy(y.view(np.int64).copy())}
-            state = _load(vault, self.server_round)
             _save(vault, self.server_round, {**state, "participants": sorted(self.participants),
                                              "range_sha256": delta_hash(sent)})
             return sent
@@ -209,8 +210,7 @@ def send_vector(vault: SiteVault, server_round: int, bits: span.Bits) -> tuple[b
     the site appends for it (``vector_fields``: signed and chained, binding it to the range vector
     that this round's release entry signed). Once per round:
     two encodings under one mask would give away their difference, a multiple of the update."""
-    secrets, adverts, _ = _round_state(vault, server_round)
-    state = _load(vault, server_round)
+    secrets, adverts, _, state = _round_state(vault, server_round)
     if "range_sha256" not in state:
         raise sa.SecAggError(f"site {vault.site}: round {server_round} has no trained update to send")
     if state.get("vector_sent"):
@@ -229,7 +229,7 @@ def reveal_shares(vault: SiteVault, server_round: int, inbox: Mapping[int, bytes
                   dropped: Sequence[int]) -> dict[int, tuple[str, bytes]]:
     """Stage 4: this site's shares for the survivors' seeds and the dropped sites' keys, as
     ``{site: ("b" | "s", share)}``; the round's secrets are deleted after."""
-    secrets, adverts, threshold = _round_state(vault, server_round)
+    secrets, adverts, threshold, _ = _round_state(vault, server_round)
     got = sa.reveal(secrets, adverts, dict(inbox), survivors=survivors,
                     dropped=dropped, threshold=threshold)
     _secrets_file(vault, server_round).unlink(missing_ok=True)  # one-round keys: nothing to keep
