@@ -150,6 +150,47 @@ def test_the_last_layer_at_response_positions_only_gives_the_full_layers_losses_
     gsm._close()
 
 
+def test_the_lm_heads_zero_padding_rows_under_bfloat16_leave_losses_and_per_sample_gradients_alone(monkeypatch):
+    from opacus import GradSampleModule
+
+    from fedpeft.tasks import causal_lm
+
+    # Prepare: bfloat16 autocast on the CPU pads the head's rows to a multiple of 16; the oracle is
+    # the same batch unpadded (head_rows = 1)
+    cfg = gen_cfg("tiny-llama")
+    task = task_of(cfg.model)
+    net = factory.build_model(cfg, dp=True)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    batch, cpu = batch_of(cfg, 5).tensors, torch.device("cpu")
+    params = [p for p in net.parameters() if p.requires_grad]
+    head_rows = causal_lm.head_rows
+    seen: list[int] = []
+    net.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    gsm = GradSampleModule(net, loss_reduction="mean")
+
+    def run(rows_multiple):
+        monkeypatch.setattr(causal_lm, "head_rows", lambda device, precision: rows_multiple)
+        gsm.zero_grad(set_to_none=True)
+        loss = task.per_example_loss(net, batch, device=cpu, start={}, precision="bfloat16")
+        loss.mean().backward()
+        return loss.detach(), [p.grad_sample.clone() for p in params]
+
+    # Execute
+    plain_loss, plain_gs = run(1)
+    padded_loss, padded_gs = run(16)
+    # Assert: the head saw a padded multiple of 16 the second time only, and nothing else changed
+    n_response = int((batch[2][:, 1:] != IGNORE).sum())
+    assert n_response % 16 != 0 and seen == [n_response, n_response + (-n_response % 16)]
+    torch.testing.assert_close(padded_loss, plain_loss, rtol=1e-6, atol=0.0)
+    for got, want in zip(padded_gs, plain_gs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    gsm._close()
+    assert (head_rows(cpu, "bfloat16"), head_rows(cpu, "float32")) == (16, 1)  # float32 (MKL): unpadded
+
+
 def test_a_method_hooked_on_the_whole_last_layer_keeps_the_full_layer_and_its_losses():
     from fedpeft.tasks.causal_lm import body_of, last_layer_at
 

@@ -11,6 +11,12 @@ the non-DP arm's seconds per step (exactly 16 examples), repeat by repeat, and t
 paired ratios is reported. Without that the figure carries the draw's noise (a few percent over 18
 steps); the raw ratio of median step times is printed too.
 
+Steady state, not first use: with bfloat16 on a CPU, oneDNN compiles a kernel for each new matrix
+shape on first use (~2-15 ms each, as long as the product itself). The non-DP arm's batches always
+hold 16 notes; DP-SGD's Poisson batches bring a new batch size now and then for the first few dozen
+steps, which a run of hundreds of steps amortises. So both arms first run ``--warmup`` steps (the
+same number), and the ratio of that first, cold call pair is printed as ``cold_ratio``.
+
 Last line: gen_dp_overhead_ratio=<x> peak_rss_gib=<y>   (y: the DP arm's peak resident memory; the line
 before gives each arm's peak and what its training added on top of the loaded model and data)
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -28,7 +35,7 @@ import time
 import torch
 
 
-def setup(layers: str, steps: int):
+def setup(layers: str, steps: int, precision: str = "auto"):
     from fedpeft import factory
     from fedpeft.data.instructions import QUESTION, SYSTEM, chat, referral_response
     from fedpeft.data.notes import notes_with_findings
@@ -36,7 +43,7 @@ def setup(layers: str, steps: int):
 
     flat = {"task": "causal-lm", "model": "smollm2", "data": "referrals", "lora-layers": layers,
             "lora-target-modules": "q_proj,v_proj", "max-length": 128, "batch-size": 16, "lr": 0.002,
-            "adapter-lr-scale": 1.0}
+            "adapter-lr-scale": 1.0, "precision": precision}
     cfg = from_run_config(flat)
     n = 16 * steps
     notes, labels, findings = notes_with_findings(n=6 * n, seed=0)
@@ -67,14 +74,14 @@ def step_time(cfg, data, dp: bool) -> tuple[float, float]:
     return seconds / res.steps, seconds / max(res.drawn, 1)
 
 
-def child(arm: str, layers: str, steps: int) -> None:
+def child(arm: str, layers: str, steps: int, precision: str) -> None:
     """One arm in a fresh process: its peak resident memory, and how much of it training added
     (sampled every 10 ms while it trains; the model and the cached prefix are there before)."""
     import threading
 
     import psutil
 
-    cfg, data = setup(layers, steps)
+    cfg, data = setup(layers, steps, precision)
     proc = psutil.Process()
     before = proc.memory_info().rss
     peak = [before]
@@ -97,6 +104,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=6, help="steps per timed repeat")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--precision", default="auto", help="auto (bfloat16 where native, else float32) or float32")
+    ap.add_argument("--warmup", type=int, default=60, help="steps per arm before timing (kernels for new shapes)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", default="28,29", help="LoRA layers ('' = all 30: a full forward every step)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -106,12 +115,14 @@ def main() -> None:
 
     quiet_libraries()
     if args.child:
-        child(args.child, args.layers, args.steps)
+        child(args.child, args.layers, args.steps, args.precision)
         return
     from fedpeft import models
 
-    cfg, data = setup(args.layers, args.steps)
-    step_time(cfg, data, False), step_time(cfg, data, True)  # warm-up
+    cfg, data = setup(args.layers, args.steps, args.precision)
+    (cold_nodp, _), (_, cold_dp) = step_time(cfg, data, False), step_time(cfg, data, True)
+    for _ in range(math.ceil(args.warmup / args.steps) - 1):
+        step_time(cfg, data, False), step_time(cfg, data, True)
     nodp, dp = [], []
     for _ in range(args.repeats):
         nodp.append(step_time(cfg, data, False))
@@ -119,12 +130,12 @@ def main() -> None:
     rss = {}
     for arm in ("nodp", "dp"):
         out = subprocess.run([sys.executable, __file__, "--child", arm, "--layers", args.layers, "--steps", "2",
-                              "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+                              "--threads", str(args.threads), "--precision", args.precision], capture_output=True, text=True, check=True)
         rss[arm] = json.loads(out.stdout.strip().splitlines()[-1])
     device = models.select_device()
     print(f"device={device} threads={args.threads} precision={models.resolve_precision(cfg.model.precision, device)} "
           f"native_bf16={models.cpu_has_native_bfloat16()} batch=16 seq=128 lora_layers={args.layers or 'all'} "
-          f"steps={args.steps} repeats={args.repeats}")
+          f"steps={args.steps} repeats={args.repeats} warmup_steps={args.warmup}")
     med = statistics.median
     step_nodp, step_dp = med(t for t, _ in nodp), med(t for t, _ in dp)
     drawn_per_step = sum(t / e for t, e in dp) / len(dp)  # (s per step) / (s per example)
@@ -132,7 +143,7 @@ def main() -> None:
     # ~10 % between calls a minute apart), then the median over the pairs
     per_step = med(16 * e_dp / t_nodp for (_, e_dp), (t_nodp, _) in zip(dp, nodp))
     print(f"step_s_nodp={step_nodp:.4f} step_s_dp={step_dp:.4f} dp_examples_per_step={drawn_per_step:.2f} "
-          f"raw_median_step_ratio={step_dp / step_nodp:.3f} "
+          f"raw_median_step_ratio={step_dp / step_nodp:.3f} cold_ratio={16 * cold_dp / cold_nodp:.3f} "
           f"peak_rss_gib_nodp={rss['nodp']['peak_rss_gib']:.2f} peak_rss_gib_dp={rss['dp']['peak_rss_gib']:.2f} "
           f"training_added_gib_nodp={rss['nodp']['training_gib']:.3f} training_added_gib_dp={rss['dp']['training_gib']:.3f}")
     print(f"gen_dp_overhead_ratio={per_step:.3f} peak_rss_gib={rss['dp']['peak_rss_gib']:.2f}")
