@@ -253,14 +253,18 @@ class CausalLM(Task):
                 picked = None if out is None else out[valid]
             if picked is None:
                 picked = self.hidden(model, x, mask, start)[rows, cols]
+            target = y[rows, cols + 1]
             n_picked = picked.shape[0]
             spare = -n_picked % head_rows(device, precision)
-            if spare:  # zero rows, sliced off before the loss: no gradient reaches them
+            if spare:  # zero rows with ignored targets: their loss is 0 and no gradient reaches them
                 picked = torch.cat([picked, picked.new_zeros((spare, picked.shape[1]))])
-            logits = base.get_output_embeddings()(picked)[:n_picked]
-        # float32 at least (autocast's bfloat16 logits), float64 kept (the exactness tests)
+                target = torch.cat([target, target.new_full((spare,), IGNORE)])
+            logits = base.get_output_embeddings()(picked)
+        # float32 at least (autocast's bfloat16 logits), float64 kept (the exactness tests); the
+        # padding is cut from the per-token losses, not from the logits (whose slice's backward
+        # would write a zero tensor as wide as the vocabulary)
         ce = nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)),
-                                         y[rows, cols + 1], reduction="none")
+                                         target, reduction="none")[:n_picked]
         return ce, rows, int(x.shape[0])
 
     def per_example_loss(self, model: nn.Module, batch: Sequence[torch.Tensor], *, device: torch.device,
