@@ -174,7 +174,7 @@ def virtual_token_hidden(model: PeftModel, body: Any, x: torch.Tensor, mask: tor
 
 def head_rows(device: torch.device, precision: str) -> int:
     """Rows the LM head's input is padded to a multiple of. With bfloat16 on a CPU, oneDNN compiles a
-    kernel for each new matrix shape (~15 ms for the 49k-token head, as long as the product itself),
+    kernel for each new matrix shape (10-15 ms more for the 49k-token head: twice the product's time),
     and a batch's count of response tokens is new at almost every step: rounded up to 16 (at most 15
     zero rows), the shapes repeat. Float32 (MKL) and CUDA compile nothing: no padding."""
     return 16 if device.type == "cpu" and models.resolve_precision(precision, device) == "bfloat16" else 1

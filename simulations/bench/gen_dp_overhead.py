@@ -15,7 +15,9 @@ Steady state, not first use: with bfloat16 on a CPU, oneDNN compiles a kernel fo
 shape on first use (~2-15 ms each, as long as the product itself). The non-DP arm's batches always
 hold 16 notes; DP-SGD's Poisson batches bring a new batch size now and then for the first few dozen
 steps, which a run of hundreds of steps amortises. So both arms first run ``--warmup`` steps (the
-same number), and the ratio of that first, cold call pair is printed as ``cold_ratio``.
+same number), and the ratio of that first, cold call pair is printed as ``cold_ratio``. (The count of
+response tokens, new at almost every step in both arms of a real run, is padded to a multiple of 16
+by ``fedpeft.tasks.causal_lm.head_rows``.)
 
 Last line: gen_dp_overhead_ratio=<x> peak_rss_gib=<y>   (y: the DP arm's peak resident memory; the line
 before gives each arm's peak and what its training added on top of the loaded model and data)
