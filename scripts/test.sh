@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 PY="${PYTHON:-python3}"
-"$PY" -m ruff check fedpeft clients server
+"$PY" -m ruff check fedpeft clients server simulations tests
 "$PY" -m mypy
 export FLWR_TELEMETRY_ENABLED=0 HF_HUB_OFFLINE=1
 # Every Ray worker and end-to-end subprocess imports torch, transformers and peft afresh: share their

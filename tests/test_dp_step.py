@@ -75,7 +75,7 @@ def test_dp_step_clipped_gradients_equal_brute_force_loop(tiny_dataset, device):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0  # same function in the brute-force loop and the Opacus step
-    for n, p in model.named_parameters():  # make lora_B non-zero so every LoRA path carries gradient
+    for _, p in model.named_parameters():  # make lora_B non-zero so every LoRA path carries gradient
         if p.requires_grad:
             with torch.no_grad():
                 p.add_(0.05 * torch.randn_like(p))

@@ -169,7 +169,7 @@ def test_server_refuses_a_ledger_that_rewrites_history_or_mismatches_the_delta(t
 
 def test_private_key_is_0600_and_never_overwritten(tmp_path):
     vault = SiteVault(tmp_path / "site", 3)
-    vault.ledger  # creates the key and the open entry
+    _ = vault.ledger  # creates the key and the open entry
     key = tmp_path / "site" / "site-key.pem"
     assert key.stat().st_mode & 0o777 == 0o600
     from fedpeft.privacy.ledger import save_private_key

@@ -11,7 +11,8 @@ from fedpeft.privacy.accountant import PrivacyState
 from fedpeft.runconfig import from_run_config
 from fedpeft.site import SiteError, site_evaluate, site_train
 
-TINY = {"model": "tiny", "lora-layers": "", "lr": 0.01, "adapter-lr-scale": 1.0, "notes-per-site": 40, "test-per-site": 10, "num-server-rounds": 2, "batch-size": 16}
+TINY = {"model": "tiny", "lora-layers": "", "lr": 0.01, "adapter-lr-scale": 1.0, "notes-per-site": 40,
+        "test-per-site": 10, "num-server-rounds": 2, "batch-size": 16}
 
 
 @pytest.mark.parametrize("layers", ["", "1"])  # "1": layer 0 is a frozen prefix, served from the cache
@@ -115,8 +116,7 @@ def test_overlapping_requests_for_one_site_take_turns_and_chain_one_ledger(tmp_p
 
 
 def test_attack_and_fault_injection_are_simulation_only_and_do_what_they_say():
-    from fedpeft.policy import PolicyError
-    from fedpeft.policy import check_noise_source
+    from fedpeft.policy import PolicyError, check_noise_source
     from fedpeft.site import attackers
 
     # Prepare: 3 sites, sign-flip at 1/3 (one attacker)

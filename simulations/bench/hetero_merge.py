@@ -39,6 +39,13 @@ def _dense(As, Bs, scalings, weights, max_rank):
     return U[:, :max_rank] * S[:max_rank], Vh[:max_rank]
 
 
+def _sample_rss(proc, stop: threading.Event, high: list[int]) -> None:
+    """The merge's resident high-water mark, sampled every millisecond until ``stop``."""
+    while not stop.is_set():
+        high[0] = max(high[0], proc.memory_info().rss)
+        time.sleep(0.001)
+
+
 def _worker(method: str, modules: int, sites: int, d: int, q) -> None:
     torch.set_num_threads(2)
     import psutil
@@ -53,12 +60,7 @@ def _worker(method: str, modules: int, sites: int, d: int, q) -> None:
         high = [before]
         stop = threading.Event()
 
-        def sample() -> None:  # the merge's resident high-water mark, sampled every millisecond
-            while not stop.is_set():
-                high[0] = max(high[0], proc.memory_info().rss)
-                time.sleep(0.001)
-
-        sampler = threading.Thread(target=sample, daemon=True)
+        sampler = threading.Thread(target=_sample_rss, args=(proc, stop, high), daemon=True)
         sampler.start()
         t = time.perf_counter()
         if method == "qr":
