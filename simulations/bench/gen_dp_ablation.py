@@ -88,9 +88,11 @@ def main() -> None:
     acc = {}
     for arm in ARMS:  # a process per arm: the ablations patch module state
         extra = [a for o in args.run_config for a in ("--run-config", o)]
-        out = subprocess.run([sys.executable, __file__, "--arm", arm, "--preset", args.preset, "--rescore",
-                              str(args.rescore), "--out", args.out, *extra],
-                             check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        proc = subprocess.run([sys.executable, __file__, "--arm", arm, "--preset", args.preset, "--rescore",
+                               str(args.rescore), "--out", args.out, *extra], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"arm {arm} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        out = proc.stdout.strip().splitlines()[-1]
         print(out, flush=True)
         acc[arm] = float(out.split("answer_acc=")[1].split()[0])
     print(" ".join(f"{a}={acc[a]:.4f}" for a in ARMS))
