@@ -4,15 +4,18 @@ commands the deploy guide uses, bounded in time, every process gone afterwards."
 
 from __future__ import annotations
 
+import atexit
 import csv
 import functools
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -34,14 +37,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-APP = Path(__file__).resolve().parents[1]
+TREE = Path(__file__).resolve().parents[1]
+BUILD_LEFTOVERS = (".git", "runs", "build", "dist", ".venv", ".whl", ".gl", "__pycache__", "*.egg-info",
+                   ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache")
+
+
+@functools.lru_cache(maxsize=1)
+def _app() -> Path:
+    """A copy of the app taken once: the sites pin its hash, and the runs build their FAB from it, so
+    a file edited in the working tree while the suite runs cannot make the two differ."""
+    snapshot = Path(tempfile.mkdtemp(prefix="fedpeft-app-")) / "app"
+    shutil.copytree(TREE, snapshot, ignore=shutil.ignore_patterns(*BUILD_LEFTOVERS))
+    atexit.register(shutil.rmtree, snapshot.parent, True)
+    return snapshot
 
 
 @functools.lru_cache(maxsize=1)
 def _app_hash() -> str:
     from fedpeft.deploy.apptrust import app_hash
 
-    return app_hash(APP)
+    return app_hash(_app())
 
 
 def _site_files(root: Path, site: int, port: int, certs: Path, **over) -> Path:
@@ -317,7 +332,7 @@ def test_tls_federation_survives_a_coordinator_crash_and_sites_refuse_weaker_run
 
         def first_run() -> None:
             try:
-                coord.run(APP, run_config, timeout=400)
+                coord.run(_app(), run_config, timeout=400)
             except (CoordinatorError, subprocess.TimeoutExpired):
                 pass  # the coordinator dies under it
 
@@ -341,7 +356,7 @@ def test_tls_federation_survives_a_coordinator_crash_and_sites_refuse_weaker_run
         t.join(timeout=120)
         killed_after = json.loads(state.read_text())["round"]
         coord.start()
-        res = coord.run(APP, run_config + " resume=true", timeout=400)
+        res = coord.run(_app(), run_config + " resume=true", timeout=400)
         # Assert: the global adapter, each round once, each site's privacy state and ledger (one
         # release per round), a passing audit; the deployed sites sent float16 deltas (half the
         # float32 bytes), signed as sent, and evaluated the global adapter
@@ -373,7 +388,7 @@ def test_tls_federation_survives_a_coordinator_crash_and_sites_refuse_weaker_run
                                  tmp_path / "site2.log"))
         weak = tmp_path / "weak"
         try:
-            coord.run(APP, f"{base} num-server-rounds=1 round-retries=0 fraction-evaluate=0 dp=false "
+            coord.run(_app(), f"{base} num-server-rounds=1 round-retries=0 fraction-evaluate=0 dp=false "
                            f"out-dir='{weak}'", timeout=300)
         except CoordinatorError:
             pass  # a run in which no site trains may end as failed; what matters is why
@@ -439,7 +454,7 @@ def test_unregistered_key_other_ca_and_plain_http_are_refused(tmp_path, certs):
         (home / "config.toml").write_text(f'[superlink]\ndefault = "c"\n\n[superlink.c]\naddress = '
                                           f'"127.0.0.1:{port}"\nroot-certificates = "{home / "ca.crt"}"\n')
         env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
-        for args in (["ls", "c"], ["run", str(APP), "c"], ["stop", "123", "c"]):
+        for args in (["ls", "c"], ["run", str(_app()), "c"], ["stop", "123", "c"]):
             res = subprocess.run(["flwr", *args], env=env, capture_output=True, text=True, timeout=120)
             assert res.returncode != 0, (args, res.stdout[-1500:])
             assert "Successfully started run" not in res.stdout
