@@ -38,8 +38,9 @@ def _free_port() -> int:
 
 
 TREE = Path(__file__).resolve().parents[1]
-BUILD_LEFTOVERS = (".git", "runs", "build", "dist", ".venv", ".whl", ".gl", "__pycache__", "*.egg-info",
-                   ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache")
+# what the FAB leaves out anyway (the tree's .gitignore): not worth copying
+BUILD_LEFTOVERS = (".git", *(line.strip().strip("/") for line in (TREE / ".gitignore").read_text().splitlines()
+                             if line.strip() and not line.startswith("#")))
 
 
 @functools.lru_cache(maxsize=1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import tempfile
 import time
 
 import torch
@@ -51,9 +52,14 @@ def ablate(arm: str) -> None:
     PrivacyState.epsilon = lambda self: float("inf")  # type: ignore[method-assign]
 
 
-def run_arm(arm: str, preset: str, overrides: list[str], n: int, out: str) -> dict[str, float]:
+def run_arm(arm: str, preset: str, overrides: list[str], n: int) -> dict[str, float]:
     ablate(arm)
-    flat = simulation_config(preset, ["dp-noise='seeded'", f"dp={arm != 'nodp'}".lower(), *overrides], f"{out}/{arm}")
+    with tempfile.TemporaryDirectory(prefix="gen-dp-ablation-") as out:  # the loop keeps no ledger: scratch only
+        return _run(simulation_config(preset, ["dp-noise='seeded'", f"dp={arm != 'nodp'}".lower(), *overrides],
+                                           out), n)
+
+
+def _run(flat: dict, n: int) -> dict[str, float]:
     cfg = from_run_config(flat)
     t = time.perf_counter()
     glob, rounds = run_federation(cfg)
@@ -71,12 +77,11 @@ def main() -> None:
     ap.add_argument("--run-config", action="append", default=[], help="overrides for every arm, e.g. \"seed=1\"")
     ap.add_argument("--rescore", type=int, default=256, help="held-out referrals each final adapter is scored on")
     ap.add_argument("--arm", choices=ARMS, help="one arm only (each arm patches this process: one per process)")
-    ap.add_argument("--out", default="runs/bench-gen-dp-ablation")
     args = ap.parse_args()
     quiet_libraries()
     torch.set_num_threads(2)
     if args.arm:
-        r = run_arm(args.arm, args.preset, args.run_config, args.rescore, args.out)
+        r = run_arm(args.arm, args.preset, args.run_config, args.rescore)
         print(f"arm={args.arm} answer_acc={r['accuracy']:.4f} heldout_loss={r['loss']:.3f} "
               f"answer_acc_preset_test={r['preset_test']:.4f} seconds={r['seconds']:.0f}", flush=True)
         return
@@ -89,7 +94,7 @@ def main() -> None:
     for arm in ARMS:  # a process per arm: the ablations patch module state
         extra = [a for o in args.run_config for a in ("--run-config", o)]
         proc = subprocess.run([sys.executable, __file__, "--arm", arm, "--preset", args.preset, "--rescore",
-                               str(args.rescore), "--out", args.out, *extra], capture_output=True, text=True)
+                               str(args.rescore), *extra], capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"arm {arm} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         out = proc.stdout.strip().splitlines()[-1]
