@@ -271,12 +271,22 @@ def label_name_head(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     good classifier loses far less accuracy to noise than one that starts from a random head. Rows
     are scaled to temperature x unit / norm, so logits ~ temperature x cosine for a note embedding
     whose norm is like the label's (sentence-transformers' similarity scale is 20).
+
+    Computed in float64, then rounded once: every party computes this head itself, and float32
+    kernels round differently with the thread count and the CPU's vector width (1,679 of 2,688
+    values differed by 1 ULP between 1 and 2 threads here); float64's differences vanish in the
+    rounding, so sites, server and reruns hold the same head bit for bit.
     """
+    dtype = model.bert.dtype
     enc = tokenizer(texts, padding=True, return_tensors="pt")
-    hidden = model.bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    model.bert.double()  # exact both ways: float32 and bfloat16 are subsets of float64
+    try:
+        hidden = model.bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    finally:
+        model.bert.to(dtype)
     emb = mean_pool(hidden, enc["attention_mask"])
     norm2 = emb.pow(2).sum(1, keepdim=True).clamp(min=1e-12)
-    model.classifier.weight.copy_(temperature * emb / norm2)
+    model.classifier.weight.copy_((temperature * emb / norm2).to(model.classifier.weight.dtype))
     model.classifier.bias.zero_()
 
 

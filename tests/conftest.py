@@ -26,6 +26,16 @@ DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 ONE_WORKER = f"client-cpus={os.cpu_count() or 1}"
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A test that runs app code (``clients.client_app`` sets torch's threads from client-cpus)
+    leaves this worker's thread count as it found it, for the tests after it."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(params=DEVICES, ids=lambda d: d.type)
 def device(request, monkeypatch) -> torch.device:
     """Each device-dependent test runs once per device; fedpeft.site picks it up via $FEDPEFT_DEVICE."""
