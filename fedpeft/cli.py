@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("site", help="validate a site config, then run this site's SuperNode")
     st.add_argument("config", metavar="CONFIG.toml")
     st.add_argument("--insecure", action="store_true", help="connect without TLS (local testing only)")
-    st.add_argument("--dry-run", action="store_true", help="validate and print the flower-supernode command")
+    st.add_argument("--dry-run", action="store_true", help="validate and print the SuperNode command")
     st.add_argument("--fingerprint", action="store_true",
                     help="print this site's ledger key fingerprint (making the key if needed) and exit")
     st.set_defaults(func=_cmd_site)

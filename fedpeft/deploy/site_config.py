@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,10 @@ class SiteConfig:
         return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in items.items())
 
     def supernode_args(self) -> list[str]:
-        args = ["flower-supernode", "--superlink", self.address, "--node-config", self.node_config()]
+        """``flower-supernode``'s arguments, run through ``fedpeft.deploy.supernode`` (the same
+        SuperNode, whose replies never wait for the next pull)."""
+        args = [sys.executable, "-m", "fedpeft.deploy.supernode", "--superlink", self.address,
+                "--node-config", self.node_config()]
         if self.insecure:
             args.append("--insecure")
         else:
