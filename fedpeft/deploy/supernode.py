@@ -37,12 +37,9 @@ def flushing(pull: Callable[..., int | None]) -> Callable[..., int | None]:
     """Flower's pull step, reporting a waiting reply's run when nothing was pulled, so the loop
     runs its push stage now instead of after the next pull."""
 
-    def pull_or_flush(*args: Any, **kwargs: Any) -> int | None:
-        run_id = pull(*args, **kwargs)
-        if run_id is None:
-            state = kwargs["state"] if "state" in kwargs else args[0]
-            run_id = reply_waiting(state)
-        return run_id
+    def pull_or_flush(**kwargs: Any) -> int | None:  # the loop passes everything by keyword
+        run_id = pull(**kwargs)
+        return reply_waiting(kwargs["state"]) if run_id is None else run_id
 
     return pull_or_flush
 
