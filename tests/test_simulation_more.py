@@ -19,8 +19,10 @@ pytestmark = pytest.mark.slow
 
 def test_mixed_ranks_run_through_flower_and_export(tmp_path):
     """The hetero path through the real ClientApp/ServerApp: sites train ranks 2, 4, 8 (cycling),
-    the server merges by SVD, metrics say who trained which rank, the adapter loads in PEFT."""
-    flat = simulation_config("smoke", [f"dp-noise='seeded' lora-ranks='2,4,8' merge='svd' local-epochs=1 {ONE_WORKER} "
+    the server merges by SVD, metrics say who trained which rank, the adapter loads in PEFT. Without
+    DP: two DP steps over 100 notes at eps=8 learn nothing reliably (a Zen 4's bfloat16 kernels read
+    0.185 before and after, where the Xeon's read a gain), and the path under test is the merge."""
+    flat = simulation_config("smoke", [f"dp=false lora-ranks='2,4,8' merge='svd' local-epochs=1 {ONE_WORKER} "
                                        "notes-per-site=100"],
                              str(tmp_path))
     metrics = simulate(flat)
