@@ -72,10 +72,17 @@ def calibrate_noise(
                 return saved["sigma"]
         except (OSError, ValueError, KeyError, TypeError):
             pass  # absent or unreadable: calibrate
-    sigma = float(get_noise_multiplier(**args))
+    with _prv_quiet():
+        sigma = float(get_noise_multiplier(**args))
     if path is not None:
         atomic_write_json(path, {"args": args, "sigma": sigma})
     return sigma
+
+
+def _prv_quiet() -> np.errstate:
+    """Opacus' PRV evaluates ``np.log`` on both branches of an ``np.where`` and warns "divide by zero"
+    for the branch it then discards: a printed warning per call that is not an event."""
+    return np.errstate(divide="ignore")
 
 
 def _sigma_file(args: dict[str, object]) -> Path | None:
@@ -107,7 +114,8 @@ def _epsilon(history: tuple[DpSgdEvent, ...], delta: float, accountant: str) -> 
         return float(eps)
     acc = create_accountant(accountant)
     acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
+    with _prv_quiet():
+        return float(acc.get_epsilon(delta=delta))
 
 
 def compute_epsilon(*, history: Sequence[Sequence[float]], delta: float, accountant: str = "rdp") -> float:
