@@ -138,3 +138,27 @@ def test_audit_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
 def test_coordinator_register_without_keys_is_an_error(capsys):
     assert main(["coordinator", "register", "--insecure"]) == 2
     assert "give the sites' auth.pub files" in capsys.readouterr().err
+
+
+def test_a_pass_whose_recomputed_epsilon_tops_the_budget_says_why():
+    """clinical-gen's audit read 8.0106 (dp_accounting RDP) for a site whose Opacus claim was 7.9987
+    against a budget of 8: within tolerance, so a pass, but the officer is told why the quoted
+    figure is above the budget; a site within budget by both gets no such sentence."""
+    from fedpeft.privacy.audit.checks import AuditResult, SiteAudit
+
+    # Prepare
+    def site(i: int, recomputed: float) -> SiteAudit:
+        return SiteAudit(site=i, releases=4, steps=24, target_epsilon=8.0, delta=1e-5, claimed_epsilon=7.9987,
+                         epsilon_rdp=recomputed, accountant="rdp", verified=True, noise=["secret"])
+
+    over = AuditResult(run_dir="r", sites={0: site(0, 8.0106), 1: site(1, 7.9978)})
+    within = AuditResult(run_dir="r", sites={1: site(1, 7.9978)})
+    failed = AuditResult(run_dir="r", sites={0: site(0, 8.0106)}, failures=["site 0: something"])
+    # Execute
+    text, plain, fail = privacy_statement(over), privacy_statement(within), privacy_statement(failed)
+    # Assert
+    assert "by at most epsilon = 8.011" in text
+    assert "For site(s) 0 the recomputed epsilon is slightly above the site's budget (site 0: 8.0106 " \
+           "recomputed, 7.9987 by the site's own accountant, budget 8)" in text
+    assert "RDP uses another grid of orders" in text and "quotes the larger" in text
+    assert "slightly above" not in plain and "slightly above" not in fail
