@@ -82,15 +82,15 @@ def over_budget_within_tolerance(res: AuditResult) -> str:
     bounds on the same mechanism's epsilon (a reader comparing "at most 8.011" with "budget 8" asks)."""
     if not res.ok:
         return ""
-    over = [a for a in res.sites.values() if a.verified and a.releases and not a.no_dp
+    over = [a for _, a in sorted(res.sites.items()) if a.verified and a.releases and not a.no_dp
             and a.epsilon_recomputed > a.target_epsilon >= a.claimed_epsilon]
     if not over:
         return ""
     how = ("RDP uses another grid of orders" if over[0].recomputed_with == "RDP"
            else "PLD discretises the privacy curve another way")
-    ids = ", ".join(str(a.site) for a in sorted(over, key=lambda a: a.site))
+    ids = ", ".join(str(a.site) for a in over)
     pairs = "; ".join(f"site {a.site}: {a.epsilon_recomputed:.4f} recomputed, {a.claimed_epsilon:.4f} by the "
-                      f"site's own accountant, budget {a.target_epsilon:g}" for a in sorted(over, key=lambda a: a.site))
+                      f"site's own accountant, budget {a.target_epsilon:g}" for a in over)
     return (f" For site(s) {ids} the recomputed epsilon is slightly above the site's budget ({pairs}). Each "
             f"stayed within its budget by Opacus' accountant; dp_accounting's {how} (the audit's tolerance "
             f"between the two is {res.tolerance:.0%}). Both are "
