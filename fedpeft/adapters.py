@@ -29,6 +29,7 @@ from fedpeft.methods import (  # re-exported: the registry lives in fedpeft.meth
     DPUnsupportedError,
     adapter_method,
     after_step,
+    answer_head,
     register_adapter_method,
     require_dp_capable,
 )
@@ -82,11 +83,19 @@ def _exchanged(model: PeftModel) -> dict[str, torch.nn.Parameter]:
     return {n.replace(".default.", "."): p for n, p in model.named_parameters() if p.requires_grad and HANDLE not in n}
 
 
+def _peft_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """peft's adapter state less the answer head's fixed, public selector (``fedpeft.methods.answer_head``)."""
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    for k in answer_head.fixed_keys(model, list(state)):
+        del state[k]
+    return state
+
+
 def get_adapter_state(model: PeftModel) -> AdapterState:
     """Exactly the adapter's trainable tensors (peft names, adapter name stripped), detached copies."""
     if is_prompt_learning(model):
         return {k: v.detach().cpu().clone() for k, v in _exchanged(model).items()}
-    state = get_peft_model_state_dict(model)
+    state = _peft_state(model)
     # adapter tensors: the trainable ones, plus a LoRA A frozen on purpose (merge='frozen_a')
     trainable = {n for n, p in model.named_parameters()
                  if (p.requires_grad or ".lora_A." in n) and HANDLE not in n}
@@ -130,7 +139,7 @@ def set_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> No
             for k, p in params.items():
                 p.copy_(state[k].to(device=p.device, dtype=p.dtype))
         return
-    current = get_peft_model_state_dict(model)
+    current = _peft_state(model)
     check_adapter_state(current, state)
     ref = next(iter(current.values()))
     result = set_peft_model_state_dict(
@@ -183,8 +192,9 @@ def save_adapter(model: PeftModel, path: str | Path, *, metadata: Mapping[str, o
     ``metadata`` (labels, model name) goes to ``fedpeft.json`` beside the PEFT files.
     """
     path = Path(path)
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+    with atomic_dir(path) as tmp, answer_head.plain_peft(model):
+        # the base's embeddings are never part of an adapter (peft would add them when lm_head is a target)
+        model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
         # peft's placeholder card names this machine's install path as base_model: never ship it
         (tmp / "README.md").write_text(card or "A fedpeft checkpoint (PEFT format); the run's card is in "
                                                "its adapter/README.md.\n")

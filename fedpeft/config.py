@@ -135,6 +135,17 @@ class AdapterConfig:
         "per-site LoRA ranks, e.g. '4,8,16,32': site k trains rank ranks[k mod n] (cycling; a deployed "
         "site may set its own with node config lora-rank, which must be one of them); '' = every site "
         "trains lora-rank. Mixed ranks need a rank merge rule (merge=zero_pad|svd|stack|frozen_a)", "lora-ranks"))
+    answer_head: bool = field(default=False, metadata=_help(
+        "causal-lm with adapter='lora': also train the whitened answer head, a LoRA on lm_head that reads the "
+        "answer choices' first tokens out of the final state in coordinates centred and scaled by public "
+        "statistics (fedpeft.methods.answer_head); saved as plain PEFT", "answer-head"))
+    answer_choices: str = field(default="", metadata=_help(
+        "comma-separated answers a response starts with, as written (e.g. 'A,B,C,D'); '' = the calibration "
+        "generator's (referrals: the seven specialties)", "answer-choices"))
+    answer_head_calibration: str = field(default="referrals", metadata=_help(
+        "public prompts for the answer head's statistics, the same for every party: 'referrals' (the "
+        "embedded generator with a seed no site uses) or a JSONL/CSV instruction file none of the sites holds",
+        "answer-head-calibration"))
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_NAMES:
@@ -159,6 +170,12 @@ class AdapterConfig:
             raise bad("lora-ranks", self.ranks, "must be comma-separated integers") from None
         if any(r < 1 for r in ranks):
             raise bad("lora-ranks", self.ranks, "every rank must be >= 1")
+        if self.answer_head and self.method != "lora":
+            raise bad("answer-head", self.answer_head, f"is a LoRA on lm_head beside adapter='lora'; "
+                      f"adapter={self.method!r} has no LoRA")
+        if self.answer_head and not self.answer_choice_list:
+            raise bad("answer-choices", self.answer_choices, f"answer-head=true needs the choices: "
+                      f"answer-head-calibration={self.answer_head_calibration!r} has no built-in list")
 
     @property
     def rank_list(self) -> list[int]:
@@ -169,6 +186,13 @@ class AdapterConfig:
     @property
     def max_rank(self) -> int:
         return max(self.rank_list)
+
+    @property
+    def answer_choice_list(self) -> list[str]:
+        from fedpeft.methods.answer_head import default_choices
+
+        given = [c.strip() for c in self.answer_choices.split(",") if c.strip()]
+        return given or default_choices(self.answer_head_calibration)
 
     @property
     def target_module_list(self) -> list[str]:
@@ -212,6 +236,10 @@ class PrivacyConfig:
     client_max_epsilon: float = field(default=0.0, metadata=_help(
         "client-level epsilon budget at target-delta; a round that would exceed it is skipped (0 = none)",
         "client-dp-max-epsilon"))
+    head_clip_share: float = field(default=0.5, metadata=_help(
+        "with answer-head=true: the answer head's share of max-grad-norm squared (Opacus' per-layer clipping; "
+        "the other tensors split the rest evenly). The norms' root sum of squares is max-grad-norm, so one "
+        "record's gradient is bounded as before: same noise, same epsilon", "answer-head-clip-share"))
 
     def __post_init__(self) -> None:
         if not self.target_epsilon > 0:
@@ -234,6 +262,8 @@ class PrivacyConfig:
             raise bad("client-dp-max-epsilon", self.client_max_epsilon, "must be >= 0 (0 = no limit)")
         if self.planned_rounds < 0:
             raise bad("dp-planned-rounds", self.planned_rounds, "must be >= 0 (0 = every round)")
+        if not 0.0 < self.head_clip_share < 1.0:
+            raise bad("answer-head-clip-share", self.head_clip_share, "must be in (0, 1)")
         if self.noise not in DP_NOISE:
             raise bad("dp-noise", self.noise, f"must be one of {', '.join(DP_NOISE)}")
 
@@ -479,6 +509,8 @@ class RunConfig:
         if task == "causal-lm" and self.privacy.enabled and self.privacy.grad_sample_mode == "ghost":
             raise ConfigError("grad-sample-mode='ghost' with task='causal-lm': ghost clipping needs one loss per "
                               "logit row, a causal LM has one per response token; use 'hooks'")
+        if self.adapter.answer_head and task != "causal-lm":
+            raise bad("answer-head", True, f"reads answers out of a causal LM's lm_head; task={task!r} has none")
         merge, ranks = self.federation.merge, self.adapter.rank_list
         if merge not in (*DELTA_RULES, *RANK_RULES):
             raise bad("merge", merge, f"must be one of {', '.join((*DELTA_RULES, *RANK_RULES))}")
@@ -497,6 +529,9 @@ class RunConfig:
         if merge in RANK_RULES and self.federation.strategy not in ("fedavg", "fedprox"):
             raise ConfigError(f"merge={merge!r} with strategy={self.federation.strategy!r}: a server optimiser's "
                               "moments need a fixed adapter shape; use strategy='fedavg' or 'fedprox'")
+        if merge in RANK_RULES and self.adapter.answer_head:
+            raise ConfigError(f"merge={merge!r} with answer-head=true: rank rules resize every LoRA, and the "
+                              "head's rank is the number of choices; use merge='fedavg' (or a robust rule)")
         if merge in RANK_RULES and self.adapter.method != "lora":
             raise ConfigError(f"merge={merge!r} merges LoRA factors; adapter={self.adapter.method!r} has none "
                               "(use adapter='lora' or merge='fedavg')")
@@ -527,6 +562,9 @@ class RunConfig:
                               "ring elements, not compressible deltas; use delta-format='float32'")
         if fed.strategy != "fedavg":
             raise ConfigError(why + f"strategy={fed.strategy!r} is not wired yet; use strategy='fedavg'")
+        if self.adapter.answer_head:
+            raise ConfigError(why + "answer-head=true is not wired yet: the masked sum is in the head's "
+                              "whitened coordinates and the checkpoints in plain PEFT's; use answer-head=false")
 
     @property
     def rank_rule(self) -> str | None:

@@ -34,8 +34,17 @@ def new_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, labels: tuple[
                ) -> adapters.PeftModel:
     base = _base_model(dataclasses.astuple(model_cfg), labels, str(models.select_device()))
     task = task_of(model_cfg)
-    return adapters.create_adapter(copy.deepcopy(base), adapter_cfg, dp=dp, base_name=model_cfg.name,
-                                   task_type=task.peft_task_type, targets=task.lora_targets(model_cfg, adapter_cfg))
+    model = adapters.create_adapter(copy.deepcopy(base), adapter_cfg, dp=dp, base_name=model_cfg.name,
+                                    task_type=task.peft_task_type, targets=task.lora_targets(model_cfg, adapter_cfg))
+    if adapter_cfg.answer_head:
+        from fedpeft import llm
+        from fedpeft.methods import answer_head
+
+        mu, sd = answer_head.statistics_for(base, dataclasses.astuple(model_cfg), model_cfg.name,
+                                            adapter_cfg.answer_head_calibration, answer_head.CALIBRATION_PROMPTS)
+        ids = answer_head.choice_tokens(llm.load_tokenizer(model_cfg.name), adapter_cfg.answer_choice_list)
+        answer_head.attach(model, ids, mu, sd)
+    return model
 
 
 def build_model(cfg: RunConfig, *, dp: bool, adapter: AdapterConfig | None = None) -> adapters.PeftModel:
@@ -124,6 +133,18 @@ class Scorer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self._models: dict[int, adapters.PeftModel] = {}
+
+    def from_saved(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A saved PEFT checkpoint's tensors as an adapter state (the answer head saves A = V M and its
+        selector, what plain peft reads; ``fedpeft.methods.answer_head``)."""
+        if not self.cfg.adapter.answer_head:
+            return dict(tensors)
+        from fedpeft.methods import answer_head
+
+        acfg = global_adapter_config(self.cfg)
+        if acfg.rank not in self._models:
+            self._models[acfg.rank] = build_model(self.cfg, dp=False, adapter=acfg)
+        return answer_head.from_saved(self._models[acfg.rank], tensors)
 
     def __call__(self, state: Mapping[str, torch.Tensor]) -> adapters.PeftModel:
         acfg = global_adapter_config(self.cfg, state)

@@ -139,7 +139,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     saved = checkpoint.load_server_state(out) if cfg.federation.resume else None
     if saved is not None:
         done = int(saved["round"])
-        init = checkpoint.restore(out, saved, strategy)
+        init = scorer.from_saved(checkpoint.restore(out, saved, strategy))
         strategy.round_offset = done
         rec.resume_from(out / "metrics.json", done)
         log.info("resuming after round %d of %d from %s", done, cfg.federation.num_rounds, out)

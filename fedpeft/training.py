@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedpeft.config import PrivacyConfig, TrainConfig
 from fedpeft.methods import after_step, check_grad_samples
+from fedpeft.methods.answer_head import clip_norms
 from fedpeft.methods.inserted import INSERTED
 from fedpeft.models import autocast, physical_batch_size
 from fedpeft.prefix import length_batches, start_of, trim
@@ -197,9 +198,15 @@ def train_local(
             engine.accountant.load_state_dict(
                 {"history": list(privacy_state.history), "mechanism": engine.accountant.mechanism()}
             )
+            # with an answer head, its own share of the clipping norm (per-layer clipping, same total)
+            names = {id(p): n for n, p in model.named_parameters()}
+            norms = clip_norms([(names[id(p)], p) for g in optimizer.param_groups for p in g["params"]],
+                               privacy_state.max_grad_norm, privacy.head_clip_share)
             out = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
-                noise_multiplier=privacy_state.noise_multiplier, max_grad_norm=privacy_state.max_grad_norm,
+                noise_multiplier=privacy_state.noise_multiplier,
+                max_grad_norm=norms if norms is not None else privacy_state.max_grad_norm,
+                clipping="per_layer" if norms is not None else "flat",
                 poisson_sampling=True, grad_sample_mode=privacy.grad_sample_mode, wrap_model=False,
                 noise_generator=noise_gen,
             )

@@ -23,6 +23,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from fedpeft import llm, models
 from fedpeft.config import AdapterConfig, ModelConfig
+from fedpeft.methods.answer_head import head_logits
 from fedpeft.prefix import PrefixDataset, layer_local, length_batches, trim
 from fedpeft.tasks.base import Examples, Task
 
@@ -245,21 +246,27 @@ class CausalLM(Task):
         rows, cols, pos, valid = response_positions(y)
         with models.autocast(device, precision):
             picked = None
+            index: tuple[torch.Tensor, ...]
             if start and self.response_only and response_only_layer(body):  # the last layer only where it is read
                 h = x.to(base.dtype)
                 if int(start["start_layer"]) < len(body.layers) - 1:
                     h = run_layers(body, h, mask, start=int(start["start_layer"]), stop=len(body.layers) - 1)
                 out = last_layer_at(body, h, mask, pos)
-                picked = None if out is None else out[valid]
+                if out is not None:
+                    states, index = out, (valid,)
+                    picked = out[valid]
             if picked is None:
-                picked = self.hidden(model, x, mask, start)[rows, cols]
+                states = self.hidden(model, x, mask, start)
+                index = (rows, cols)
+                picked = states[rows, cols]
             target = y[rows, cols + 1]
             n_picked = picked.shape[0]
             spare = -n_picked % head_rows(device, precision)
             if spare:  # zero rows with ignored targets: their loss is 0 and no gradient reaches them
                 picked = torch.cat([picked, picked.new_zeros((spare, picked.shape[1]))])
                 target = torch.cat([target, target.new_full((spare,), IGNORE)])
-            logits = base.get_output_embeddings()(picked)
+            # the answer head (if any) runs on the states with their batch dimension, for Opacus
+            logits = head_logits(base.get_output_embeddings(), picked, states, index)
         # float32 at least (autocast's bfloat16 logits), float64 kept (the exactness tests); the
         # padding is cut from the per-token losses, not from the logits (whose slice's backward
         # would write a zero tensor as wide as the vocabulary)

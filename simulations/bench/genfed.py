@@ -40,7 +40,7 @@ def rescore(flat: dict[str, Any], outs: dict[str, str], rounds: dict[str, int], 
     scorer = factory.Scorer(cfg)
     out = {}
     for name, folder in outs.items():
-        state = load_file(str(checkpoint_dir(Path(folder), rounds[name]) / "adapter_model.safetensors"))
+        state = scorer.from_saved(load_file(str(checkpoint_dir(Path(folder), rounds[name]) / "adapter_model.safetensors")))
         out[name] = factory.evaluate(cfg, scorer(state), test)["accuracy"]
     return out
 
