@@ -132,3 +132,20 @@ def _reset_cli_logging() -> None:
     log.propagate = True
     log.handlers = [h for h in log.handlers if not getattr(h, "_fedpeft", False)]
 
+
+
+def one_private_site_round(cfg, device: torch.device):
+    """Site 0 of 2 trains one DP round of ``cfg`` (a causal-lm run) from the round-0 adapter:
+    (the round-0 state, the trained state, the TrainResult)."""
+    from fedpeft import factory
+    from fedpeft.data.sites import make_site
+    from fedpeft.tasks import task_of
+
+    start = factory.initial_adapter_state(cfg)
+    net = factory.worker_model(cfg, start)
+    site = make_site(0, 2, cfg.data, seed=0, task="causal-lm")
+    data = factory.dataset(cfg, site.train_texts, site.train_labels, site.train_targets)
+    state = training.plan_privacy(num_examples=len(data), train=cfg.train, privacy=cfg.privacy, num_rounds=2)
+    res = training.train_local(net, data, train=cfg.train, privacy=cfg.privacy, privacy_state=state, device=device,
+                               seed=1, task=task_of(cfg.model))
+    return start, adapters.get_adapter_state(net), res, (net, data)

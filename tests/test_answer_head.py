@@ -10,13 +10,13 @@ import math
 import pytest
 import torch
 
-from fedpeft import adapters, factory, training
+from fedpeft import adapters, factory
 from fedpeft.config import ConfigError
 from fedpeft.data.instructions import generate_referrals
 from fedpeft.methods import answer_head
 from fedpeft.runconfig import from_run_config
 from fedpeft.tasks import task_of
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, one_private_site_round
 
 
 def head_cfg(**extra):
@@ -174,17 +174,8 @@ def test_the_head_moves_under_dp_with_per_layer_clipping_and_epsilon_is_spent(de
     # Prepare
     monkeypatch.setenv("FEDPEFT_DEVICE", device.type)
     cfg = head_cfg(**{"lr": 0.05})
-    start = factory.initial_adapter_state(cfg)
-    net = factory.worker_model(cfg, start)
-    from fedpeft.data.sites import make_site
-
-    site = make_site(0, 2, cfg.data, seed=0, task="causal-lm")
-    data = factory.dataset(cfg, site.train_texts, site.train_labels, site.train_targets)
-    state = training.plan_privacy(num_examples=len(data), train=cfg.train, privacy=cfg.privacy, num_rounds=2)
     # Execute
-    res = training.train_local(net, data, train=cfg.train, privacy=cfg.privacy, privacy_state=state, device=device,
-                               seed=1, task=task_of(cfg.model))
-    after = adapters.get_adapter_state(net)
+    start, after, res, _ = one_private_site_round(cfg, device)
     # Assert: the head and every LoRA tensor moved; epsilon within the plan (same total clipping norm)
     for k, v in after.items():
         assert float((v - start[k]).abs().max()) > 1e-4, k

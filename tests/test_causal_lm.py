@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from fedpeft import adapters, factory, training
+from fedpeft import factory
 from fedpeft.data.instructions import generate_referrals
 from fedpeft.runconfig import from_run_config
 from fedpeft.tasks import task_of
 from fedpeft.tasks.causal_lm import IGNORE, answer_of, shared_prefix
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, one_private_site_round
 
 TARGETS = {"tiny-llama": "q_proj,v_proj,down_proj", "tiny-gpt2": "c_attn,c_fc"}
 
@@ -217,17 +217,8 @@ def test_lora_weights_move_under_dp_and_epsilon_is_spent(device, monkeypatch):
     # Prepare: opacus#820 reported adapters silently frozen under DP with recent peft
     monkeypatch.setenv("FEDPEFT_DEVICE", device.type)
     cfg = gen_cfg("tiny-llama", **{"lr": 0.05, "adapter-lr-scale": 1.0})
-    start = factory.initial_adapter_state(cfg)
-    net = factory.worker_model(cfg, start)
-    from fedpeft.data.sites import make_site
-
-    site = make_site(0, 2, cfg.data, seed=0, task="causal-lm")
-    data = factory.dataset(cfg, site.train_texts, site.train_labels, site.train_targets)
-    state = training.plan_privacy(num_examples=len(data), train=cfg.train, privacy=cfg.privacy, num_rounds=2)
     # Execute
-    res = training.train_local(net, data, train=cfg.train, privacy=cfg.privacy, privacy_state=state, device=device,
-                               seed=1, task=task_of(cfg.model))
-    after = adapters.get_adapter_state(net)
+    start, after, res, (net, data) = one_private_site_round(cfg, device)
     # Assert: every adapter tensor moved, epsilon is positive and within the plan's budget
     for k, v in after.items():
         assert float((v - start[k]).abs().max()) > 1e-4, k
