@@ -176,7 +176,6 @@ def attach(model: PeftModel, token_ids: Sequence[int], mu: torch.Tensor, sd: tor
         select[torch.tensor(list(token_ids)), torch.arange(k)] = 1.0
         layer.lora_B["default"].weight.copy_(select)
     layer.lora_B["default"].weight.requires_grad_(False)  # the selector is fixed and public
-    layer.register_buffer("choice_ids", torch.tensor(list(token_ids), device=dev), persistent=False)
     layer.lora_dropout["default"] = Whiten(mu, sd).to(dev)
     base.set_output_embeddings(layer)
     _name_in_config(model, k)
