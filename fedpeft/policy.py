@@ -4,7 +4,7 @@ The SuperNode's node config (written by ``fedpeft site CONFIG.toml`` from the si
 ``dp``, ``target-epsilon`` and ``target-delta``; a SuperNode started without them gets the secure
 defaults below, never the run's. A run config that asks a deployed site for less privacy than
 its policy allows (DP off, a larger epsilon or delta, reproducible noise, injected faults or
-canaries) is refused before any training, naming the key. A run that asks for *more* privacy (a
+canaries, answer-head statistics read from a file) is refused before any training, naming the key. A run that asks for *more* privacy (a
 smaller budget) is honoured. Only the site's own file can turn DP off; its replies and ledger
 entries then say so.
 """
@@ -81,7 +81,22 @@ class SitePolicy:
             raise PolicyError(f"target-delta={p.target_delta:g}: the run config asks for more than this "
                               f"site's delta={self.target_delta:g}; refused {where.format('target-delta')}")
         check_noise_source(cfg, deployed=True)
+        check_public_calibration(cfg)
         return cfg
+
+
+BUILT_IN_CALIBRATION = ("referrals",)  # fedpeft.methods.answer_head: public prompts generated, not read
+
+
+def check_public_calibration(cfg: RunConfig) -> None:
+    """The answer head whitens by statistics of ``answer-head-calibration``; DP bounds one record
+    only if they do not depend on the site's data. A file the coordinator names could be this site's
+    own, so a deployed site takes only the built-in public generators."""
+    source = cfg.adapter.answer_head_calibration
+    if cfg.adapter.answer_head and source not in BUILT_IN_CALIBRATION:
+        raise PolicyError(f"answer-head-calibration={source!r}: a file the run config names could hold this "
+                          "site's own records, and statistics of private records would void the per-record DP "
+                          f"bound; refused on a deployed site (use one of {', '.join(BUILT_IN_CALIBRATION)})")
 
 
 def check_noise_source(cfg: RunConfig, *, deployed: bool) -> None:

@@ -25,6 +25,9 @@ SITE_FILE = {"site-id": 0, "dp": "true", "target-epsilon": 6.0, "target-delta": 
     ({"target-epsilon": 6.0, "target-delta": 1e-3}, "target-delta=0.001"),
     ({"target-epsilon": 6.0, "dp-noise": "seeded"}, "dp-noise='seeded'"),
     ({"target-epsilon": 6.0, "audit-canaries": 100}, "audit-canaries=100"),
+    ({"target-epsilon": 6.0, "task": "causal-lm", "model": "tiny-llama", "data": "referrals",  # could be the
+      "lora-target-modules": "q_proj", "answer-head": True, "answer-choices": "A,B",  # site's own records
+      "answer-head-calibration": "/data/site-0.jsonl"}, "answer-head-calibration='/data/site-0.jsonl'"),
 ])
 def test_a_deployed_site_refuses_a_run_config_that_asks_for_less(run, key):
     cfg = from_run_config({**TINY, **run})
