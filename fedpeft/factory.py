@@ -40,8 +40,10 @@ def new_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, labels: tuple[
         from fedpeft import llm
         from fedpeft.methods import answer_head
 
-        mu, sd = answer_head.statistics_for(base, dataclasses.astuple(model_cfg), model_cfg.name,
-                                            adapter_cfg.answer_head_calibration, answer_head.CALIBRATION_PROMPTS)
+        # what the frozen weights depend on (not the run's precision: the statistics are float32)
+        weights = (model_cfg.task, model_cfg.name, model_cfg.seed, model_cfg.layers)
+        mu, sd = answer_head.statistics_for(base, weights, model_cfg.name, adapter_cfg.answer_head_calibration,
+                                            answer_head.CALIBRATION_PROMPTS)
         ids = answer_head.choice_tokens(llm.load_tokenizer(model_cfg.name), adapter_cfg.answer_choice_list)
         answer_head.attach(model, ids, mu, sd)
     return model

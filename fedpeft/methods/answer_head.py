@@ -128,7 +128,8 @@ _STATISTICS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def statistics_for(base: nn.Module, model_key: tuple, tokenizer_name: str, source: str, n: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The public statistics for the frozen ``base``: computed once per machine and kept under
+    """The public statistics for the frozen ``base`` (``model_key``: what its weights depend on):
+    computed once per machine and kept under
     fedpeft's cache folder (a simulation's processes, and later runs, read them: the same numbers
     for all, and ~15 s of SmolLM2 forwards not repeated in every worker)."""
     import hashlib
