@@ -30,6 +30,16 @@ SYNTHETIC = {"notes": "classification", "referrals": "causal-lm"}  # embedded ge
 DP_NOISE = ("secret", "seeded")
 
 
+def default_choices(source: str) -> list[str]:
+    """The answers a response starts with, for a built-in calibration source of the answer head
+    (here, torch-free: a ClientApp validates its run config before it imports the model stack)."""
+    if source == "referrals":
+        from fedpeft.data.notes import LABELS
+
+        return [label.capitalize() for label in LABELS]  # as fedpeft.data.instructions.referral_response writes them
+    return []
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the value."""
 
@@ -189,8 +199,6 @@ class AdapterConfig:
 
     @property
     def answer_choice_list(self) -> list[str]:
-        from fedpeft.methods.answer_head import default_choices
-
         given = [c.strip() for c in self.answer_choices.split(",") if c.strip()]
         return given or default_choices(self.answer_head_calibration)
 

@@ -69,15 +69,6 @@ class Whiten(nn.Module):
         return hf * self.scale + self.mix * (hf[..., self.j:self.j + 1] * self.bias_scale)
 
 
-def default_choices(source: str) -> list[str]:
-    """The answers a response starts with, for a built-in calibration source."""
-    if source == "referrals":
-        from fedpeft.data.notes import LABELS
-
-        return [label.capitalize() for label in LABELS]  # as fedpeft.data.instructions.referral_response writes them
-    return []
-
-
 def calibration_prompts(source: str, n: int) -> list[str]:
     """Public prompts: the referral generator with a seed no site uses, or a file's prompts (any
     layout ``fedpeft.data.instructions`` reads)."""
