@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedpeft.config import PrivacyConfig, TrainConfig
 from fedpeft.methods import after_step, check_grad_samples
-from fedpeft.methods.answer_head import clip_norms
+from fedpeft.methods.answer_head import clip_norms, head_of
 from fedpeft.methods.inserted import INSERTED
 from fedpeft.models import autocast, physical_batch_size
 from fedpeft.prefix import length_batches, start_of, trim
@@ -200,8 +200,9 @@ def train_local(
             )
             # with an answer head, its own share of the clipping norm (per-layer clipping, same total)
             names = {id(p): n for n, p in model.named_parameters()}
-            norms = clip_norms([(names[id(p)], p) for g in optimizer.param_groups for p in g["params"]],
-                               privacy_state.max_grad_norm, privacy.head_clip_share)
+            norms = None if head_of(model) is None else clip_norms(
+                [(names[id(p)], p) for g in optimizer.param_groups for p in g["params"]],
+                privacy_state.max_grad_norm, privacy.head_clip_share)
             out = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
                 noise_multiplier=privacy_state.noise_multiplier,
