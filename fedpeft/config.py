@@ -156,6 +156,10 @@ class AdapterConfig:
         "public prompts for the answer head's statistics, the same for every party: 'referrals' (the "
         "embedded generator with a seed no site uses) or a JSONL/CSV instruction file none of the sites holds",
         "answer-head-calibration"))
+    answer_head_recentre: int = field(default=64, metadata=_help(
+        "with answer-head=true: public calibration prompts on which the server recentres the final adapter's "
+        "choices (their mean logits made equal; post-processing with public data, epsilon unchanged); 0 = off",
+        "answer-head-recentre"))
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_NAMES:
@@ -183,6 +187,8 @@ class AdapterConfig:
         if self.answer_head and self.method != "lora":
             raise bad("answer-head", self.answer_head, f"is a LoRA on lm_head beside adapter='lora'; "
                       f"adapter={self.method!r} has no LoRA")
+        if self.answer_head_recentre < 0:
+            raise bad("answer-head-recentre", self.answer_head_recentre, "must be >= 0 (0 = off)")
         if self.answer_head and not self.answer_choice_list:
             raise bad("answer-choices", self.answer_choices, f"answer-head=true needs the choices: "
                       f"answer-head-calibration={self.answer_head_calibration!r} has no built-in list")
@@ -540,6 +546,11 @@ class RunConfig:
         if merge in RANK_RULES and self.adapter.answer_head:
             raise ConfigError(f"merge={merge!r} with answer-head=true: rank rules resize every LoRA, and the "
                               "head's rank is the number of choices; use merge='fedavg' (or a robust rule)")
+        if self.adapter.answer_head and self.adapter.answer_head_recentre and \
+                self.federation.strategy not in ("fedavg", "fedprox"):
+            raise ConfigError(f"answer-head-recentre={self.adapter.answer_head_recentre} with strategy="
+                              f"{self.federation.strategy!r}: a server optimiser would take the recentring as a "
+                              "step of its own; use strategy='fedavg' or 'fedprox', or answer-head-recentre=0")
         if merge in RANK_RULES and self.adapter.method != "lora":
             raise ConfigError(f"merge={merge!r} merges LoRA factors; adapter={self.adapter.method!r} has none "
                               "(use adapter='lora' or merge='fedavg')")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -16,6 +17,8 @@ from transformers import PreTrainedModel
 from fedpeft import adapters, models, prefix, ranks
 from fedpeft.config import AdapterConfig, ModelConfig, RunConfig
 from fedpeft.tasks import Examples, task_of
+
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=2)
@@ -93,6 +96,25 @@ def initial_adapter_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         return adapters.get_adapter_state(build_model(cfg, dp=False, adapter=global_adapter_config(cfg)))
+
+
+def finish_adapter(cfg: RunConfig, scorer: Scorer, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The federation's final global adapter as released: with the answer head, its choices
+    recentred on ``answer-head-recentre`` public calibration prompts (server-side post-processing,
+    no privacy cost); otherwise ``state`` unchanged."""
+    n = cfg.adapter.answer_head_recentre
+    if not cfg.adapter.answer_head or n == 0:
+        return dict(state)
+    from fedpeft import llm
+    from fedpeft.methods import answer_head
+
+    model = scorer(state)
+    offsets = answer_head.recentre(model, llm.load_tokenizer(cfg.model.name),
+                                   answer_head.calibration_prompts(cfg.adapter.answer_head_calibration, n),
+                                   precision=models.resolve_precision(cfg.model.precision, models.select_device()))
+    log.info("recentred the answer head's choices on %d public prompts (offsets %s)", n,
+             ", ".join(f"{float(o):+.2f}" for o in offsets))
+    return adapters.get_adapter_state(model)
 
 
 _PREFIX_CACHE = prefix.PrefixCache()

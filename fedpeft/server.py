@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -16,7 +17,7 @@ from flwr.serverapp import Grid
 from fedpeft import adapters, checkpoint, models
 from fedpeft.config import SYNTHETIC, RunConfig
 from fedpeft.data.sites import global_test_examples, make_site, split_counts
-from fedpeft.factory import Scorer, base_model, dataset, evaluate, initial_adapter_state
+from fedpeft.factory import Scorer, base_model, dataset, evaluate, finish_adapter, initial_adapter_state
 from fedpeft.federation import config_record, from_arrays, to_arrays
 from fedpeft.io import atomic_write_json
 from fedpeft.runconfig import from_run_config, to_run_config
@@ -126,6 +127,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     test_ds = dataset(cfg, *global_test_examples(cfg.data, seed=cfg.train.seed, num_sites=cfg.federation.num_sites,
                                                  task=cfg.model.task))
     strategy: DeltaMerge = make_strategy(cfg)
+    strategy.policy.finish = functools.partial(finish_adapter, cfg, scorer)
     precision = models.resolve_precision(cfg.model.precision, device)
     log.info("compute precision: %s (precision=%r on %s)", precision, cfg.model.precision, device)
     rec = RunRecorder(out, cfg, adapter_bytes=adapters.state_bytes(init),

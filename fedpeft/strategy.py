@@ -83,6 +83,8 @@ class MergePolicy:
     secure_fraction: float | None = None  # secure aggregation on: the threshold's fraction (fedpeft.secagg)
     out_dir: str | None = None  # where secure rounds keep the masked vectors (evidence for the audit)
     ddp: Any = None  # secure aggregation with client-dp: the distributed-DP plan (fedpeft.secagg.ddp.DdpPlan)
+    last_round: int = 0  # the federation's last round, whose merged adapter ``finish`` post-processes
+    finish: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None  # set by the ServerApp
 
     def __post_init__(self) -> None:
         # rank rules merge whole adapters by rank (``merging.merge_replies``), not same-shaped deltas
@@ -108,7 +110,7 @@ class MergePolicy:
                    update_bound=update_bound(cfg), round_retries=fed.round_retries,
                    retry_timeout=fed.round_timeout or None, delta_format=fed.delta_format,
                    secure_fraction=fed.secagg_threshold if fed.secure_aggregation else None, out_dir=fed.out_dir,
-                   ddp=_ddp_plan(cfg))
+                   ddp=_ddp_plan(cfg), last_round=fed.num_rounds)
 
 
 def _ddp_plan(cfg: RunConfig) -> Any:
@@ -255,6 +257,8 @@ class DeltaMerge(FedAvg):
             if self.policy.rank_cfg is not None:
                 rlog.dropped_energy = max(info.dropped_by_module.values(), default=0.0)
                 rlog.dropped_by_module = info.dropped_by_module
+        if self.policy.finish is not None and server_round == self.policy.last_round:
+            new_global = self.policy.finish(new_global)  # public post-processing of the released adapter
         for r in valid:
             rlog.train[r.site] = r.metrics
             rlog.merged[r.site] = r.sent_sha256 or delta_hash(r.delta or {})  # what the site signed

@@ -188,11 +188,66 @@ def test_the_head_moves_under_dp_with_per_layer_clipping_and_epsilon_is_spent(de
     ({"merge": "zero_pad"}, "merge='zero_pad' with answer-head"),
     ({"answer-head-calibration": "/tmp/public.jsonl"}, "answer-choices=''"),
     ({"answer-head-clip-share": 1.0}, "answer-head-clip-share=1.0"),
+    ({"answer-head-recentre": -1}, "answer-head-recentre=-1"),
+    ({"strategy": "fedadam"}, "answer-head-recentre=64 with strategy='fedadam'"),
 ])
 def test_the_config_refuses_what_the_head_cannot_do(extra, match):
     # Execute / Assert: each names its key and value
     with pytest.raises(ConfigError, match=match.replace("(", r"\(")):
         head_cfg(**extra)
+
+
+def choice_logit_means(net, cfg, prompts):
+    """The choices' logits where the answer starts, averaged over ``prompts``: a plain forward of
+    the whole model, one prompt at a time (no padding), float32."""
+    from fedpeft.llm import load_tokenizer
+    from fedpeft.tasks.causal_lm import render_prompt
+
+    tok = load_tokenizer(cfg.model.name)
+    ids = answer_head.choice_tokens(tok, cfg.adapter.answer_choice_list)
+    with torch.no_grad():
+        rows = [net(input_ids=tok(render_prompt(tok, p), return_tensors="pt", add_special_tokens=False)["input_ids"]
+                    ).logits[0, -1, ids].double() for p in prompts]
+    return torch.stack(rows).mean(0)
+
+
+def test_recentring_makes_the_choices_mean_logits_on_the_public_prompts_equal():
+    from fedpeft.llm import load_tokenizer
+
+    # Prepare: a trained-looking head (random V: the choices' means differ)
+    cfg = head_cfg()
+    net = randomised(factory.build_model(cfg, dp=False)).eval()
+    prompts = answer_head.calibration_prompts("referrals", 12)
+    before = choice_logit_means(net, cfg, prompts)
+    # Execute
+    offsets = answer_head.recentre(net, load_tokenizer(cfg.model.name), prompts, batch_size=5)
+    after = choice_logit_means(net, cfg, prompts)
+    # Assert: the offsets are each choice's excess over the average; afterwards the means are equal
+    assert float(before.std()) > 0.05
+    torch.testing.assert_close(offsets.double(), before - before.mean(), rtol=0.0, atol=1e-4)
+    torch.testing.assert_close(after, torch.full_like(after, float(before.mean())), rtol=0.0, atol=1e-4)
+
+
+def test_the_released_adapter_is_recentred_and_only_the_heads_bias_column_moves():
+    # Prepare
+    cfg = head_cfg(**{"answer-head-recentre": 8, "precision": "float32"})  # float32: exact to 1e-4
+    scorer = factory.Scorer(cfg)
+    state = adapters.get_adapter_state(randomised(factory.build_model(cfg, dp=False)))
+    head_key = next(k for k in state if "lm_head.lora_A" in k)
+    # Execute
+    out = factory.finish_adapter(cfg, scorer, state)
+    off = factory.finish_adapter(head_cfg(**{"answer-head-recentre": 0, "precision": "float32"}), scorer, state)
+    # Assert
+    assert set(out) == set(state)
+    moved = (out[head_key] - state[head_key]).abs().amax(0)
+    j = answer_head.head_of(scorer(out)).lora_dropout["default"].j
+    assert float(moved[j]) > 1e-3 and float(moved[torch.arange(len(moved)) != j].max()) == 0.0
+    for k in state:
+        if k != head_key:
+            assert torch.equal(out[k], state[k]), k
+        assert torch.equal(off[k], state[k]), k  # answer-head-recentre=0: the merged adapter as it is
+    means = choice_logit_means(scorer(out), cfg, answer_head.calibration_prompts("referrals", 8))
+    assert float(means.std()) < 1e-4
 
 
 def test_choices_that_share_a_first_token_and_a_missing_calibration_file_are_named(tmp_path):

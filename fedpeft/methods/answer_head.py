@@ -233,6 +233,46 @@ def _augmented(head: LoraLinear, x: torch.Tensor) -> torch.Tensor:
     return kept[1]
 
 
+@torch.no_grad()
+def recentre(model: nn.Module, tok: object, prompts: Sequence[str], *, precision: str = "float32",
+             batch_size: int = 32) -> torch.Tensor:
+    """Shift V's bias column (in place) so that the choices' mean logits over public ``prompts`` are
+    equal; return the offsets taken off. Post-processing of a released adapter with public data
+    only ("calibrate before use", Zhao et al. 2021): epsilon is unchanged.
+
+    Why: the head adds to the base model's own choice logits, and SmolLM2 prefers one specialty for
+    most referrals. A DP adapter's 24 noisy steps leave much of that lean; recentring it took the
+    DP arm from 0.36 to 0.46 and the non-DP arm from 0.71 to 0.74 (docs/benchmarks.md, ninth session)."""
+    from fedpeft import models
+    from fedpeft.tasks.causal_lm import body_of, render_prompt
+
+    head = head_of(model)
+    if head is None:
+        raise AnswerHeadError("recentre: the model has no answer head")
+    whiten = head.lora_dropout["default"]
+    assert isinstance(whiten, Whiten)
+    _, body = body_of(model)
+    device = head.lora_A["default"].weight.device
+    sel = head.lora_B["default"].weight.detach().nonzero()  # (token, choice) pairs, in token order
+    ids = sel[sel[:, 1].argsort(), 0].to(device)  # choice c's token: V's row c adds to its logit
+    texts = [render_prompt(tok, p) for p in prompts]
+    logits, bias = [], []
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, padding_side="left",
+                  add_special_tokens=False)
+        with models.autocast(device, precision):
+            h = body(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)
+                     ).last_hidden_state[:, -1]  # where the answer starts: the state the LM head reads
+            logits.append(head(h)[:, ids].float())
+        bias.append(whiten(h)[:, whiten.j].float())
+    lg = torch.cat(logits)
+    offsets = lg.mean(0) - lg.mean()
+    feature = torch.cat(bias).mean()  # the bias feature h_j / mu_j is near 1, not exactly 1
+    weight = head.lora_A["default"].weight
+    weight[:, whiten.j] -= (offsets / feature / head.scaling["default"]).to(weight.dtype)
+    return offsets.cpu()
+
+
 @contextlib.contextmanager
 def plain_peft(model: nn.Module) -> Iterator[None]:
     """Within: the head's LoRA A is V·M and its dropout slot an identity, what plain peft computes."""
