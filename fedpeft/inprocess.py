@@ -64,9 +64,9 @@ def run_federation(cfg: RunConfig, *, on_round: Callable[[RoundResult], None] | 
         bytes_down = n * adapters.state_bytes(glob)
         tm = time.perf_counter()  # the strategy's merge, on the same replies in the same order
         glob, _ = merge_replies(glob, replies, merge_fn=merge, rank_cfg=cfg if cfg.rank_rule else None)
+        merge_s = time.perf_counter() - tm
         if rnd == cfg.federation.num_rounds:  # as the ServerApp's strategy: the released adapter
             glob = factory.finish_adapter(cfg, scorer, glob)
-        merge_s = time.perf_counter() - tm
         if device.type == "cuda":
             torch.cuda.synchronize()
         res = RoundResult(rnd, time.perf_counter() - t0, score(glob), per_site, merge_s, bytes_down)
