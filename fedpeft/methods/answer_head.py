@@ -93,9 +93,11 @@ def choice_tokens(tok: object, choices: Sequence[str]) -> list[int]:
 
 
 @torch.no_grad()
-def public_statistics(model: nn.Module, tok: object, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation (float32) of the frozen model's final state where the answer
-    starts, over public prompts. Float32 on any CPU: every party must get the same numbers."""
+def answer_states(model: nn.Module, tok: object, prompts: Sequence[str], *, precision: str | None = None,
+                  batch_size: int = 32) -> torch.Tensor:
+    """The final state where the answer starts (what the LM head reads), one row per prompt,
+    float32 on the CPU: in float32 without ``precision`` (autocast off), else in the run's."""
+    from fedpeft import models
     from fedpeft.tasks.causal_lm import body_of, render_prompt
 
     _, body = body_of(model)
@@ -104,13 +106,21 @@ def public_statistics(model: nn.Module, tok: object, prompts: Sequence[str]) -> 
     lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])  # similar lengths pad least
     states = torch.zeros((len(texts), int(model.config.hidden_size)))
-    with torch.autocast(device.type, enabled=False):
-        for i in range(0, len(order), 32):
-            idx = order[i:i + 32]
+    cast = torch.autocast(device.type, enabled=False) if precision is None else models.autocast(device, precision)
+    with cast:
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
             enc = tok([texts[j] for j in idx], return_tensors="pt", padding=True,
                       padding_side="left", add_special_tokens=False)
             out = body(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
             states[idx] = out.last_hidden_state[:, -1].float().cpu()
+    return states
+
+
+def public_statistics(model: nn.Module, tok: object, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation (float32) of the frozen model's final state where the answer
+    starts, over public prompts. Float32 on any CPU: every party must get the same numbers."""
+    states = answer_states(model, tok, prompts)
     return states.mean(0), states.std(0) + 1e-3
 
 
@@ -244,30 +254,21 @@ def recentre(model: nn.Module, tok: object, prompts: Sequence[str], *, precision
     most referrals. A DP adapter's 24 noisy steps leave much of that lean; recentring it took the
     DP arm from 0.36 to 0.46 and the non-DP arm from 0.71 to 0.74 (docs/benchmarks.md, ninth session)."""
     from fedpeft import models
-    from fedpeft.tasks.causal_lm import body_of, render_prompt
 
     head = head_of(model)
     if head is None:
         raise AnswerHeadError("recentre: the model has no answer head")
     whiten = head.lora_dropout["default"]
     assert isinstance(whiten, Whiten)
-    _, body = body_of(model)
     device = head.lora_A["default"].weight.device
     sel = head.lora_B["default"].weight.detach().nonzero()  # (token, choice) pairs, in token order
     ids = sel[sel[:, 1].argsort(), 0].to(device)  # choice c's token: V's row c adds to its logit
-    texts = [render_prompt(tok, p) for p in prompts]
-    logits, bias = [], []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, padding_side="left",
-                  add_special_tokens=False)
-        with models.autocast(device, precision):
-            h = body(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)
-                     ).last_hidden_state[:, -1]  # where the answer starts: the state the LM head reads
-            logits.append(head(h)[:, ids].float())
-        bias.append(whiten(h)[:, whiten.j].float())
-    lg = torch.cat(logits)
+    h = answer_states(model, tok, prompts, precision=precision, batch_size=batch_size).to(device)
+    with models.autocast(device, precision):
+        lg = head(h)[:, ids].float()
+    bias = whiten(h)[:, whiten.j].float()
     offsets = lg.mean(0) - lg.mean()
-    feature = torch.cat(bias).mean()  # the bias feature h_j / mu_j is near 1, not exactly 1
+    feature = bias.mean()  # the bias feature h_j / mu_j is near 1, not exactly 1
     weight = head.lora_A["default"].weight
     weight[:, whiten.j] -= (offsets / feature / head.scaling["default"]).to(weight.dtype)
     return offsets.cpu()
