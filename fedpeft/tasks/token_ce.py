@@ -3,10 +3,11 @@
 A causal LM's loss reads SmolLM2's 49k-token logits at ~1,800 response positions a step. The
 stock path (``cross_entropy(logits.float())``) makes a float32 copy, its log-softmax, a zero
 gradient and the gradient's cast back: five passes over a ~350 MB tensor, 0.7 s of a 3.1 s
-bfloat16 step of `clinical-gen` at one CPU thread (2026-12-07, Zen 4), more than the layer it trains. Here the log-sum-exp and
-the softmax gradient run on blocks that stay in cache, at float32 or wider, and the gradient is
-written once in the logits' own dtype. Same values as ``cross_entropy`` (tests check both ways).
-Hand-written: PyTorch has no fused cross-entropy on CPU (Liger's and Apple's are GPU kernels).
+bfloat16 step of `clinical-gen` at one CPU thread (2026-12-07, Zen 4), more than the layer it
+trains. Here the log-sum-exp and the softmax gradient run on blocks that stay in cache, at float32
+or wider, and the gradient is written once in the logits' own dtype. Same values as
+``cross_entropy`` (tests check both ways). Hand-written: PyTorch has no fused cross-entropy on CPU
+(Liger's and Apple's are GPU kernels).
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ class _TokenCrossEntropy(torch.autograd.Function):
         grad, valid = ctx.saved_tensors
         acc = torch.promote_types(grad.dtype, torch.float32)
         scale = (grad_loss.to(acc) * valid).unsqueeze(1)  # ignored rows get no gradient
-        for i in range(0, grad.shape[0], ctx.block):  # in place (used once), wide, rounded once; in blocks:
-            g = grad[i:i + ctx.block]  # a bfloat16 tensor times a float32 one is ~30x slower whole
+        # in place (used once), wide, rounded once; in blocks: on the whole tensor, a bfloat16 one
+        # times a float32 one took 0.49 s here (2032 x 49152), in blocks 0.04 s
+        for i in range(0, grad.shape[0], ctx.block):
+            g = grad[i:i + ctx.block]
             g.copy_(g.to(acc).mul_(scale[i:i + ctx.block]))
         return grad, None, None
 
