@@ -59,6 +59,10 @@ class PrefixDataset(TensorDataset):
         self.start_layer = start_layer
         self.ffn_start = ffn_start
         self.ids = ids
+        # what evaluation derives from these frozen states and keeps across rounds (the held-out
+        # prompts' frozen keys and values: ~2 MB a prompt for SmolLM2 in bfloat16; not counted in
+        # the site cache's budget, and only made for the few prompts a run generates from)
+        self.memo: dict[Any, Any] = {}
 
 
 def prefix_start(model: ModelConfig, adapter: AdapterConfig) -> int:

@@ -25,6 +25,7 @@ from fedpeft import llm, models
 from fedpeft.config import AdapterConfig, ModelConfig
 from fedpeft.methods.answer_head import head_logits
 from fedpeft.prefix import PrefixDataset, layer_local, length_batches, trim
+from fedpeft.tasks import frozen_kv
 from fedpeft.tasks.base import Examples, Task
 from fedpeft.tasks.token_ce import IGNORE, token_cross_entropy
 
@@ -315,21 +316,29 @@ class CausalLM(Task):
         loss = nll / max(tokens, 1)
         ids = data.ids if isinstance(data, PrefixDataset) and data.ids is not None else x_all
         k = len(data) if cfg.eval_generations == 0 else min(cfg.eval_generations, len(data))
-        answers = self.generate_rows(model, ids[:k], y_all[:k], cfg, device=device, precision=precision)
+        kept = data if isinstance(data, PrefixDataset) and data.ids is not None else None  # frozen layers kept
+        answers = self.generate_rows(model, ids[:k], y_all[:k], cfg, device=device, precision=precision,
+                                     memo=kept.memo if kept else None, start=kept.start_layer if kept else 0)
         refs = [self.tokenizer(cfg).decode(r[r != IGNORE], skip_special_tokens=True) for r in y_all[:k]]
         hits = [answer_of(a) == answer_of(r) for a, r in zip(answers, refs)]
         return {"accuracy": sum(hits) / max(len(hits), 1), "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
                 "examples": float(len(data)), "generated": float(len(hits))}
 
     def generate_rows(self, model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, cfg: ModelConfig, *,
-                      device: torch.device, precision: str, batch_size: int = 32) -> list[str]:
+                      device: torch.device, precision: str, batch_size: int = 64,
+                      memo: dict[Any, Any] | None = None, start: int = 0) -> list[str]:
         """Greedy answers to the prompt part (the tokens before the response) of each row."""
         prompts = [row[: int((lab != IGNORE).nonzero()[0])] if (lab != IGNORE).any() else row
                    for row, lab in zip(ids, labels)]
-        return self.generate(model, prompts, cfg, device=device, precision=precision, batch_size=batch_size)
+        return self.generate(model, prompts, cfg, device=device, precision=precision, batch_size=batch_size,
+                             memo=memo, start=start)
 
     def generate(self, model: nn.Module, prompts: Sequence[torch.Tensor], cfg: ModelConfig, *, device: torch.device,
-                 precision: str, batch_size: int = 32, max_new_tokens: int | None = None) -> list[str]:
+                 precision: str, batch_size: int = 64, max_new_tokens: int | None = None,
+                 memo: dict[Any, Any] | None = None, start: int = 0) -> list[str]:
+        """Greedy answers. With ``memo`` and ``start`` (the first adapted layer; every layer below it
+        frozen), the prompts' keys and values in layers ``:start`` are kept in ``memo`` on first use
+        and reused by later calls on the same prompts (``frozen_kv``)."""
         tok = self.tokenizer(cfg)
         pad = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
         gen = GenerationConfig(max_new_tokens=max_new_tokens or cfg.max_new_tokens, do_sample=False,
@@ -346,8 +355,12 @@ class CausalLM(Task):
                 x[j, width - n:] = prompts[i]
                 m[j, width - n:] = 1
             generate: Any = model.generate
+            x, m = x.to(device), m.to(device)
             with models.autocast(device, precision):
-                new = generate(input_ids=x.to(device), attention_mask=m.to(device), generation_config=gen)
+                extra = ({} if memo is None or not resumable(body_of(model)[0]) else frozen_kv.generate_kwargs(
+                    body_of(model)[1], memo, (len(prompts), tuple(idx), str(device), precision, start), x, m,
+                    start=start))
+                new = generate(input_ids=x, attention_mask=m, generation_config=gen, **extra)
             for j, i in enumerate(idx):
                 out[i] = tok.decode(new[j, width:], skip_special_tokens=True)
         return out

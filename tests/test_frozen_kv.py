@@ -1,0 +1,107 @@
+"""Greedy generation that keeps the frozen layers' keys and values across rounds
+(``fedpeft.tasks.frozen_kv``), against ``generate`` run from scratch on the same adapter, in float64
+on a tiny random Llama with left-padded prompts of different lengths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from fedpeft import factory
+from fedpeft.tasks import frozen_kv, task_of
+from fedpeft.tasks.causal_lm import IGNORE, body_of
+from tests.conftest import DEVICES
+from tests.test_causal_lm import batch_of, gen_cfg
+
+
+def left_padded(data, rows: list[int], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt part of ``rows``, left-padded as ``CausalLM.generate`` lays a batch out."""
+    ids, _, y = data.tensors
+    prompts = [ids[i][: int((y[i] != IGNORE).nonzero()[0])] for i in rows]
+    width = max(len(p) for p in prompts)
+    x = torch.full((len(rows), width), pad, dtype=torch.long)
+    m = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, p in enumerate(prompts):
+        x[j, width - len(p):] = p
+        m[j, width - len(p):] = 1
+    return x, m
+
+
+def nudge_adapter(net: torch.nn.Module, seed: int) -> None:
+    """A new round's adapter: every LoRA factor of the adapted layer moved at random."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * 0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=lambda d: d.type)
+def test_resumed_generation_gives_the_same_scores_as_generate_from_scratch_round_after_round(device):
+    # Prepare: LoRA on layer 1 of 2, so layer 0 is frozen; prompts of different lengths, left-padded
+    cfg = gen_cfg("tiny-llama")
+    task = task_of(cfg.model)
+    net = factory.build_model(cfg, dp=False).double().to(device).eval()
+    data = batch_of(cfg, 7)
+    pad = int(task.tokenizer(cfg.model).pad_token_id or 0)
+    x, m = (t.to(device) for t in left_padded(data, [0, 3, 5, 6], pad))
+    assert int(m.sum(1).min()) < x.shape[1]  # at least one row is padded
+    gen = GenerationConfig(max_new_tokens=5, do_sample=False, pad_token_id=pad, output_scores=True,
+                           return_dict_in_generate=True)
+    memo: dict = {}
+    kept: list[torch.Tensor] = []
+    for rnd in range(3):
+        # Execute: the same prompts under three successive adapters
+        plain = net.generate(input_ids=x, attention_mask=m, generation_config=gen)
+        extra = frozen_kv.generate_kwargs(body_of(net)[1], memo, "batch", x, m, start=1)
+        resumed = net.generate(input_ids=x, attention_mask=m, generation_config=gen, **extra)
+        # Assert: the same tokens and the same scores at every step, the frozen part made once and unchanged
+        assert torch.equal(resumed.sequences, plain.sequences)
+        for a, b in zip(resumed.scores, plain.scores):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        assert list(memo) == ["batch"]
+        if rnd == 0:
+            kept = [t.clone() for t in (*memo["batch"].keys, *memo["batch"].values, memo["batch"].hidden)]
+        now = [*memo["batch"].keys, *memo["batch"].values, memo["batch"].hidden]
+        assert len(now) == len(kept) == 3 and all(torch.equal(a, b) for a, b in zip(now, kept))
+        nudge_adapter(net, seed=rnd)
+
+
+def test_evaluate_on_the_frozen_prefix_keeps_the_prompts_keys_and_answers_as_the_full_model_does():
+    # Prepare: the same held-out rows as plain token ids and as the frozen-prefix cache
+    cfg = gen_cfg("tiny-llama", **{"eval-generations": 6})
+    task = task_of(cfg.model)
+    net = factory.build_model(cfg, dp=False).double()
+    data = batch_of(cfg, 6)
+    cached = task.compute_prefix(net, data, start_layer=1, ffn_start=False, precision="float32")
+    cpu = torch.device("cpu")
+    for rnd in range(2):
+        # Execute
+        full = task.evaluate(net, data, device=cpu, precision="float32", num_labels=0, cfg=cfg.model)
+        resumed = task.evaluate(net, cached, device=cpu, precision="float32", num_labels=0, cfg=cfg.model)
+        answers_full = task.generate_rows(net, data.tensors[0], data.tensors[2], cfg.model, device=cpu,
+                                          precision="float32")
+        answers_resumed = task.generate_rows(net, cached.ids, cached.tensors[2], cfg.model, device=cpu,
+                                             precision="float32", memo=cached.memo, start=1)
+        # Assert: one kept batch (six prompts), the same answers and metrics as the full model's
+        assert len(cached.memo) == 1
+        assert answers_resumed == answers_full
+        assert resumed["accuracy"] == full["accuracy"] and resumed["generated"] == full["generated"] == 6.0
+        assert resumed["loss"] == pytest.approx(full["loss"], rel=1e-9)
+        nudge_adapter(net, seed=10 + rnd)
+
+
+def test_no_frozen_layers_or_a_one_token_prompt_falls_back_to_plain_generate():
+    # Prepare
+    cfg = gen_cfg("tiny-llama")
+    net = factory.build_model(cfg, dp=False).double()
+    body = body_of(net)[1]
+    memo: dict = {}
+    x = torch.tensor([[5, 6, 7]])
+    m = torch.ones_like(x)
+    # Execute
+    none_frozen = frozen_kv.generate_kwargs(body, memo, "a", x, m, start=0)
+    one_token = frozen_kv.generate_kwargs(body, memo, "b", x[:, :1], m[:, :1], start=1)
+    # Assert: nothing to resume from, and nothing kept
+    assert none_frozen == {} and one_token == {} and memo == {}
