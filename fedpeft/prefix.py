@@ -60,9 +60,13 @@ class PrefixDataset(TensorDataset):
         self.ffn_start = ffn_start
         self.ids = ids
         # what evaluation derives from these frozen states and keeps across rounds (the held-out
-        # prompts' frozen keys and values: ~2 MB a prompt for SmolLM2 in bfloat16; not counted in
-        # the site cache's budget, and only made for the few prompts a run generates from)
+        # prompts' frozen keys and values: ~2.5 MB a prompt for SmolLM2 in bfloat16); see memo_bytes
         self.memo: dict[Any, Any] = {}
+
+    @property
+    def memo_bytes(self) -> int:
+        """Bytes the memo holds (its values report ``nbytes``), for the caches' budgets."""
+        return sum(int(getattr(v, "nbytes", 0)) for v in self.memo.values())
 
 
 def prefix_start(model: ModelConfig, adapter: AdapterConfig) -> int:
@@ -134,7 +138,7 @@ def fingerprint(texts: Sequence[str], labels: Sequence[int], key: tuple, targets
 
 
 def _nbytes(ds: PrefixDataset) -> int:
-    return ds.tensors[0].numel() * ds.tensors[0].element_size()
+    return ds.tensors[0].numel() * ds.tensors[0].element_size() + ds.memo_bytes
 
 
 def memory_budget(fraction: float = 0.4) -> int:
@@ -199,7 +203,10 @@ class BytesLRU:
             return item[0]
 
     def put(self, key: Hashable, value: Any, nbytes: int) -> None:
-        if nbytes > self.budget:
+        if nbytes > self.budget:  # never kept; an entry that has grown past the budget goes
+            with self._lock:
+                old = self._items.pop(key, None)
+                self._bytes -= old[1] if old is not None else 0
             return
         with self._lock:
             old = self._items.pop(key, None)
@@ -213,6 +220,11 @@ class BytesLRU:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    @property
+    def used(self) -> int:
+        """Bytes counted against the budget."""
+        return self._bytes
 
     def clear(self) -> None:
         with self._lock:

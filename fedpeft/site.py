@@ -55,8 +55,10 @@ class SiteWork:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ds in (self.train, self.test) if ds is not None
-                   for t in ds.tensors)
+        """Its tensors, and what evaluation has kept on them since (``PrefixDataset.memo``)."""
+        sets = [ds for ds in (self.train, self.test) if ds is not None]
+        return sum(t.numel() * t.element_size() for ds in sets for t in ds.tensors) + sum(
+            ds.memo_bytes for ds in sets if isinstance(ds, prefix.PrefixDataset))
 
 
 def _file_stamp(path: str | None) -> tuple:
@@ -73,14 +75,18 @@ def _file_stamp(path: str | None) -> tuple:
 _SITES = prefix.BytesLRU(prefix.memory_budget())
 
 
+def _work_key(cfg: RunConfig, site: int, num_sites: int, data_path: str | None) -> tuple:
+    stamp = _file_stamp(data_path or (cfg.data.source.format(site=site) if "{site}" in cfg.data.source else None))
+    task = task_of(cfg.model)
+    return (site, num_sites, data_path, stamp, dataclasses.astuple(cfg.data), cfg.train.seed,
+            dataclasses.astuple(cfg.model), task.prefix_start(cfg.model, cfg.adapter),
+            task.ffn_start(cfg.model, cfg.adapter), str(models.select_device()))
+
+
 def site_work(cfg: RunConfig, *, site: int, num_sites: int, data_path: str | None = None) -> SiteWork:
     """This site's data and datasets, built on first use in this worker and kept (bounded by the
     machine's memory; an evicted site's prefix comes back from the disk cache when one is set)."""
-    stamp = _file_stamp(data_path or (cfg.data.source.format(site=site) if "{site}" in cfg.data.source else None))
-    task = task_of(cfg.model)
-    key = (site, num_sites, data_path, stamp, dataclasses.astuple(cfg.data), cfg.train.seed,
-           dataclasses.astuple(cfg.model), task.prefix_start(cfg.model, cfg.adapter),
-           task.ffn_start(cfg.model, cfg.adapter), str(models.select_device()))
+    key = _work_key(cfg, site, num_sites, data_path)
     work = _SITES.get(key)
     if work is None:
         data = load_site(cfg, site=site, num_sites=num_sites, data_path=data_path)
@@ -298,6 +304,7 @@ def site_evaluate(
     model = worker_model(dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, enabled=False)),
                          global_state, global_adapter_config(cfg, global_state))
     ev = evaluate(cfg, model, ds)
+    _SITES.put(_work_key(cfg, site, num_sites, data_path), work, work.nbytes)  # what evaluation kept counts too
     out = {"site": float(site), "num-examples": ev.pop("examples"), **ev}
     if "macro-f1" in out:  # classification's metrics keep their order
         out = {k: out[k] for k in ("site", "num-examples", "accuracy", "loss", "macro-f1")}

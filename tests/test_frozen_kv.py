@@ -105,3 +105,34 @@ def test_no_frozen_layers_or_a_one_token_prompt_falls_back_to_plain_generate():
     one_token = frozen_kv.generate_kwargs(body, memo, "b", x[:, :1], m[:, :1], start=1)
     # Assert: nothing to resume from, and nothing kept
     assert none_frozen == {} and one_token == {} and memo == {}
+
+
+def test_a_sites_kept_prompt_states_count_against_its_workers_memory_budget():
+    # Prepare: a fresh worker cache; LoRA on layer 1 of 2, so the site's held-out set is a frozen prefix
+    from fedpeft import prefix, site
+
+    cfg = gen_cfg("tiny-llama")
+    glob = factory.initial_adapter_state(cfg)
+    site._SITES.clear()
+    work = site.site_work(cfg, site=0, num_sites=2)
+    assert isinstance(work.test, prefix.PrefixDataset) and work.test.memo == {}
+    before = site._SITES.used
+    # Execute: the site scores the global adapter (greedy answers on its held-out prompts)
+    site.site_evaluate(cfg, site=0, num_sites=2, global_state=glob)
+    # Assert: the kept keys, values and layer-1 inputs are counted, to the byte
+    kept = sum(t.numel() * t.element_size() for f in work.test.memo.values() for t in (*f.keys, *f.values, f.hidden))
+    assert kept > 0 and work.test.memo_bytes == kept
+    assert site._SITES.used == before + kept == work.nbytes
+    site._SITES.clear()
+
+
+def test_an_entry_grown_past_the_budget_leaves_the_cache():
+    # Prepare
+    from fedpeft import prefix
+
+    lru = prefix.BytesLRU(100)
+    lru.put("a", 1, 40)
+    # Execute: the same entry, now larger than the whole budget
+    lru.put("a", 1, 140)
+    # Assert
+    assert lru.get("a") is None and lru.used == 0 and len(lru) == 0

@@ -26,6 +26,10 @@ class FrozenPrompts:
     values: tuple[torch.Tensor, ...]
     hidden: torch.Tensor  # the input of layer s: (B, W - 1, width)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, self.hidden))
+
 
 def left_positions(mask: torch.Tensor) -> torch.Tensor:
     """Rotary positions of left-padded rows, as ``generate`` makes them from the attention mask."""
