@@ -136,3 +136,15 @@ def test_an_entry_grown_past_the_budget_leaves_the_cache():
     lru.put("a", 1, 140)
     # Assert
     assert lru.get("a") is None and lru.used == 0 and len(lru) == 0
+
+
+def test_the_memo_answers_only_the_prompts_it_was_made_from():
+    # Prepare: two batches of the same shape that differ in one token
+    x = torch.tensor([[0, 5, 6, 7], [4, 5, 6, 7]])
+    m = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    y = x.clone()
+    y[1, 2] = 9
+    # Execute
+    keys = {frozen_kv.batch_key(x, m), frozen_kv.batch_key(y, m), frozen_kv.batch_key(x, torch.ones_like(m))}
+    # Assert: three different keys; the same batch keys the same
+    assert len(keys) == 3 and frozen_kv.batch_key(x.clone(), m.clone()) == frozen_kv.batch_key(x, m)

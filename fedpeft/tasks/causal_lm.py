@@ -358,7 +358,7 @@ class CausalLM(Task):
             x, m = x.to(device), m.to(device)
             with models.autocast(device, precision):
                 extra = ({} if memo is None or not resumable(body_of(model)[0]) else frozen_kv.generate_kwargs(
-                    body_of(model)[1], memo, (len(prompts), tuple(idx), str(device), precision, start), x, m,
+                    body_of(model)[1], memo, (frozen_kv.batch_key(x, m), str(device), precision, start), x, m,
                     start=start))
                 new = generate(input_ids=x, attention_mask=m, generation_config=gen, **extra)
             for j, i in enumerate(idx):

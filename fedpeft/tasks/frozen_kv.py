@@ -11,6 +11,7 @@ at a middle layer, so that part is written here, as ``causal_lm.run_layers`` doe
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,14 @@ class FrozenPrompts:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, self.hidden))
+
+
+def batch_key(ids: torch.Tensor, mask: torch.Tensor) -> str:
+    """The batch's tokens and padding, fingerprinted: a memo entry answers only the prompts it was made from."""
+    h = hashlib.sha256(str(tuple(ids.shape)).encode())
+    for t in (ids, mask):
+        h.update(t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def left_positions(mask: torch.Tensor) -> torch.Tensor:
