@@ -345,6 +345,8 @@ class CausalLM(Task):
                                pad_token_id=pad, eos_token_id=tok.eos_token_id)
         out: list[str] = [""] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad least
+        base, body = body_of(model)
+        kept = memo if memo is not None and resumable(base) else None
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
             width = max(len(prompts[i]) for i in idx)
@@ -357,9 +359,8 @@ class CausalLM(Task):
             generate: Any = model.generate
             x, m = x.to(device), m.to(device)
             with models.autocast(device, precision):
-                extra = ({} if memo is None or not resumable(body_of(model)[0]) else frozen_kv.generate_kwargs(
-                    body_of(model)[1], memo, (frozen_kv.batch_key(x, m), str(device), precision, start), x, m,
-                    start=start))
+                extra = {} if kept is None else frozen_kv.generate_kwargs(
+                    body, kept, (frozen_kv.batch_key(x, m), str(device), precision, start), x, m, start=start)
                 new = generate(input_ids=x, attention_mask=m, generation_config=gen, **extra)
             for j, i in enumerate(idx):
                 out[i] = tok.decode(new[j, width:], skip_special_tokens=True)
