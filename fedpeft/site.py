@@ -86,7 +86,10 @@ def _work_key(cfg: RunConfig, site: int, num_sites: int, data_path: str | None) 
 def site_work(cfg: RunConfig, *, site: int, num_sites: int, data_path: str | None = None) -> SiteWork:
     """This site's data and datasets, built on first use in this worker and kept (bounded by the
     machine's memory; an evicted site's prefix comes back from the disk cache when one is set)."""
-    key = _work_key(cfg, site, num_sites, data_path)
+    return _work_at(_work_key(cfg, site, num_sites, data_path), cfg, site, num_sites, data_path)
+
+
+def _work_at(key: tuple, cfg: RunConfig, site: int, num_sites: int, data_path: str | None) -> SiteWork:
     work = _SITES.get(key)
     if work is None:
         data = load_site(cfg, site=site, num_sites=num_sites, data_path=data_path)
@@ -299,12 +302,13 @@ def site_evaluate(
     data_path: str | None = None,
 ) -> dict[str, float]:
     """Score the global adapter on this site's own held-out notes."""
-    work = site_work(cfg, site=site, num_sites=num_sites, data_path=data_path)
+    key = _work_key(cfg, site, num_sites, data_path)
+    work = _work_at(key, cfg, site, num_sites, data_path)
     ds = work.test if work.test is not None else work.train
     model = worker_model(dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, enabled=False)),
                          global_state, global_adapter_config(cfg, global_state))
     ev = evaluate(cfg, model, ds)
-    _SITES.put(_work_key(cfg, site, num_sites, data_path), work, work.nbytes)  # what evaluation kept counts too
+    _SITES.put(key, work, work.nbytes)  # what evaluation kept counts too
     out = {"site": float(site), "num-examples": ev.pop("examples"), **ev}
     if "macro-f1" in out:  # classification's metrics keep their order
         out = {k: out[k] for k in ("site", "num-examples", "accuracy", "loss", "macro-f1")}
