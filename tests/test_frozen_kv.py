@@ -1,6 +1,7 @@
 """Greedy generation that keeps the frozen layers' keys and values across rounds
 (``fedpeft.tasks.frozen_kv``), against ``generate`` run from scratch on the same adapter, in float64
-on a tiny random Llama with left-padded prompts of different lengths."""
+on tiny random Llama and Qwen2 models with left-padded prompts of different lengths (Mistral's
+sliding window falls back to plain ``generate``)."""
 
 from __future__ import annotations
 
@@ -37,10 +38,12 @@ def nudge_adapter(net: torch.nn.Module, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * 0.3)
 
 
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2", "tiny-gemma"])
 @pytest.mark.parametrize("device", DEVICES, ids=lambda d: d.type)
-def test_resumed_generation_gives_the_same_scores_as_generate_from_scratch_round_after_round(device):
-    # Prepare: LoRA on layer 1 of 2, so layer 0 is frozen; prompts of different lengths, left-padded
-    cfg = gen_cfg("tiny-llama")
+def test_resumed_generation_gives_the_same_scores_as_generate_from_scratch_round_after_round(device, model):
+    # Prepare: LoRA on layers 1 and 2 of 3, so layer 0 is frozen and two layers resume (the second
+    # reads the first's output over the prompt); prompts of different lengths, left-padded
+    cfg = gen_cfg(model, **{"model-layers": 3, "lora-layers": "1,2"})
     task = task_of(cfg.model)
     net = factory.build_model(cfg, dp=False).double().to(device).eval()
     data = batch_of(cfg, 7)
@@ -92,19 +95,20 @@ def test_evaluate_on_the_frozen_prefix_keeps_the_prompts_keys_and_answers_as_the
         nudge_adapter(net, seed=10 + rnd)
 
 
-def test_no_frozen_layers_or_a_one_token_prompt_falls_back_to_plain_generate():
-    # Prepare
-    cfg = gen_cfg("tiny-llama")
-    net = factory.build_model(cfg, dp=False).double()
-    body = body_of(net)[1]
+def test_no_frozen_layers_a_one_token_prompt_or_a_sliding_window_falls_back_to_plain_generate():
+    # Prepare: Mistral's layers keep only their 16-token window in a cache
+    body = body_of(factory.build_model(gen_cfg("tiny-llama"), dp=False).double())[1]
+    mistral = body_of(factory.build_model(gen_cfg("tiny-mistral"), dp=False).double())[1]
     memo: dict = {}
     x = torch.tensor([[5, 6, 7]])
     m = torch.ones_like(x)
     # Execute
     none_frozen = frozen_kv.generate_kwargs(body, memo, "a", x, m, start=0)
     one_token = frozen_kv.generate_kwargs(body, memo, "b", x[:, :1], m[:, :1], start=1)
+    windowed = frozen_kv.generate_kwargs(mistral, memo, "c", x, m, start=1)
     # Assert: nothing to resume from, and nothing kept
-    assert none_frozen == {} and one_token == {} and memo == {}
+    assert none_frozen == {} and one_token == {} and windowed == {} and memo == {}
+    assert frozen_kv.generate_kwargs(body, memo, "d", x, m, start=1) != {} and list(memo) == ["d"]  # the control
 
 
 def test_a_sites_kept_prompt_states_count_against_its_workers_memory_budget():

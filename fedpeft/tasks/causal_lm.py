@@ -29,7 +29,7 @@ from fedpeft.tasks import frozen_kv
 from fedpeft.tasks.base import Examples, Task
 from fedpeft.tasks.token_ce import IGNORE, token_cross_entropy
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2")  # decoders whose layers fedpeft can resume from cached states
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma")  # decoders whose layers fedpeft can resume from cached states
 DEFAULT_TARGETS = next(f.default for f in dataclasses.fields(AdapterConfig) if f.name == "target_modules")
 
 
@@ -73,19 +73,38 @@ def resumable(model: PreTrainedModel) -> bool:
     return getattr(model.config, "model_type", "") in LLAMA_LIKE
 
 
+def layer_kinds(body: Any) -> list[str]:
+    """Each decoder layer's attention: "full_attention", or "sliding_attention" (every Mistral layer
+    when its config sets a window; the layers Qwen2's ``layer_types`` mark)."""
+    cfg = body.config
+    return list(getattr(cfg, "layer_types", None) or [
+        "sliding_attention" if getattr(cfg, "sliding_window", None) else "full_attention"] * len(body.layers))
+
+
+def layer_masks(body: Any, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> list[Any]:
+    """Each decoder layer's attention mask, as the body's own forward builds it: causal, and within
+    the window for a sliding-window layer (``layer_kinds``)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    cfg = body.config
+    kinds = layer_kinds(body)
+    made: dict[str, Any] = {}
+    for kind in dict.fromkeys(kinds):
+        make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+        made[kind] = make(config=cfg, inputs_embeds=hidden, attention_mask=mask, cache=None, position_ids=pos)
+    return [made[kind] for kind in kinds]
+
+
 def run_layers(body: Any, hidden: torch.Tensor, mask: torch.Tensor, *, start: int, stop: int | None = None
                ) -> torch.Tensor:
     """Decoder layers ``start:`` and the final norm on cached states, as the body's own forward runs
-    them (same causal mask, same rotary positions); with ``stop``, layers ``start:stop`` and no norm.
+    them (same causal masks, same rotary positions); with ``stop``, layers ``start:stop`` and no norm.
     Hand-written: transformers cannot start a forward at a middle layer."""
-    from transformers.masking_utils import create_causal_mask
-
     pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    causal = create_causal_mask(config=body.config, inputs_embeds=hidden, attention_mask=mask, cache=None,
-                                position_ids=pos)
+    masks = layer_masks(body, hidden, mask, pos)
     rope = body.rotary_emb(hidden, position_ids=pos)
-    for layer in body.layers[start:stop]:
-        out = layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=pos)
+    for i in range(start, len(body.layers) if stop is None else stop):
+        out = body.layers[i](hidden, attention_mask=masks[i], position_embeddings=rope, position_ids=pos)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden if stop is not None else body.norm(hidden)
 
@@ -368,13 +387,8 @@ class CausalLM(Task):
 
     def prefix_start(self, model_cfg: ModelConfig, adapter: AdapterConfig) -> int:
         layers = adapter.layer_list
-        if not layers or not layer_local(adapter.method) or model_cfg.name == "tiny-gpt2":
+        if not layers or not layer_local(adapter.method) or llm.model_type(model_cfg.name) not in LLAMA_LIKE:
             return 0
-        if model_cfg.name not in (llm.SMOLLM2, "tiny-llama"):
-            from transformers import AutoConfig
-
-            if AutoConfig.from_pretrained(str(llm.model_folder(model_cfg.name))).model_type not in LLAMA_LIKE:
-                return 0
         return min(layers)
 
     @torch.no_grad()

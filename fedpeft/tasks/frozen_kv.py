@@ -64,19 +64,19 @@ def resume(body: Any, frozen: FrozenPrompts, mask: torch.Tensor, *, start: int) 
     """A cache of every layer over the prompt minus its last token: layers ``:start`` as kept,
     layers ``start:`` run now (they hold the adapter). ``generate`` continues from it."""
     from transformers import DynamicCache
-    from transformers.masking_utils import create_causal_mask
+
+    from fedpeft.tasks.causal_lm import layer_masks
 
     cache = DynamicCache(config=body.config)
     for i, (k, v) in enumerate(zip(frozen.keys, frozen.values)):
         cache.update(k, v, i)  # the cache concatenates into new tensors: the kept ones are never written
     hidden, m = frozen.hidden, mask[:, :-1]
     pos = left_positions(mask)[:, :-1]
-    causal = create_causal_mask(config=body.config, inputs_embeds=hidden, attention_mask=m, cache=None,
-                                position_ids=pos)
+    masks = layer_masks(body, hidden, m, pos)
     rope = body.rotary_emb(hidden, position_ids=pos)
-    for layer in body.layers[start:]:
-        out = layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=pos, cache=cache,
-                    use_cache=True)
+    for i in range(start, len(body.layers)):
+        out = body.layers[i](hidden, attention_mask=masks[i], position_embeddings=rope, position_ids=pos, cache=cache,
+                             use_cache=True)
         hidden = out[0] if isinstance(out, tuple) else out
     return cache
 
@@ -84,9 +84,12 @@ def resume(body: Any, frozen: FrozenPrompts, mask: torch.Tensor, *, start: int) 
 def generate_kwargs(body: Any, memo: dict[Any, FrozenPrompts], key: Any, ids: torch.Tensor, mask: torch.Tensor,
                     *, start: int) -> Mapping[str, Any]:
     """``generate``'s extra arguments for one batch: a cache resumed from the kept frozen layers
-    (computed on the batch's first use, then kept in ``memo`` under ``key``)."""
-    if start <= 0 or ids.shape[1] < 2:
-        return {}
+    (computed on the batch's first use, then kept in ``memo`` under ``key``); none with sliding-window
+    layers (Mistral's), whose cache holds only the window."""
+    from fedpeft.tasks.causal_lm import layer_kinds
+
+    if start <= 0 or ids.shape[1] < 2 or "sliding_attention" in layer_kinds(body):
+        return {}  # a sliding-window layer keeps only its window: generate would recompute the prompt anyway
     frozen = memo.get(key)
     if frozen is None:
         frozen = memo[key] = freeze_prompts(body, ids, mask, start=start)
