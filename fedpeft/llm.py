@@ -149,8 +149,10 @@ def tiny_config(name: str, vocab_size: int, layers: int = 0) -> PretrainedConfig
                                 max_position_embeddings=512, tie_word_embeddings=True, **extra)
 
 
+@functools.lru_cache(maxsize=16)
 def model_type(name: str) -> str:
-    """The transformers model type behind a causal-LM model name (a folder's from its config)."""
+    """The transformers model type behind a causal-LM model name (a folder's read once from its config:
+    a site asks at every piece of work)."""
     if name in TINY:
         return TINY[name]
     if name == SMOLLM2:
