@@ -115,13 +115,16 @@ def test_the_frozen_prefix_path_equals_the_full_forward_in_float64(model):
     assert torch.equal(cached.ids, data.tensors[0])
 
 
+@pytest.mark.parametrize("model", RESUMABLE)
 @pytest.mark.parametrize("start", [0, 1])
-def test_the_last_layer_at_response_positions_only_gives_the_full_layers_losses_and_per_sample_gradients(start):
+def test_the_last_layer_at_response_positions_only_gives_the_full_layers_losses_and_per_sample_gradients(start, model):
     from opacus import GradSampleModule
+
+    from fedpeft.tasks import causal_lm
 
     # Prepare: LoRA on layers start..1 of 2 (q, v, down), B random; states cached at layer ``start``;
     # the oracle is the same model through transformers' own layer at every position
-    cfg = gen_cfg("tiny-llama", **{"lora-layers": ",".join(str(i) for i in range(start, 2))})
+    cfg = gen_cfg(model, **{"lora-layers": ",".join(str(i) for i in range(start, 2))})
     task = task_of(cfg.model)
     net = factory.build_model(cfg, dp=True).double()
     with torch.no_grad():
@@ -146,7 +149,9 @@ def test_the_last_layer_at_response_positions_only_gives_the_full_layers_losses_
     fast = loss_of(batch, True)
     gsm = GradSampleModule(net, loss_reduction="mean")
     loss_of(batch, True).mean().backward()
-    # Assert: the same loss per example, and Opacus' per-sample gradients equal the oracle's
+    # Assert: the response-only layer ran, gave the same loss per example, and Opacus' per-sample
+    # gradients equal the oracle's
+    assert causal_lm.response_only_layer(causal_lm.body_of(net)[1])
     torch.testing.assert_close(fast, full, rtol=1e-8, atol=0.0)
     for j, p in enumerate(params):
         want = torch.stack([g[j] for g in brute])

@@ -70,7 +70,8 @@ def body_of(model: nn.Module) -> tuple[Any, Any]:
 
 
 def resumable(model: PreTrainedModel) -> bool:
-    return getattr(model.config, "model_type", "") in LLAMA_LIKE
+    return getattr(model.config, "model_type", "") in LLAMA_LIKE and \
+        not getattr(model.config, "use_bidirectional_attention", False)
 
 
 def layer_kinds(body: Any) -> list[str]:
@@ -109,15 +110,21 @@ def run_layers(body: Any, hidden: torch.Tensor, mask: torch.Tensor, *, start: in
     return hidden if stop is not None else body.norm(hidden)
 
 
-def response_only_layer(body: Any) -> bool:
-    """Whether ``last_layer_at`` can stand in for the last layer: a plain Llama layer, no attention
-    dropout, no method inserted on the whole layer (LoReFT's hook would see every position)."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+# decoder layers laid out as Llama's (pre-norm attention with rotary queries and keys, then a
+# pre-norm MLP), whose attention ``last_layer_at`` can compute for a few queries
+RESPONSE_ONLY_LAYERS = frozenset(f"transformers.models.{m}.modeling_{m}.{c}DecoderLayer" for m, c in (
+    ("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral", "Mistral"), ("gemma", "Gemma")))
 
+
+def response_only_layer(body: Any) -> bool:
+    """Whether ``last_layer_at`` can stand in for the last layer: a plain Llama-like layer, causal,
+    no attention dropout, no method inserted on the whole layer (LoReFT's hook would see every position)."""
     from fedpeft.methods.inserted import REFT
 
     layer = body.layers[-1]
-    return type(layer) is LlamaDecoderLayer and float(getattr(layer.self_attn, "attention_dropout", 0.0)) == 0.0 \
+    attn = layer.self_attn
+    return f"{type(layer).__module__}.{type(layer).__qualname__}" in RESPONSE_ONLY_LAYERS \
+        and float(getattr(attn, "attention_dropout", 0.0)) == 0.0 and getattr(attn, "is_causal", True) \
         and not hasattr(layer, REFT)
 
 
@@ -163,6 +170,8 @@ def last_layer_at(body: Any, hidden: torch.Tensor, mask: torch.Tensor, pos: torc
     k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
     keys = torch.arange(t, device=hidden.device)
     allowed = (keys.view(1, 1, t) <= pos.unsqueeze(-1)) & mask.bool().unsqueeze(1)  # causal, no padding
+    if layer_kinds(body)[-1] == "sliding_attention":  # the window of transformers' sliding_window_overlay
+        allowed &= keys.view(1, 1, t) > pos.unsqueeze(-1) - int(body.config.sliding_window)
     out = grouped_attention(q, k, v, allowed, scale=float(attn.scaling))
     h = resid + attn.o_proj(out.transpose(1, 2).reshape(b, pos.shape[1], -1))
     h = h + layer.mlp(layer.post_attention_layernorm(h))
