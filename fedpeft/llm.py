@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import logging
 import os
@@ -75,10 +76,14 @@ def _materialise(gguf: Path, *, with_model: bool) -> Path:
 
     Dequantising the GGUF takes ~13 s per process; the folder loads in well under a second, and is
     what plain ``transformers``/``peft`` users load the base from. Written to a temp folder, then
-    renamed (a crash or a concurrent writer never leaves half a folder)."""
+    renamed (a crash or a concurrent writer never leaves half a folder). Named by the file's path,
+    size and modification time: two files of one name and size (two fine-tunes of one model, one
+    quantisation) get their own folders, and a file replaced in place gets a new one (the old stays,
+    as the Hugging Face hub's cache keeps old revisions)."""
     st = gguf.stat()
     kind = "model" if with_model else "tokenizer"
-    final = cache_home() / "models" / f"{gguf.stem}-{st.st_size}-{kind}"
+    ident = hashlib.sha256(f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    final = cache_home() / "models" / f"{gguf.stem}-{ident}-{kind}"
     if (final / ("model.safetensors" if with_model else "tokenizer.json")).exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -335,27 +335,3 @@ def test_rank_rules_and_robust_merges_run_on_the_generative_task(merge, extra):
     assert set(glob) == set(start) and any(not torch.equal(glob[k], start[k]) for k in glob)
     for r in results[1:]:
         assert all(0 < m["epsilon"] <= cfg.privacy.target_epsilon for m in r.sites.values())
-
-
-def test_gguf_name_maps_are_shared_while_loading_and_the_library_is_restored_after():
-    # Prepare
-    import gguf
-
-    from fedpeft.llm import shared_gguf_name_maps
-
-    original = gguf.get_tensor_name_map
-    arch = gguf.MODEL_ARCH.LLAMA
-
-    # Execute
-    with shared_gguf_name_maps():
-        first, again = gguf.get_tensor_name_map(arch, 30), gguf.get_tensor_name_map(arch, 30)
-        other = gguf.get_tensor_name_map(arch, 2)
-    after = gguf.get_tensor_name_map(arch, 30)
-
-    # Assert: one map per (architecture, blocks) inside, the same lookups as a fresh one, and
-    # gguf's own function back afterwards
-    assert first is again and other is not first
-    assert first.get_name("blk.29.attn_q") == original(arch, 30).get_name("blk.29.attn_q") == "blk.29.attn_q"
-    assert first.get_name("model.layers.29.self_attn.q_proj") == "blk.29.attn_q"
-    assert other.get_name("model.layers.29.self_attn.q_proj") is None
-    assert gguf.get_tensor_name_map is original and after is not first

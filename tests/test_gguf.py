@@ -1,0 +1,137 @@
+"""GGUF files as causal-LM bases: a user's file loads as the model it was written from, is
+dequantised once into a plain folder, and two files of one name and size never share a folder."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from fedpeft import llm
+from fedpeft.config import ModelConfig
+
+VOCAB = 1024  # SmolLM2's first 1,024 tokens: its 17 special tokens, 256 bytes and 751 merged tokens
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's ``convert_hf_to_gguf`` order of a query/key projection's rows (transformers undoes it)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer_fields(vocab: int) -> list[tuple[str, Any, Any, Any]]:
+    """The embedded SmolLM2's tokenizer fields, its vocabulary cut to the first ``vocab`` tokens and
+    the merges among them (read once: parsing its 49k tokens takes ~3 s)."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(llm.smollm2_gguf())).fields
+    kept = set(fields["tokenizer.ggml.tokens"].contents()[:vocab])
+    out = []
+    for name, f in fields.items():
+        if name.startswith("tokenizer."):
+            value = f.contents()
+            if name in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
+                value = value[:vocab]
+            elif name == "tokenizer.ggml.merges":
+                value = [m for m in value if m.replace(" ", "") in kept and all(t in kept for t in m.split(" "))]
+            array = f.types[0] == gguf.GGUFValueType.ARRAY
+            out.append((name, value, f.types[0], f.types[-1] if array else None))
+    return out
+
+
+def write_llama_gguf(path: Path, model: torch.nn.Module) -> None:
+    """A float32 GGUF of a transformers Llama, as llama.cpp's converter lays it out, with the embedded
+    SmolLM2's tokenizer cut to the model's vocabulary (a full 49k-token vocabulary takes ~3 s each
+    time transformers parses the file). Test-only: llama.cpp's converter is not installed, gguf's
+    writer is."""
+    import gguf
+
+    cfg = model.config
+    vocab = cfg.vocab_size
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    for name, value, vtype, sub in _tokenizer_fields(vocab):
+        w.add_key_value(name, value, vtype, sub_type=sub)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        hf = f"model.layers.{i}."
+        for name, key in [("attn_norm", "input_layernorm"), ("attn_v", "self_attn.v_proj"),
+                          ("attn_output", "self_attn.o_proj"), ("ffn_norm", "post_attention_layernorm"),
+                          ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")]:
+            w.add_tensor(f"blk.{i}.{name}.weight", sd[f"{hf}{key}.weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", _permute(sd[f"{hf}self_attn.q_proj.weight"], cfg.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", _permute(sd[f"{hf}self_attn.k_proj.weight"], cfg.num_key_value_heads))
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])  # no output.weight: tied embeddings
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_gguf_file_loads_as_the_model_it_was_written_from_once_and_in_its_own_folder(tmp_path, monkeypatch):
+    # Prepare: two random Llamas (model seeds 0 and 1) as GGUF files of one name and one size in two
+    # folders (two fine-tunes of one model), and an empty model cache
+    monkeypatch.setenv(llm.HOME_ENV, str(tmp_path / "home"))
+    models, paths = [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(AutoModelForCausalLM.from_config(llm.tiny_config("tiny-llama", VOCAB)).eval())
+        paths.append(tmp_path / f"hospital{seed}" / "model.gguf")
+        paths[-1].parent.mkdir()
+        write_llama_gguf(paths[-1], models[-1])
+    assert paths[0].stat().st_size == paths[1].stat().st_size
+    x = torch.tensor([[1, 504, 215, 314, 870, 2]])
+    # Execute
+    loaded = [llm.load_causal_lm(ModelConfig(task="causal-lm", name=str(p))) for p in paths]
+    folders = [llm.model_folder(str(p)) for p in paths]
+    made = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "home" / "models").iterdir()}
+    again = llm.model_folder(str(paths[0]))
+    # Assert: each file gives its own model's logits exactly (float32 in, float32 out), each has
+    # its own plain folder (safetensors, no GGUF needed to reload it), and a second load reuses it
+    with torch.no_grad():
+        for want, got in zip(models, loaded):
+            torch.testing.assert_close(got(input_ids=x).logits, want(input_ids=x).logits, rtol=0.0, atol=0.0)
+    assert folders[0] != folders[1] and again == folders[0]
+    assert all((f / "model.safetensors").exists() and (f / "config.json").exists() for f in folders)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "home" / "models").iterdir()} == made
+    assert not [p for p in (tmp_path / "home" / "models").iterdir() if p.name.endswith(".tmp")]
+    reloaded = llm.load_causal_lm(ModelConfig(task="causal-lm", name=str(folders[1])))  # the folder alone
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=x).logits, models[1](input_ids=x).logits, rtol=0.0, atol=0.0)
+
+
+def test_gguf_name_maps_are_shared_while_loading_and_the_library_is_restored_after():
+    # Prepare
+    import gguf
+
+    from fedpeft.llm import shared_gguf_name_maps
+
+    original = gguf.get_tensor_name_map
+    arch = gguf.MODEL_ARCH.LLAMA
+
+    # Execute
+    with shared_gguf_name_maps():
+        first, again = gguf.get_tensor_name_map(arch, 30), gguf.get_tensor_name_map(arch, 30)
+        other = gguf.get_tensor_name_map(arch, 2)
+    after = gguf.get_tensor_name_map(arch, 30)
+
+    # Assert: one map per (architecture, blocks) inside, the same lookups as a fresh one, and
+    # gguf's own function back afterwards
+    assert first is again and other is not first
+    assert first.get_name("blk.29.attn_q") == original(arch, 30).get_name("blk.29.attn_q") == "blk.29.attn_q"
+    assert first.get_name("model.layers.29.self_attn.q_proj") == "blk.29.attn_q"
+    assert other.get_name("model.layers.29.self_attn.q_proj") is None
+    assert gguf.get_tensor_name_map is original and after is not first
