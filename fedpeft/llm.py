@@ -147,7 +147,8 @@ def tiny_config(name: str, vocab_size: int, layers: int = 0) -> PretrainedConfig
     kind = TINY[name]
     n = layers or 2
     if kind == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=n, n_head=4, n_positions=512)
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=n, n_head=4, n_positions=512,
+                          bos_token_id=1, eos_token_id=2)  # SmolLM2's tokenizer's (GPT-2's 50256 is past its vocabulary)
     extra: dict[str, int] = {"mistral": {"sliding_window": 16}, "gemma": {"head_dim": 8}}.get(kind, {})
     return AutoConfig.for_model(kind, vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=n, num_attention_heads=4, num_key_value_heads=2,
