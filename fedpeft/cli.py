@@ -357,6 +357,9 @@ def _cmd_site(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from fedpeft.export import generate
+    from fedpeft.runtime import quiet_libraries
+
+    quiet_libraries()  # the answers, not the libraries' load reports and deprecation notices
 
     if not (Path(args.adapter) / "adapter_config.json").is_file():
         raise ValueError(f"ADAPTER={args.adapter!r}: not a PEFT adapter folder (no adapter_config.json)")
