@@ -178,4 +178,7 @@ def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
         else:
             extra = {"num_hidden_layers": cfg.layers} if cfg.layers else {}
             model = AutoModelForCausalLM.from_pretrained(str(model_folder(cfg.name)), dtype=torch.float32, **extra)
+    if getattr(model.config, "use_bidirectional_attention", False):  # every causal-lm path assumes causal attention
+        raise ValueError(f"model={cfg.name!r}: its config sets use_bidirectional_attention=True; "
+                         "task='causal-lm' needs a causal decoder")
     return model.eval()

@@ -257,6 +257,20 @@ def test_a_local_model_folder_loads_as_its_architecture_with_its_frozen_prefix(t
     torch.testing.assert_close(losses[0], losses[1], rtol=0.0, atol=0.0)
 
 
+def test_a_model_folder_with_bidirectional_attention_is_refused_naming_the_model(tmp_path):
+    from fedpeft import llm
+
+    # Prepare: a random Gemma saved with bidirectional attention (an encoder-style config)
+    tiny = gen_cfg("tiny-gemma")
+    model = llm.load_causal_lm(tiny.model)
+    model.config.use_bidirectional_attention = True
+    model.save_pretrained(tmp_path)
+    task_of(tiny.model).tokenizer(tiny.model).save_pretrained(tmp_path)
+    # Execute / Assert: refused at load, with the model and the config field named
+    with pytest.raises(ValueError, match=r"model=.*use_bidirectional_attention=True"):
+        llm.load_causal_lm(gen_cfg("tiny-gemma", **{"model": str(tmp_path)}).model)
+
+
 def test_instruction_loaders_read_alpaca_csv_jsonl_and_chat_and_name_bad_rows(tmp_path):
     import json
 

@@ -70,8 +70,7 @@ def body_of(model: nn.Module) -> tuple[Any, Any]:
 
 
 def resumable(model: PreTrainedModel) -> bool:
-    return getattr(model.config, "model_type", "") in LLAMA_LIKE and \
-        not getattr(model.config, "use_bidirectional_attention", False)
+    return getattr(model.config, "model_type", "") in LLAMA_LIKE
 
 
 def layer_kinds(body: Any) -> list[str]:
@@ -117,15 +116,13 @@ RESPONSE_ONLY_LAYERS = frozenset(f"transformers.models.{m}.modeling_{m}.{c}Decod
 
 
 def response_only_layer(body: Any) -> bool:
-    """Whether ``last_layer_at`` can stand in for the last layer: a plain Llama-like layer, causal,
-    no attention dropout, no method inserted on the whole layer (LoReFT's hook would see every position)."""
+    """Whether ``last_layer_at`` can stand in for the last layer: a plain Llama-like layer, no
+    attention dropout, no method inserted on the whole layer (LoReFT's hook would see every position)."""
     from fedpeft.methods.inserted import REFT
 
     layer = body.layers[-1]
-    attn = layer.self_attn
     return f"{type(layer).__module__}.{type(layer).__qualname__}" in RESPONSE_ONLY_LAYERS \
-        and float(getattr(attn, "attention_dropout", 0.0)) == 0.0 and getattr(attn, "is_causal", True) \
-        and not hasattr(layer, REFT)
+        and float(getattr(layer.self_attn, "attention_dropout", 0.0)) == 0.0 and not hasattr(layer, REFT)
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, *, scale: float
