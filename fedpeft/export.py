@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,7 +71,10 @@ def generate(path: str | Path, prompts: list[str], *, max_new_tokens: int = 64, 
     task = TASKS.get("causal-lm")
     assert isinstance(task, CausalLM)
     device = device or models.select_device()
-    model = load_causal_lm(path).to(device)
+    with warnings.catch_warnings():  # nothing is merged here, so peft's caveat about merging a LoRA on a tied
+        # lm_head (the answer head's place, untied by design: docs/methods.md) does not apply
+        warnings.filterwarnings("ignore", message=".*tied layer is part of the adapter.*", category=UserWarning)
+        model = load_causal_lm(path).to(device)
     tok = task.tokenizer(cfg)
     ids = [torch.tensor(tok(render_prompt(tok, chat(p)), add_special_tokens=False)["input_ids"]) for p in prompts]
     return task.generate(model, ids, cfg, device=device, precision=precision, max_new_tokens=max_new_tokens)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -291,6 +292,7 @@ def test_a_simulated_federation_with_the_head_exports_plain_peft_and_resumes_to_
     from safetensors.torch import load_file
 
     from fedpeft.cli import main, simulate, simulation_config
+    from fedpeft.export import generate
     from fedpeft.llm import load_causal_lm
     from tests.conftest import ONE_WORKER
 
@@ -318,3 +320,13 @@ def test_a_simulated_federation_with_the_head_exports_plain_peft_and_resumes_to_
     assert set(again) == set(first)
     for k, v in first.items():
         torch.testing.assert_close(again[k], v, rtol=1e-4, atol=1e-5 * max(1.0, float(v.abs().max())))
+    # ... and `fedpeft generate` answers without peft's merge caveat (nothing is merged there)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        answers = generate(out / "adapter", ["Chest pain on exertion."], max_new_tokens=2, precision="float32")
+    assert len(answers) == 1
+    assert not [w for w in caught if "tied layer" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:  # the caveat itself still reaches a plain peft user
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(load_causal_lm(cfg.model), str(out / "adapter"))
+    assert [w for w in caught if "tied layer" in str(w.message)]
