@@ -55,12 +55,33 @@ def test_the_features_are_the_hand_computed_whitening_and_linear_in_the_state():
     # Execute
     z = white(h).double()
     # Assert: z_i = (h_i - mu_i h_j / mu_j) / sd_i, z_j = h_j / mu_j, and z = M h (what the export folds)
-    assert white.j == 4
+    assert white.j == 4 and answer_head.steadiest(mu, sd) == (4, pytest.approx(44.0 / 1.5, rel=1e-12))
     c = h[:, 4:5] / 44.0
     want = (h - mu * c) / sd
     want[:, 4] = c[:, 0]
     torch.testing.assert_close(z, want, rtol=1e-6, atol=1e-6)  # float32 buffers
     torch.testing.assert_close(h @ white.matrix.double().T, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, warns", [("tiny-llama", False), ("tiny-gpt2", True)])
+def test_a_model_with_no_steady_coordinate_for_the_bias_is_reported_once(name, warns, monkeypatch, caplog):
+    from fedpeft.llm import load_causal_lm
+
+    # Prepare: this process has no statistics yet (the disk copy, if any, is read again)
+    monkeypatch.setattr(answer_head, "_STATISTICS", {})
+    base = load_causal_lm(head_cfg(model=name).model)
+    # Execute: twice, as every model a site builds asks again
+    with caplog.at_level("WARNING", logger="fedpeft.methods.answer_head"):
+        mu, sd = answer_head.statistics_for(base, ("test", name), name, "referrals", 128)
+        answer_head.statistics_for(base, ("test", name), name, "referrals", 128)
+    # Assert: the random GPT-2's steadiest coordinate (|mean|/sd ~7.5) is named, once; the Llama's (~37) is not
+    j, ratio = answer_head.steadiest(mu, sd)
+    assert (ratio < answer_head.STEADY_RATIO) == warns
+    said = [r.getMessage() for r in caplog.records if "no steady coordinate" in r.getMessage()]
+    assert said == ([f"answer-head on {name}: no steady coordinate to carry the head's bias (the steadiest, {j}, has "
+                     f"|mean|/sd = {ratio:.1f} over 128 public prompts; below 10, so the bias varies by "
+                     f"~{100 / ratio:.0f} % from prompt to prompt). The head still trains, less well; "
+                     "answer-head=false leaves it out."] if warns else [])
 
 
 def test_the_head_starts_at_zero_and_leaves_the_base_models_logits():

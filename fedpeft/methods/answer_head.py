@@ -25,6 +25,7 @@ logits with no fedpeft code (``plain_peft``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,6 +35,8 @@ import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 PUBLIC_SEED = 777_777  # the referral generator's calibration seed: sites draw theirs through hash_seed
 HEAD = "lm_head"
@@ -53,7 +56,7 @@ class Whiten(nn.Module):
     def __init__(self, mu: torch.Tensor, sd: torch.Tensor) -> None:
         super().__init__()
         mu, sd = mu.double(), sd.double()
-        self.j = int((mu.abs() / sd).argmax())
+        self.j = steadiest(mu, sd)[0]
         onehot = torch.zeros_like(mu)
         onehot[self.j] = 1.0
         scale = (1.0 - onehot) / sd
@@ -67,6 +70,17 @@ class Whiten(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         hf = h.float()  # the centring subtracts two ~44s: never in bfloat16
         return hf * self.scale + self.mix * (hf[..., self.j:self.j + 1] * self.bias_scale)
+
+
+STEADY_RATIO = 10.0  # below it the bias feature h_j / mu_j varies by over 10 % from prompt to prompt
+
+
+def steadiest(mu: torch.Tensor, sd: torch.Tensor) -> tuple[int, float]:
+    """The coordinate that carries the head's bias (the largest |mean| / sd) and that ratio: a plain
+    LoRA on ``lm_head`` has no bias of its own, so the head needs a near-constant coordinate."""
+    ratio = mu.abs().double() / sd.double()
+    j = int(ratio.argmax())
+    return j, float(ratio[j])
 
 
 def calibration_prompts(source: str, n: int) -> list[str]:
@@ -158,6 +172,12 @@ def statistics_for(base: nn.Module, model_key: tuple, tokenizer_name: str, sourc
                           str(tmp / "statistics.safetensors"))
         except OSError:  # another process of the run kept them first: theirs are the same numbers
             pass
+    j, ratio = steadiest(*stats)
+    if ratio < STEADY_RATIO:  # once per process and model: _STATISTICS keeps them
+        log.warning("answer-head on %s: no steady coordinate to carry the head's bias (the steadiest, %d, has "
+                    "|mean|/sd = %.1f over %d public prompts; below %.0f, so the bias varies by ~%.0f %% from "
+                    "prompt to prompt). The head still trains, less well; answer-head=false leaves it out.",
+                    tokenizer_name, j, ratio, n, STEADY_RATIO, 100 / ratio)
     _STATISTICS[key] = stats
     return stats
 
