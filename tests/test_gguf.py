@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -43,16 +44,18 @@ def _tokenizer_fields(vocab: int) -> list[tuple[str, Any, Any, Any]]:
     return out
 
 
-def write_llama_gguf(path: Path, model: torch.nn.Module) -> None:
-    """A float32 GGUF of a transformers Llama, as llama.cpp's converter lays it out, with the embedded
-    SmolLM2's tokenizer cut to the model's vocabulary (a full 49k-token vocabulary takes ~3 s each
-    time transformers parses the file). Test-only: llama.cpp's converter is not installed, gguf's
-    writer is."""
+def write_gguf(path: Path, model: torch.nn.Module) -> None:
+    """A float32 GGUF of a transformers Llama, Mistral or Qwen2, as llama.cpp's converter lays it out
+    (Llama and Mistral: architecture ``llama``, query/key rows permuted, a Mistral named as one;
+    Qwen2: ``qwen2``, with its q/k/v biases), with the embedded SmolLM2's tokenizer cut to the
+    model's vocabulary (a full 49k-token vocabulary takes ~3 s each time transformers parses the
+    file). Test-only: llama.cpp's converter is not installed, gguf's writer is."""
     import gguf
 
     cfg = model.config
-    vocab = cfg.vocab_size
-    w = gguf.GGUFWriter(str(path), "llama")
+    qwen = cfg.model_type == "qwen2"
+    w = gguf.GGUFWriter(str(path), "qwen2" if qwen else "llama")
+    w.add_name(f"tiny-{cfg.model_type}")  # transformers reads a "llama" named "mistral" as Mistral
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -62,7 +65,7 @@ def write_llama_gguf(path: Path, model: torch.nn.Module) -> None:
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    for name, value, vtype, sub in _tokenizer_fields(vocab):
+    for name, value, vtype, sub in _tokenizer_fields(cfg.vocab_size):
         w.add_key_value(name, value, vtype, sub_type=sub)
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
@@ -72,9 +75,17 @@ def write_llama_gguf(path: Path, model: torch.nn.Module) -> None:
                           ("attn_output", "self_attn.o_proj"), ("ffn_norm", "post_attention_layernorm"),
                           ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")]:
             w.add_tensor(f"blk.{i}.{name}.weight", sd[f"{hf}{key}.weight"])
-        w.add_tensor(f"blk.{i}.attn_q.weight", _permute(sd[f"{hf}self_attn.q_proj.weight"], cfg.num_attention_heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", _permute(sd[f"{hf}self_attn.k_proj.weight"], cfg.num_key_value_heads))
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])  # no output.weight: tied embeddings
+        q, k = sd[f"{hf}self_attn.q_proj.weight"], sd[f"{hf}self_attn.k_proj.weight"]
+        if qwen:
+            for name in ("q", "k", "v"):
+                w.add_tensor(f"blk.{i}.attn_{name}.bias", sd[f"{hf}self_attn.{name}_proj.bias"])
+        else:
+            q, k = _permute(q, cfg.num_attention_heads), _permute(k, cfg.num_key_value_heads)
+        w.add_tensor(f"blk.{i}.attn_q.weight", q)
+        w.add_tensor(f"blk.{i}.attn_k.weight", k)
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -91,7 +102,7 @@ def test_a_gguf_file_loads_as_the_model_it_was_written_from_once_and_in_its_own_
         models.append(AutoModelForCausalLM.from_config(llm.tiny_config("tiny-llama", VOCAB)).eval())
         paths.append(tmp_path / f"hospital{seed}" / "model.gguf")
         paths[-1].parent.mkdir()
-        write_llama_gguf(paths[-1], models[-1])
+        write_gguf(paths[-1], models[-1])
     assert paths[0].stat().st_size == paths[1].stat().st_size
     x = torch.tensor([[1, 504, 215, 314, 870, 2]])
     # Execute
@@ -111,6 +122,28 @@ def test_a_gguf_file_loads_as_the_model_it_was_written_from_once_and_in_its_own_
     reloaded = llm.load_causal_lm(ModelConfig(task="causal-lm", name=str(folders[1])))  # the folder alone
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=x).logits, models[1](input_ids=x).logits, rtol=0.0, atol=0.0)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-mistral"])
+def test_a_qwen2_or_mistral_gguf_file_loads_as_the_model_it_was_written_from(name, tmp_path, monkeypatch):
+    # Prepare: a random model written as llama.cpp would (Qwen2 with its biases; Mistral as a
+    # permuted "llama"), and an empty model cache
+    monkeypatch.setenv(llm.HOME_ENV, str(tmp_path / "home"))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(llm.tiny_config(name, VOCAB)).eval()
+    path = tmp_path / "model.gguf"
+    write_gguf(path, model)
+    # Execute
+    loaded = llm.load_causal_lm(ModelConfig(task="causal-lm", name=str(path)))
+    # Assert: the same logits to the bit. A GGUF file keeps no sliding window, so transformers loads
+    # a Mistral as a full-attention Llama: the same model on prompts within the window (16 tokens
+    # for tiny-mistral; 4,096 for Mistral 7B v0.1, none from v0.2 on), and fedpeft trains and
+    # exports what it loaded
+    x = torch.tensor([[1, 504, 215, 314, 870, 2] * (4 if name == "tiny-qwen2" else 2)])
+    assert x.shape[1] <= (getattr(model.config, "sliding_window", None) or x.shape[1])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0.0, atol=0.0)
+    assert llm.model_type(str(path)) == ("qwen2" if name == "tiny-qwen2" else "llama")
 
 
 def test_gguf_name_maps_are_shared_while_loading_and_the_library_is_restored_after():
