@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -78,8 +81,8 @@ def _materialise(gguf: Path, *, with_model: bool) -> Path:
     what plain ``transformers``/``peft`` users load the base from. Written to a temp folder, then
     renamed (a crash or a concurrent writer never leaves half a folder). Named by the file's path,
     size and modification time: two files of one name and size (two fine-tunes of one model, one
-    quantisation) get their own folders, and a file replaced in place gets a new one (the old stays,
-    as the Hugging Face hub's cache keeps old revisions)."""
+    quantisation) get their own folders, and a file replaced in place gets a new one; making it
+    removes the folders of files since gone or changed (``prune_stale``)."""
     st = gguf.stat()
     kind = "model" if with_model else "tokenizer"
     ident = hashlib.sha256(f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -103,6 +106,8 @@ def _materialise(gguf: Path, *, with_model: bool) -> Path:
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             model.config.save_pretrained(str(tmp))
             model.generation_config.save_pretrained(str(tmp))
+        source = {"path": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        (tmp / SOURCE).write_text(json.dumps(source) + "\n")
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first: its folder is the same
@@ -110,7 +115,43 @@ def _materialise(gguf: Path, *, with_model: bool) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    prune_stale(final.parent, gguf.stem)
     return final
+
+
+SOURCE = "fedpeft-source.json"  # in each materialised folder: the GGUF file (path, size, mtime) it was made from
+
+
+def prune_stale(models: Path, stem: str) -> list[Path]:
+    """Remove the folders made from a GGUF file named ``stem`` that no file can ask for again: the
+    file is gone or was replaced since (another size or modification time), or the folder has the
+    size-only name of fedpeft before 2026-12-08. A file replaced in place (a reinstalled wheel, a
+    re-downloaded model) would otherwise leave ~540 MB behind each time, for SmolLM2. These are
+    caches, remade from the file on demand, not evidence."""
+    legacy = re.compile(rf"{re.escape(stem)}-\d{{1,15}}-(model|tokenizer)")  # a size; never 16 hex digits
+    gone = []
+    for folder in sorted(models.glob(f"{glob.escape(stem)}-*")):
+        if not folder.is_dir():
+            continue
+        try:
+            made = json.loads((folder / SOURCE).read_text())
+            made = (str(made["path"]), int(made["size"]), int(made["mtime_ns"]))
+        except (OSError, ValueError, KeyError, TypeError):  # no record: only fedpeft's old naming is known stale
+            stale = legacy.fullmatch(folder.name) is not None
+        else:
+            try:
+                st = Path(made[0]).stat()
+                stale = (st.st_size, st.st_mtime_ns) != made[1:]
+            except FileNotFoundError:
+                stale = True
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder)
+    if gone:
+        log.info("removed %d model folder(s) of GGUF files since replaced or gone: %s", len(gone),
+                 ", ".join(f.name for f in gone))
+    return gone
+
 
 
 def model_folder(name: str) -> Path:

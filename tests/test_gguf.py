@@ -124,6 +124,37 @@ def test_a_gguf_file_loads_as_the_model_it_was_written_from_once_and_in_its_own_
         torch.testing.assert_close(reloaded(input_ids=x).logits, models[1](input_ids=x).logits, rtol=0.0, atol=0.0)
 
 
+def test_a_gguf_file_replaced_in_place_leaves_no_stale_folder_behind(tmp_path, monkeypatch):
+    import os
+
+    # Prepare: a file loaded once, another file of the same name loaded once, and a folder of
+    # fedpeft's old size-only naming
+    monkeypatch.setenv(llm.HOME_ENV, str(tmp_path / "home"))
+    models = tmp_path / "home" / "models"
+    paths = [tmp_path / f"hospital{i}" / "model.gguf" for i in (0, 1)]
+    for i, path in enumerate(paths):
+        torch.manual_seed(i)
+        path.parent.mkdir()
+        write_gguf(path, AutoModelForCausalLM.from_config(llm.tiny_config("tiny-llama", VOCAB)).eval())
+    first, other = llm.model_folder(str(paths[0])), llm.model_folder(str(paths[1]))
+    (models / "model-98362432-model").mkdir()
+    (models / "model-98362432-model" / "model.safetensors").write_bytes(b"old")
+    # Execute: the first file replaced in place by another model (a re-download), then loaded
+    torch.manual_seed(2)
+    replacement = AutoModelForCausalLM.from_config(llm.tiny_config("tiny-llama", VOCAB)).eval()
+    write_gguf(paths[0], replacement)
+    os.utime(paths[0], ns=(1, paths[0].stat().st_mtime_ns + 1))  # a distinct time, whatever the clock's grain
+    loaded = llm.load_causal_lm(ModelConfig(task="causal-lm", name=str(paths[0])))
+    now = llm.model_folder(str(paths[0]))
+    # Assert: the replaced file's folder and the old-named one are gone; the other file's stays;
+    # the new folder holds the new model
+    assert now != first and not first.exists() and not (models / "model-98362432-model").exists()
+    assert other.exists() and sorted(p.name for p in models.iterdir()) == sorted([now.name, other.name])
+    x = torch.tensor([[1, 504, 215, 314, 870, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, replacement(input_ids=x).logits, rtol=0.0, atol=0.0)
+
+
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-mistral"])
 def test_a_qwen2_or_mistral_gguf_file_loads_as_the_model_it_was_written_from(name, tmp_path, monkeypatch):
     # Prepare: a random model written as llama.cpp would (Qwen2 with its biases; Mistral as a
