@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from fedpeft.config import TINY_DECODERS, ModelConfig
+from fedpeft.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,12 @@ def _materialise(gguf: Path, *, with_model: bool) -> Path:
     kind = "model" if with_model else "tokenizer"
     ident = hashlib.sha256(f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
     final = cache_home() / "models" / f"{gguf.stem}-{ident}-{kind}"
+    source = {"path": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if (final / ("model.safetensors" if with_model else "tokenizer.json")).exists():
+        if not (final / SOURCE).exists():  # made before folders recorded their file: record it now
+            with contextlib.suppress(OSError):
+                atomic_write_json(final / SOURCE, source)
+        _prune_once(final.parent, gguf.stem)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
@@ -106,8 +112,7 @@ def _materialise(gguf: Path, *, with_model: bool) -> Path:
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             model.config.save_pretrained(str(tmp))
             model.generation_config.save_pretrained(str(tmp))
-        source = {"path": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        (tmp / SOURCE).write_text(json.dumps(source) + "\n")
+        atomic_write_json(tmp / SOURCE, source)
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first: its folder is the same
@@ -120,6 +125,12 @@ def _materialise(gguf: Path, *, with_model: bool) -> Path:
 
 
 SOURCE = "fedpeft-source.json"  # in each materialised folder: the GGUF file (path, size, mtime) it was made from
+
+
+@functools.cache
+def _prune_once(models: Path, stem: str) -> None:
+    """``prune_stale`` once per process for a folder found already made (a run's every model build asks)."""
+    prune_stale(models, stem)
 
 
 def prune_stale(models: Path, stem: str) -> list[Path]:

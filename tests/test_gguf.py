@@ -4,6 +4,7 @@ dequantised once into a plain folder, and two files of one name and size never s
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,32 @@ def test_a_gguf_file_replaced_in_place_leaves_no_stale_folder_behind(tmp_path, m
     x = torch.tensor([[1, 504, 215, 314, 870, 2]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, replacement(input_ids=x).logits, rtol=0.0, atol=0.0)
+
+
+def test_a_folder_found_made_records_its_file_and_old_named_folders_go_once_per_process(tmp_path, monkeypatch):
+    # Prepare: a folder made before folders recorded their file, and one of fedpeft's old naming
+    monkeypatch.setenv(llm.HOME_ENV, str(tmp_path / "home"))
+    path = tmp_path / "model.gguf"
+    torch.manual_seed(0)
+    write_gguf(path, AutoModelForCausalLM.from_config(llm.tiny_config("tiny-llama", VOCAB)).eval())
+    folder = llm.model_folder(str(path))
+    (folder / llm.SOURCE).unlink()
+    old = folder.parent / "model-98362432-model"
+    old.mkdir()
+    llm._prune_once.cache_clear()  # a new process
+    # Execute: found, not made
+    again = llm.model_folder(str(path))
+    pruned = not old.exists()
+    old.mkdir()  # an old folder appearing later in the same process is left to the next one
+    llm.model_folder(str(path))
+    # Assert
+    st = path.stat()
+    assert pruned and again == folder and json.loads((folder / llm.SOURCE).read_text()) == {
+        "path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    assert old.exists() and sorted(p.name for p in folder.parent.iterdir()) == sorted([folder.name, old.name])
+    llm._prune_once.cache_clear()
+    llm.model_folder(str(path))
+    assert not old.exists()
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-mistral"])
