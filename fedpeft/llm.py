@@ -82,8 +82,9 @@ def _materialise(gguf: Path, *, with_model: bool) -> Path:
     what plain ``transformers``/``peft`` users load the base from. Written to a temp folder, then
     renamed (a crash or a concurrent writer never leaves half a folder). Named by the file's path,
     size and modification time: two files of one name and size (two fine-tunes of one model, one
-    quantisation) get their own folders, and a file replaced in place gets a new one; making it
-    removes the folders of files since gone or changed (``prune_stale``)."""
+    quantisation) get their own folders, and a file replaced in place gets a new one. The folders
+    of files since gone or changed are removed (``prune_stale``: once per process, and whenever a
+    folder is made)."""
     st = gguf.stat()
     kind = "model" if with_model else "tokenizer"
     ident = hashlib.sha256(f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -145,16 +146,18 @@ def prune_stale(models: Path, stem: str) -> list[Path]:
         if not folder.is_dir():
             continue
         try:
-            made = json.loads((folder / SOURCE).read_text())
-            made = (str(made["path"]), int(made["size"]), int(made["mtime_ns"]))
+            record = json.loads((folder / SOURCE).read_text())
+            path, made = Path(record["path"]), (int(record["size"]), int(record["mtime_ns"]))
         except (OSError, ValueError, KeyError, TypeError):  # no record: only fedpeft's old naming is known stale
             stale = legacy.fullmatch(folder.name) is not None
         else:
             try:
-                st = Path(made[0]).stat()
-                stale = (st.st_size, st.st_mtime_ns) != made[1:]
+                st = path.stat()
+                stale = (st.st_size, st.st_mtime_ns) != made
             except FileNotFoundError:
                 stale = True
+            except OSError:  # unreadable now (permissions, a drive away): not known to be stale
+                stale = False
         if stale:
             shutil.rmtree(folder, ignore_errors=True)
             gone.append(folder)
@@ -162,7 +165,6 @@ def prune_stale(models: Path, stem: str) -> list[Path]:
         log.info("removed %d model folder(s) of GGUF files since replaced or gone: %s", len(gone),
                  ", ".join(f.name for f in gone))
     return gone
-
 
 
 def model_folder(name: str) -> Path:
