@@ -56,7 +56,7 @@ def write_gguf(path: Path, model: torch.nn.Module) -> None:
     cfg = model.config
     qwen = cfg.model_type == "qwen2"
     w = gguf.GGUFWriter(str(path), "qwen2" if qwen else "llama")
-    w.add_name(f"tiny-{cfg.model_type}")  # transformers reads a "llama" named "mistral" as Mistral
+    w.add_name(f"tiny-{cfg.model_type}")  # transformers takes a "llama" for a Mistral only if named exactly "mistral"
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
