@@ -192,9 +192,11 @@ def save_adapter(model: PeftModel, path: str | Path, *, metadata: Mapping[str, o
     ``metadata`` (labels, model name) goes to ``fedpeft.json`` beside the PEFT files.
     """
     path = Path(path)
-    with atomic_dir(path) as tmp, answer_head.plain_peft(model):
-        # the base's embeddings are never part of an adapter (peft would add them when lm_head is a target)
-        model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+    with atomic_dir(path) as tmp:
+        answer_head.save_statistics(model, tmp)  # public numbers: an auditor reads A back to V without the model
+        with answer_head.plain_peft(model):
+            # the base's embeddings are never part of an adapter (peft would add them when lm_head is a target)
+            model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
         # peft's placeholder card names this machine's install path as base_model: never ship it
         (tmp / "README.md").write_text(card or "A fedpeft checkpoint (PEFT format); the run's card is in "
                                                "its adapter/README.md.\n")

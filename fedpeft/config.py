@@ -584,9 +584,6 @@ class RunConfig:
                               "ring elements, not compressible deltas; use delta-format='float32'")
         if fed.strategy != "fedavg":
             raise ConfigError(why + f"strategy={fed.strategy!r} is not wired yet; use strategy='fedavg'")
-        if self.adapter.answer_head:
-            raise ConfigError(why + "answer-head=true is not wired yet: the masked sum is in the head's "
-                              "whitened coordinates and the checkpoints in plain PEFT's; use answer-head=false")
 
     @property
     def rank_rule(self) -> str | None:

@@ -113,3 +113,32 @@ def test_mixed_ranks_under_frozen_a_give_the_plaintext_adapter(tmp_path):
         assert (a[k].double() - b[k].double()).norm().item() <= 1e-6 * max(b[k].double().norm().item(), 1e-12), k
     assert secure["rounds"][1]["ranks"] == {"0": 2, "1": 4, "2": 8}
     assert audit_run(tmp_path / "secure").ok
+
+
+def test_the_answer_head_under_secure_aggregation_gives_the_plaintext_adapter_and_the_audit_checks_it(tmp_path):
+    from fedpeft.methods import answer_head
+
+    # Prepare: tiny-gen with the head (sites train and mask V; checkpoints hold plain peft's A = V M),
+    # one round both ways; recentring, post-processing after the last round, off to compare the merge
+    base = "dp-noise='seeded' answer-head=true num-server-rounds=1 answer-head-recentre=0"
+    head = "base_model.model.lm_head.lora_A.weight"
+    # Execute
+    simulate(simulation_config("tiny-gen", [f"{base} secure-aggregation=true {ONE_WORKER}"], str(tmp_path / "secure")))
+    b, _ = run_federation(from_run_config(simulation_config("tiny-gen", [base], str(tmp_path / "plain"))))
+    folder = tmp_path / "secure" / "checkpoints" / "round-001"
+    a = load_file(str(folder / ADAPTER))
+    whiten = answer_head.read_statistics(folder)
+    honest = audit_run(tmp_path / "secure")
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tmp_path / "secure", tampered)
+    t = load_file(str(tampered / "checkpoints" / "round-001" / ADAPTER))
+    t[head][0, 0] += 1e-3  # a coordinator's small push on one choice
+    save_file(t, str(tampered / "checkpoints" / "round-001" / ADAPTER))
+    # Assert: the plaintext merge, in the saved coordinates, within float32 rounding plus the ring's step;
+    # the audit passes the honest run and names the head in the tampered one
+    assert whiten is not None and set(a) - set(b) == {"base_model.model.lm_head.lora_B.weight"}
+    want = {**b, head: b[head].double() @ whiten.matrix.double()}
+    for k in b:
+        assert (a[k].double() - want[k].double()).norm().item() <= 1e-6 * max(want[k].double().norm().item(), 1e-12), k
+    assert honest.ok and len(honest.secure_rounds) == 1
+    assert any(f"{head}: the unmasked mean differs" in f for f in audit_run(tampered).failures)

@@ -66,6 +66,7 @@ class Whiten(nn.Module):
         self.register_buffer("bias_scale", (1.0 / mu[self.j]).float(), persistent=False)
         self.register_buffer("matrix", (torch.diag(scale) + torch.outer(mix, onehot) / mu[self.j]).float(),
                              persistent=False)  # z = M h; buffers of public numbers, never saved
+        self.statistics = (mu.float(), sd.float())  # what M is built from (saved beside checkpoints)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         hf = h.float()  # the centring subtracts two ~44s: never in bfloat16
@@ -320,20 +321,67 @@ def from_saved(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[st
     """A saved (plain-PEFT) adapter's tensors as ``model`` exchanges them: the selector dropped
     (refused if it is not this model's) and the head's A taken back to V = A M⁻¹."""
     head = head_of(model)
-    out = dict(tensors)
     if head is None:
-        return out
+        return dict(tensors)
     whiten = head.lora_dropout["default"]
     assert isinstance(whiten, Whiten)
-    sel = [k for k in out if f"{HEAD}.lora_B." in k]
     mine = head.lora_B["default"].weight.detach().cpu()
-    for k in sel:
-        if not torch.equal(out.pop(k).to(mine.dtype), mine):
+    for k in [k for k in tensors if f"{HEAD}.lora_B." in k]:
+        if not torch.equal(tensors[k].to(mine.dtype), mine):
             raise AnswerHeadError(f"{k}: the saved answer head selects other tokens than answer-choices gives")
+    return exchanged(tensors, whiten)
+
+
+def exchanged(tensors: Mapping[str, torch.Tensor], whiten: Whiten) -> dict[str, torch.Tensor]:
+    """Saved tensors in the coordinates sites exchange: the selector (public, fixed) dropped and the
+    head's A taken back to V = A M⁻¹ (float64 solve). Needs no model: an auditor builds ``whiten``
+    from the statistics file beside a checkpoint."""
+    out = {k: v for k, v in tensors.items() if f"{HEAD}.lora_B." not in k}
     for k in [k for k in out if f"{HEAD}.lora_A." in k]:
-        a = out[k].double()
-        out[k] = torch.linalg.solve(whiten.matrix.double().cpu(), a, left=False).to(out[k].dtype)  # A M^-1
+        out[k] = torch.linalg.solve(whiten.matrix.double().cpu(), out[k].double(), left=False).to(out[k].dtype)
     return out
+
+
+def saved_step(mean_v: torch.Tensor, before: tuple[torch.Tensor, torch.Tensor], after: tuple[torch.Tensor, torch.Tensor],
+               whiten: Whiten, tol_v: float) -> tuple[float, float]:
+    """How far a round's saved head update is from the sites' mean update ``mean_v`` (in V), and the
+    tolerance, compared in plain peft's coordinates: A_after - A_before against mean_v M. ``before``
+    and ``after``: (A as saved, V read back). The tolerance carries ``tol_v`` (V's own) through M,
+    plus the rounding of each saved float32 product V M over the width (γ_n |V| |M|): in A's
+    coordinates nothing is amplified by M⁻¹ (condition ~300 for SmolLM2)."""
+    m = whiten.matrix.double().cpu()
+    predicted = mean_v.double() @ m
+    step = after[0].double() - before[0].double()
+    gamma = (m.shape[0] + 2) * torch.finfo(torch.float32).eps
+    tol = tol_v * float(m.abs().sum(0).max()) + gamma * float(((before[1].double().abs() + after[1].double().abs())
+                                                               @ m.abs()).max())
+    return float((predicted - step).abs().max()), tol
+
+
+STATISTICS_FILE = "answer_head_statistics.safetensors"  # beside a checkpoint: the public mean and sd behind M
+
+
+def save_statistics(model: nn.Module, folder: Path) -> None:
+    """Write the head's public statistics into a saved adapter's ``folder`` (nothing without a head),
+    so the saved A reads back to the exchanged V with no model (``read_statistics``)."""
+    from safetensors.torch import save_file
+
+    head = head_of(model)
+    if head is not None:
+        whiten = head.lora_dropout["default"]
+        assert isinstance(whiten, Whiten)
+        mu, sd = whiten.statistics
+        save_file({"mean": mu.contiguous().cpu(), "std": sd.contiguous().cpu()}, str(folder / STATISTICS_FILE))
+
+
+def read_statistics(folder: Path) -> Whiten | None:
+    """The whitening a saved adapter's head was trained in, or None when it has no head."""
+    from safetensors.torch import load_file
+
+    if not (folder / STATISTICS_FILE).exists():
+        return None
+    saved = load_file(str(folder / STATISTICS_FILE))
+    return Whiten(saved["mean"], saved["std"])
 
 
 def clip_norms(named: Sequence[tuple[str, nn.Parameter]], total: float, share: float) -> list[float] | None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from fedpeft.methods import answer_head
 from fedpeft.privacy.ledger import LedgerError, delta_hash, verify_file
 from fedpeft.ranks import A_SUFFIX
 from fedpeft.secagg import ddp, span
@@ -151,6 +152,10 @@ def _one_round(run: Path, folder: Path, rnd: int, info: dict, signed: Mapping[tu
         after = load_file(str(run / "checkpoints" / f"round-{rnd:03d}" / CHECKPOINT))
     except OSError as e:
         return [f"secure round {rnd}: checkpoint missing ({e})"]
+    saved = before, after
+    whiten = answer_head.read_statistics(run / "checkpoints" / f"round-{rnd:03d}")
+    if whiten is not None:  # the answer head's sites masked V; the checkpoints hold plain peft's A = V M
+        before, after = answer_head.exchanged(before, whiten), answer_head.exchanged(after, whiten)
     frozen = info.get("merge") == "frozen_a"  # the sum is the new adapter (A shared and unchanged)
     layout = Layout.of({k: v for k, v in before.items() if not (frozen and k.endswith(A_SUFFIX))})
     try:
@@ -170,6 +175,8 @@ def _one_round(run: Path, folder: Path, rnd: int, info: dict, signed: Mapping[tu
         tol = 2 * torch.finfo(torch.float32).eps * after[k].double().abs().max().item() + \
             2 * span.error_bound(bits, len(masked), weight) + m.abs().max().item() * len(masked) * 2.0**-29
         err = (m - step).abs().max().item()
+        if whiten is not None and f"{answer_head.HEAD}.lora_A." in k:  # compared as saved: A = V M
+            err, tol = answer_head.saved_step(m, (saved[0][k], before[k]), (saved[1][k], after[k]), whiten, tol)
         if not err <= tol:
             out.append(f"secure round {rnd}: {k}: the unmasked mean differs from the checkpoint's update by "
                        f"{err:.3g} (tolerance {tol:.3g})")
