@@ -134,11 +134,17 @@ def test_the_answer_head_under_secure_aggregation_gives_the_plaintext_adapter_an
     t = load_file(str(tampered / "checkpoints" / "round-001" / ADAPTER))
     t[head][0, 0] += 1e-3  # a coordinator's small push on one choice
     save_file(t, str(tampered / "checkpoints" / "round-001" / ADAPTER))
+    swapped = tmp_path / "swapped"  # ... or another M for one round
+    shutil.copytree(tmp_path / "secure", swapped)
+    stats = load_file(str(swapped / "checkpoints" / "round-001" / answer_head.STATISTICS_FILE))
+    save_file({**stats, "std": stats["std"] * 1.01}, str(swapped / "checkpoints" / "round-001" / answer_head.STATISTICS_FILE))
     # Assert: the plaintext merge, in the saved coordinates, within float32 rounding plus the ring's step;
     # the audit passes the honest run and names the head in the tampered one
     assert whiten is not None and set(a) - set(b) == {"base_model.model.lm_head.lora_B.weight"}
     want = {**b, head: b[head].double() @ whiten.matrix.double()}
     for k in b:
         assert (a[k].double() - want[k].double()).norm().item() <= 1e-6 * max(want[k].double().norm().item(), 1e-12), k
-    assert honest.ok and len(honest.secure_rounds) == 1
+    assert honest.ok and [n.split(":")[0] for n in honest.secure_rounds] == ["secure round 1", "answer head"]
     assert any(f"{head}: the unmasked mean differs" in f for f in audit_run(tampered).failures)
+    assert any("statistics (answer_head_statistics.safetensors) differ between the checkpoints of rounds 0 and 1" in f
+               for f in audit_run(swapped).failures)

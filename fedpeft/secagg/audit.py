@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fedpeft.methods import answer_head
@@ -48,6 +49,13 @@ def audit_secure_rounds(run: Path, *, signed: Mapping[tuple[int, int], set[str]]
         if not found:
             notes.append(f"secure round {rnd}: {len(info['survivors'])} masked vectors of {len(info['participants'])} "
                          f"participants (threshold {info['threshold']}) verified and unmasked to the checkpoint")
+    head_stats = run / "checkpoints" / "round-000" / answer_head.STATISTICS_FILE
+    if head_stats.exists() and not failures:
+        notes.append(f"answer head: its updates were compared in plain peft's coordinates (A = V M), with M built "
+                     f"from the public statistics kept with every checkpoint ({answer_head.STATISTICS_FILE}, sha256 "
+                     f"{hashlib.sha256(head_stats.read_bytes()).hexdigest()[:16]}…, the same in every round). They "
+                     "are the frozen model's final state over the public calibration prompts: recompute them from "
+                     "the base model to check this file")
     if plan is not None and releases:
         eps = ddp.epsilon(releases=releases, clip=plan["clip"], scale=plan["scale"], dim=plan["dim"],
                           delta=plan["delta"])
@@ -153,7 +161,16 @@ def _one_round(run: Path, folder: Path, rnd: int, info: dict, signed: Mapping[tu
     except OSError as e:
         return [f"secure round {rnd}: checkpoint missing ({e})"]
     saved = before, after
-    whiten = answer_head.read_statistics(run / "checkpoints" / f"round-{rnd:03d}")
+    try:
+        whitens = [answer_head.read_statistics(run / "checkpoints" / f"round-{r:03d}") for r in (rnd - 1, rnd)]
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
+        return [f"secure round {rnd}: the answer head's statistics are unreadable ({e})"]
+    stats = [None if w is None else w.statistics for w in whitens]
+    if (stats[0] is None) != (stats[1] is None) or (stats[0] is not None and stats[1] is not None and not all(
+            torch.equal(x, y) for x, y in zip(stats[0], stats[1]))):  # M must be one public map for the whole run
+        return [f"secure round {rnd}: the answer head's statistics ({answer_head.STATISTICS_FILE}) differ between "
+                f"the checkpoints of rounds {rnd - 1} and {rnd}"]
+    whiten = whitens[1]
     if whiten is not None:  # the answer head's sites masked V; the checkpoints hold plain peft's A = V M
         before, after = answer_head.exchanged(before, whiten), answer_head.exchanged(after, whiten)
     frozen = info.get("merge") == "frozen_a"  # the sum is the new adapter (A shared and unchanged)
