@@ -138,6 +138,10 @@ def test_the_answer_head_under_secure_aggregation_gives_the_plaintext_adapter_an
     shutil.copytree(tmp_path / "secure", swapped)
     stats = load_file(str(swapped / "checkpoints" / "round-001" / answer_head.STATISTICS_FILE))
     save_file({**stats, "std": stats["std"] * 1.01}, str(swapped / "checkpoints" / "round-001" / answer_head.STATISTICS_FILE))
+    garbled = tmp_path / "garbled"  # ... or a file that is no safetensors, the same in both rounds
+    shutil.copytree(tmp_path / "secure", garbled)
+    for r in ("round-000", "round-001"):
+        (garbled / "checkpoints" / r / answer_head.STATISTICS_FILE).write_bytes(b"not safetensors")
     # Assert: the plaintext merge, in the saved coordinates, within float32 rounding plus the ring's step;
     # the audit passes the honest run and names the head in the tampered one
     assert whiten is not None and set(a) - set(b) == {"base_model.model.lm_head.lora_B.weight"}
@@ -148,3 +152,4 @@ def test_the_answer_head_under_secure_aggregation_gives_the_plaintext_adapter_an
     assert any(f"{head}: the unmasked mean differs" in f for f in audit_run(tampered).failures)
     assert any("statistics (answer_head_statistics.safetensors) differ between the checkpoints of rounds 0 and 1" in f
                for f in audit_run(swapped).failures)
+    assert any("secure round 1: the answer head's statistics are unreadable" in f for f in audit_run(garbled).failures)

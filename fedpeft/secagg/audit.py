@@ -161,16 +161,15 @@ def _one_round(run: Path, folder: Path, rnd: int, info: dict, signed: Mapping[tu
     except OSError as e:
         return [f"secure round {rnd}: checkpoint missing ({e})"]
     saved = before, after
-    try:
-        whitens = [answer_head.read_statistics(run / "checkpoints" / f"round-{r:03d}") for r in (rnd - 1, rnd)]
-    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
-        return [f"secure round {rnd}: the answer head's statistics are unreadable ({e})"]
-    stats = [None if w is None else w.statistics for w in whitens]
-    if (stats[0] is None) != (stats[1] is None) or (stats[0] is not None and stats[1] is not None and not all(
-            torch.equal(x, y) for x, y in zip(stats[0], stats[1]))):  # M must be one public map for the whole run
+    kept = [p.read_bytes() if p.exists() else None
+            for p in (run / "checkpoints" / f"round-{r:03d}" / answer_head.STATISTICS_FILE for r in (rnd - 1, rnd))]
+    if kept[0] != kept[1]:  # M must be one public map for the whole run
         return [f"secure round {rnd}: the answer head's statistics ({answer_head.STATISTICS_FILE}) differ between "
                 f"the checkpoints of rounds {rnd - 1} and {rnd}"]
-    whiten = whitens[1]
+    try:
+        whiten = answer_head.read_statistics(run / "checkpoints" / f"round-{rnd:03d}")
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as e:
+        return [f"secure round {rnd}: the answer head's statistics are unreadable ({e})"]
     if whiten is not None:  # the answer head's sites masked V; the checkpoints hold plain peft's A = V M
         before, after = answer_head.exchanged(before, whiten), answer_head.exchanged(after, whiten)
     frozen = info.get("merge") == "frozen_a"  # the sum is the new adapter (A shared and unchanged)
