@@ -87,9 +87,9 @@ def _materialise(gguf: Path, *, with_model: bool) -> Path:
     folder is made)."""
     st = gguf.stat()
     kind = "model" if with_model else "tokenizer"
-    ident = hashlib.sha256(f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    final = cache_home() / "models" / f"{gguf.stem}-{ident}-{kind}"
     source = {"path": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    ident = hashlib.sha256("\0".join(map(str, source.values())).encode()).hexdigest()[:16]  # path, size, mtime
+    final = cache_home() / "models" / f"{gguf.stem}-{ident}-{kind}"
     if (final / ("model.safetensors" if with_model else "tokenizer.json")).exists():
         if not (final / SOURCE).exists():  # made before folders recorded their file: record it now
             with contextlib.suppress(OSError):
